@@ -1,0 +1,531 @@
+"""Checkpointer and SyncCheckpointer: the public face of the pipeline.
+
+``checkpoint(step)`` does the part training must wait for on the caller's thread (call
+state_dict(), flatten, copy into staging memory) and hands the rest to the runtime's
+event loop, returning a handle at once. Both front-ends share one core; they differ only
+in how they wait: by awaiting a future, or by blocking on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from ._version import __version__
+from .config import Config
+from .errors import (
+    AiockptError,
+    BackgroundError,
+    CheckpointError,
+    CheckpointInProgressError,
+    CorruptCheckpointError,
+    NoCheckpointError,
+    RestoreError,
+)
+from .flatten import FlatState, flatten_state
+from .layout import ALIGNMENT, describe, layout_signature, plan_layout
+from .memory import StagingMemory
+from .metrics import CheckpointerStats, CheckpointMetrics
+from .pipeline import Pipeline, _Job
+from .reader import LoadedCheckpoint, read_checkpoint
+from .runtime import CallerLoop, MonitorLoop, PrivateLoop, Runtime
+from .staging import CaptureGuard, Capturer, Snapshot, choose_staging
+from .stateful import Stateful
+from .store import CheckpointInfo, CheckpointStore, list_checkpoints, parse_step_dir
+
+__all__ = ["CheckpointHandle", "Checkpointer", "SyncCheckpointHandle", "SyncCheckpointer"]
+
+logger = logging.getLogger("aiockpt")
+
+AnyFuture = concurrent.futures.Future[Path] | asyncio.Future[Path]
+
+
+@dataclass
+class _Failure:
+    step: int
+    error: BaseException
+    reported: bool = False
+
+    def as_error(self) -> BackgroundError:
+        self.reported = True
+        error = BackgroundError(
+            f"checkpoint of step {self.step} failed in the background: "
+            f"{type(self.error).__name__}: {self.error}. The previous committed checkpoint is "
+            "intact; fix the cause (see the chained exception) and checkpoint again"
+        )
+        error.__cause__ = self.error
+        return error
+
+
+class _HandleBase:
+    def __init__(
+        self, core: _Core, step: int, metrics: CheckpointMetrics, future: AnyFuture | None
+    ):
+        self.step = step
+        self.metrics = metrics
+        self._core = core
+        self._future = future
+
+    @property
+    def skipped(self) -> bool:
+        return self.metrics.skipped
+
+    def done(self) -> bool:
+        return self._future is None or self._future.done()
+
+    def _outcome(self) -> CheckpointInfo | None:
+        if self._future is None:
+            return None
+        try:
+            path = self._future.result()
+        except BaseException as exc:
+            raise self._core.failure_for(self.step, exc).as_error() from exc
+        return CheckpointInfo(self.step, path, self.metrics.nbytes, time.time())
+
+    def __repr__(self) -> str:
+        state = "skipped" if self.skipped else ("done" if self.done() else "in flight")
+        return f"<{type(self).__name__} step={self.step} {state}>"
+
+
+class CheckpointHandle(_HandleBase):
+    """A captured checkpoint on its way to disk; ``await`` it for the durable commit."""
+
+    async def wait(self) -> CheckpointInfo | None:
+        """The committed checkpoint (None if skipped); raises BackgroundError on failure."""
+        if self._future is not None and not self._future.done():
+            if isinstance(self._future, concurrent.futures.Future):
+                await asyncio.wait([asyncio.wrap_future(self._future)])
+            else:
+                await asyncio.wait([self._future])
+        return self._outcome()
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return self.wait().__await__()
+
+
+class SyncCheckpointHandle(_HandleBase):
+    """A captured checkpoint on its way to disk; ``wait()`` blocks until it is durable."""
+
+    def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
+        if isinstance(self._future, concurrent.futures.Future):
+            concurrent.futures.wait([self._future], timeout=timeout)
+            if not self._future.done():
+                raise TimeoutError(
+                    f"checkpoint of step {self.step} still in flight after {timeout} s"
+                )
+        return self._outcome()
+
+
+class _Core:
+    """State shared by both front-ends; every method runs on the caller's thread."""
+
+    def __init__(self, config: Config, stateful: Mapping[str, Any], runtime: Runtime) -> None:
+        if not stateful:
+            raise TypeError(
+                "Checkpointer needs at least one object to save, e.g. "
+                "Checkpointer(config, model=model, optimizer=optimizer)"
+            )
+        for name, obj in stateful.items():
+            if not isinstance(obj, Stateful):
+                raise TypeError(
+                    f"{name}={type(obj).__name__} has no state_dict()/load_state_dict(); pass "
+                    "modules, optimizers, schedulers, aiockpt.RNGState() or your own Stateful"
+                )
+        self.config = config
+        self.objects = dict(stateful)
+        self.runtime = runtime
+        self.store = CheckpointStore(config.directory, durable=config.durable)
+        self.store.open()
+        self.memory = StagingMemory(max_async=config.max_async)
+        self.pipeline = Pipeline(config, self.store, self.memory)
+        self.guard = CaptureGuard()
+        self.stats = CheckpointerStats()
+        self.versions = {"aiockpt": __version__, "torch": torch.__version__}
+        self.capturer: Capturer | None = None
+        self.names: list[str] = []
+        self.closed = False
+        self._failures: list[_Failure] = []
+        self._lock = threading.Lock()
+        self._steps_in_flight: set[int] = set()
+
+    # -- failures --------------------------------------------------------------------------
+    def failure_for(self, step: int, exc: BaseException) -> _Failure:
+        with self._lock:
+            for failure in self._failures:
+                if failure.error is exc:
+                    return failure
+            failure = _Failure(step, exc)
+            self._failures.append(failure)
+            return failure
+
+    def raise_failures(self) -> None:
+        with self._lock:
+            pending = [f for f in self._failures if not f.reported]
+            self._failures = []
+        if pending and self.config.on_error == "raise":
+            raise pending[0].as_error()
+
+    def _on_done(self, step: int, metrics: CheckpointMetrics, future: AnyFuture) -> None:
+        self._steps_in_flight.discard(step)
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is None:
+            self.stats.committed += 1
+            if self.config.verbose:
+                logger.info("aiockpt: %s", metrics.summary())
+            return
+        self.stats.failed += 1
+        failure = self.failure_for(step, error)
+        if self.config.on_error == "warn":
+            failure.reported = True
+            logger.warning("aiockpt: checkpoint of step %d failed", step, exc_info=error)
+
+    # -- capture -----------------------------------------------------------------------------
+    def check_can_checkpoint(self, step: int) -> None:
+        if self.closed:
+            raise CheckpointError("this Checkpointer is closed; create a new one")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        self.raise_failures()
+        if step in self._steps_in_flight:
+            raise CheckpointInProgressError(
+                f"a checkpoint of step {step} is still in flight; await its handle first "
+                "or use a new step number"
+            )
+
+    def flatten(self) -> FlatState:
+        return flatten_state({name: obj.state_dict() for name, obj in self.objects.items()})
+
+    def needs_new_layout(self, flat: FlatState) -> bool:
+        if self.capturer is None:
+            return True
+        signature = layout_signature(flat.tensors, self.capturer.layout.chunk_bytes)
+        return signature != self.capturer.layout.signature
+
+    def build_layout(self, flat: FlatState) -> None:
+        """Plan chunks and size staging memory; only called with nothing in flight."""
+        chunk_bytes = self.config.chunk_bytes(_aligned_total(flat))
+        layout = plan_layout(flat.tensors, flat.names, chunk_bytes)
+        modes = {}
+        for device in layout.devices:
+            start, end = layout.device_span(device)
+            modes[device] = choose_staging(self.config.staging, device, end - start)
+        self.memory.drop_gpu_buffers()
+        capturer = Capturer(layout, self.memory, modes)
+        largest = max((c.nbytes for c in layout.chunks), default=0)
+        buffer_bytes = max(-(-largest // 4096) * 4096, 4096)
+        wanted = math.ceil(self.config.pinned_ratio * layout.stream_nbytes / buffer_bytes)
+        floor = len(capturer.host_captured_chunks) + (1 if capturer.gpu_devices else 0)
+        pin = any(d.type == "cuda" for d in layout.devices)
+        self.memory.resize_host(buffer_bytes, max(wanted, floor, 1), pin=pin)
+        if any(mode == "host" for mode in modes.values()):
+            self.guard.install(self.objects.values())
+        self.capturer = capturer
+        self.names = flat.names
+        if self.config.verbose:
+            logger.info("aiockpt: layout %s; staging %s", describe(layout), modes)
+            for warning in self.config.queueing_warnings(len(layout.chunks)):
+                logger.warning("aiockpt: %s", warning)
+
+    def capture(
+        self,
+        step: int,
+        flat: FlatState,
+        admitted: tuple[Any, asyncio.Future[None] | None, asyncio.Future[None]],
+        metrics: CheckpointMetrics,
+    ) -> _Job:
+        assert self.capturer is not None
+        admission, previous, committed = admitted
+        host_ready, gpu_ready = self.capturer.capture(flat.tensors, admission, self.guard)
+        layout = self.capturer.layout
+        metrics.nbytes = layout.nbytes
+        metrics.chunks = len(layout.chunks)
+        snapshot = Snapshot(step, layout, flat.skeleton, admission, host_ready, gpu_ready)
+        return _Job(
+            snapshot=snapshot,
+            capturer=self.capturer,
+            metrics=metrics,
+            names=flat.names,
+            layers=None,
+            versions=self.versions,
+            previous_commit=previous,
+            committed=committed,
+        )
+
+    def started(self, step: int, metrics: CheckpointMetrics, future: AnyFuture) -> None:
+        self.stats.requested += 1
+        self._steps_in_flight.add(step)
+        future.add_done_callback(lambda f: self._on_done(step, metrics, f))
+
+    # -- restore -----------------------------------------------------------------------------
+    def candidates(self, step: int | None) -> list[CheckpointInfo]:
+        committed = list_checkpoints(self.config.directory)
+        if step is None:
+            return committed[::-1]
+        chosen = [info for info in committed if info.step == step]
+        if not chosen:
+            steps = [info.step for info in committed]
+            raise NoCheckpointError(
+                f"no committed checkpoint of step {step} in {self.config.directory} "
+                f"(committed steps: {steps or 'none'})"
+            )
+        return chosen
+
+    async def read(self, info: CheckpointInfo) -> LoadedCheckpoint:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            None, lambda: read_checkpoint(info.path, threads=self.config.num_threads)
+        )
+
+    def apply(self, loaded: LoadedCheckpoint) -> None:
+        missing = [name for name in self.objects if name not in loaded.manifest.state]
+        if missing:
+            raise RestoreError(
+                f"{loaded.path} has no state for {missing} (it holds "
+                f"{sorted(loaded.manifest.state)}); pass the same keyword names that saved it"
+            )
+        state = loaded.state("cpu", keys=list(self.objects))
+        for name, obj in self.objects.items():
+            obj.load_state_dict(state[name])
+
+    def corrupt(
+        self, info: CheckpointInfo, error: CorruptCheckpointError, tried: list[str]
+    ) -> None:
+        tried.append(f"step {info.step}: {error}")
+        logger.warning("aiockpt: skipping corrupt checkpoint %s: %s", info.path, error)
+
+    def close_resources(self) -> None:
+        self.closed = True
+        self.pipeline.close()
+        self.guard.remove()
+        self.store.close()
+        self.runtime.close()
+
+
+def _aligned_total(flat: FlatState) -> int:
+    return sum(-(-t.numel() * t.element_size() // ALIGNMENT) * ALIGNMENT for t in flat.tensors)
+
+
+def _skipped(core: _Core, step: int, metrics: CheckpointMetrics) -> None:
+    metrics.skipped = True
+    core.stats.skipped += 1
+    if core.config.verbose:
+        logger.info("aiockpt: %s", metrics.summary())
+
+
+def _no_valid_checkpoint(core: _Core, tried: list[str]) -> None:
+    if tried:
+        raise CorruptCheckpointError(
+            f"every checkpoint in {core.config.directory} failed verification:\n  "
+            + "\n  ".join(tried)
+        )
+
+
+class Checkpointer:
+    """Asynchronous checkpoints of any Stateful objects, given as keyword arguments.
+
+    >>> ckpt = aiockpt.Checkpointer(cfg, model=model, optimizer=opt, rng=aiockpt.RNGState())
+    >>> handle = await ckpt.checkpoint(step)   # returns once captured
+    >>> await handle                           # durable
+    """
+
+    def __init__(self, config: Config | None = None, /, **stateful: Any) -> None:
+        config = config or Config()
+        runtime: Runtime = MonitorLoop() if config.use_monitor else CallerLoop()
+        try:
+            self._core = _Core(config, stateful, runtime)
+        except BaseException:
+            runtime.close()
+            raise
+
+    @property
+    def config(self) -> Config:
+        return self._core.config
+
+    @property
+    def stats(self) -> CheckpointerStats:
+        return self._core.stats
+
+    async def checkpoint(self, step: int, *, block: bool | None = None) -> CheckpointHandle:
+        """Capture the state now and persist it in the background.
+
+        Returns once the snapshot is exact (training may change tensors right after).
+        ``block`` overrides on_backpressure for this call.
+        """
+        core = self._core
+        started = time.perf_counter()
+        core.check_can_checkpoint(step)
+        metrics = CheckpointMetrics(step)
+        flat = core.flatten()
+        if core.needs_new_layout(flat):
+            await core.runtime.run(core.pipeline.drain())
+            core.build_layout(flat)
+        assert core.capturer is not None
+        wait_start = time.perf_counter()
+        block = core.config.on_backpressure == "block" if block is None else block
+        admitted = await core.runtime.run(core.pipeline.admit(core.capturer, block=block))
+        metrics.queue_wait_ms = (time.perf_counter() - wait_start) * 1e3
+        if admitted is None:
+            _skipped(core, step, metrics)
+            return CheckpointHandle(core, step, metrics, None)
+        job = core.capture(step, flat, admitted, metrics)
+        metrics.capture_ms = (time.perf_counter() - started) * 1e3
+        future = core.runtime.submit(_start(core.pipeline, job))
+        core.started(step, metrics, future)
+        return CheckpointHandle(core, step, metrics, future)
+
+    async def wait(self) -> None:
+        """Wait for every checkpoint in flight; re-raise a background failure."""
+        await self._core.runtime.run(self._core.pipeline.drain())
+        self._core.raise_failures()
+
+    async def restore(self, step: int | None = None) -> int | None:
+        """Load the newest valid checkpoint (or ``step``) into the objects; its step or None."""
+        core = self._core
+        await core.runtime.run(core.pipeline.drain())
+        tried: list[str] = []
+        for info in core.candidates(step):
+            try:
+                loaded = await core.runtime.run(core.read(info))
+            except CorruptCheckpointError as error:
+                if step is not None:
+                    raise
+                core.corrupt(info, error, tried)
+                continue
+            core.apply(loaded)
+            return info.step
+        _no_valid_checkpoint(core, tried)
+        return None
+
+    async def close(self) -> None:
+        """Drain what is in flight, release memory, threads and the directory lock."""
+        core = self._core
+        if core.closed:
+            return
+        try:
+            await core.runtime.run(core.pipeline.drain())
+        finally:
+            core.close_resources()
+        core.raise_failures()
+
+    async def __aenter__(self) -> Checkpointer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+async def _start(pipeline: Pipeline, job: _Job) -> Path:
+    return await pipeline.start(job)
+
+
+class SyncCheckpointer:
+    """The same checkpoints from plain (non-async) scripts: every call blocks the caller
+    only as long as the async version would be awaited.
+
+    With ``use_monitor = false`` there is no background loop, so ``checkpoint()`` returns
+    only once the checkpoint is durable (the direct, blocking mode).
+    """
+
+    def __init__(self, config: Config | None = None, /, **stateful: Any) -> None:
+        config = config or Config()
+        runtime: Runtime = MonitorLoop() if config.use_monitor else PrivateLoop()
+        try:
+            self._core = _Core(config, stateful, runtime)
+        except BaseException:
+            runtime.close()
+            raise
+
+    @property
+    def config(self) -> Config:
+        return self._core.config
+
+    @property
+    def stats(self) -> CheckpointerStats:
+        return self._core.stats
+
+    def checkpoint(self, step: int, *, block: bool | None = None) -> SyncCheckpointHandle:
+        core = self._core
+        started = time.perf_counter()
+        core.check_can_checkpoint(step)
+        metrics = CheckpointMetrics(step)
+        flat = core.flatten()
+        if core.needs_new_layout(flat):
+            core.runtime.run_sync(core.pipeline.drain())
+            core.build_layout(flat)
+        assert core.capturer is not None
+        wait_start = time.perf_counter()
+        block = core.config.on_backpressure == "block" if block is None else block
+        admitted = core.runtime.run_sync(core.pipeline.admit(core.capturer, block=block))
+        metrics.queue_wait_ms = (time.perf_counter() - wait_start) * 1e3
+        if admitted is None:
+            _skipped(core, step, metrics)
+            return SyncCheckpointHandle(core, step, metrics, None)
+        job = core.capture(step, flat, admitted, metrics)
+        metrics.capture_ms = (time.perf_counter() - started) * 1e3
+        future = core.runtime.submit(_start(core.pipeline, job))
+        core.started(step, metrics, future)
+        return SyncCheckpointHandle(core, step, metrics, future)
+
+    def wait(self) -> None:
+        self._core.runtime.run_sync(self._core.pipeline.drain())
+        self._core.raise_failures()
+
+    def restore(self, step: int | None = None) -> int | None:
+        core = self._core
+        core.runtime.run_sync(core.pipeline.drain())
+        tried: list[str] = []
+        for info in core.candidates(step):
+            try:
+                loaded = core.runtime.run_sync(core.read(info))
+            except CorruptCheckpointError as error:
+                if step is not None:
+                    raise
+                core.corrupt(info, error, tried)
+                continue
+            core.apply(loaded)
+            return info.step
+        _no_valid_checkpoint(core, tried)
+        return None
+
+    def close(self) -> None:
+        core = self._core
+        if core.closed:
+            return
+        try:
+            core.runtime.run_sync(core.pipeline.drain())
+        finally:
+            core.close_resources()
+        core.raise_failures()
+
+    def __enter__(self) -> SyncCheckpointer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# Keep the names importable for type checkers of user code.
+_ = (AiockptError, parse_step_dir)

@@ -1,0 +1,263 @@
+"""Turn nested state_dicts into a tensor table plus a JSON skeleton, and back.
+
+A checkpoint must never need pickle to load, so every non-tensor value is encoded as plain
+JSON. Values JSON cannot say exactly (tuples, dicts with non-string keys, NaN, bytes,
+numpy arrays and scalars, torch dtypes) are written as small tagged objects whose single
+tag key starts with ``$``. Encoding builds new containers, so it doubles as the deep copy
+of the non-tensor leaves that capture needs: training may mutate its dicts right after
+``checkpoint()`` returns.
+
+Tensors are replaced by ``{"$tensor": i}``. Tensors that are the same view of the same
+storage (tied weights, or one tensor reachable from two places) get one index, so they are
+stored once and come back as one tensor.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import UnsupportedStateError
+
+__all__ = ["FlatState", "flatten_state", "unflatten_state", "dtype_from_name", "dtype_name"]
+
+TENSOR_TAG = "$tensor"
+_TAGS = frozenset(
+    {TENSOR_TAG, "$tuple", "$dict", "$float", "$bytes", "$dtype", "$ndarray", "$npscalar", "$odict"}
+)
+
+_DTYPES: dict[str, torch.dtype] = {
+    str(dtype).removeprefix("torch."): dtype
+    for dtype in vars(torch).values()
+    if isinstance(dtype, torch.dtype)
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype | None:
+    """The torch dtype called ``name``, or None when this torch has no such dtype."""
+    return _DTYPES.get(name)
+
+
+@dataclass(frozen=True)
+class FlatState:
+    """What capture works on: unique tensors in traversal order, their names, the skeleton."""
+
+    tensors: list[torch.Tensor]
+    names: list[str]
+    skeleton: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+def _alias_key(tensor: torch.Tensor) -> tuple[object, ...]:
+    storage = tensor.untyped_storage()
+    return (
+        tensor.device,
+        storage.data_ptr(),
+        storage.nbytes(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        tensor.dtype,
+    )
+
+
+def _check_tensor(tensor: torch.Tensor, path: str) -> None:
+    if tensor.layout != torch.strided:
+        raise UnsupportedStateError(
+            f"{path}: tensors with layout {tensor.layout} are not supported; "
+            "convert it to a dense tensor (tensor.to_dense()) in state_dict()"
+        )
+    if tensor.is_quantized or tensor.device.type == "meta":
+        raise UnsupportedStateError(
+            f"{path}: quantized and meta tensors cannot be checkpointed; "
+            "store a dense or materialized tensor instead"
+        )
+
+
+class _Flattener:
+    def __init__(self) -> None:
+        self.tensors: list[torch.Tensor] = []
+        self.names: list[str] = []
+        self._index: dict[tuple[object, ...], int] = {}
+        self._used_names: set[str] = set()
+
+    def tensor_ref(self, tensor: torch.Tensor, path: str) -> dict[str, int]:
+        _check_tensor(tensor, path)
+        key = _alias_key(tensor)
+        index = self._index.get(key)
+        if index is None:
+            index = len(self.tensors)
+            self._index[key] = index
+            self.tensors.append(tensor.detach())
+            name = path
+            while name in self._used_names:  # keys like "a/b" vs nested a -> b collide
+                name += "#"
+            self._used_names.add(name)
+            self.names.append(name)
+        return {TENSOR_TAG: index}
+
+    def encode(self, value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self.tensor_ref(value, path)
+        if value is None or isinstance(value, (bool, str)):
+            return value
+        if isinstance(value, int):
+            return int(value)  # IntEnum and friends become plain ints
+        if isinstance(value, float):
+            if math.isfinite(value):
+                return float(value)
+            return {"$float": repr(float(value))}
+        if isinstance(value, Mapping):
+            return self._encode_mapping(value, path)
+        if isinstance(value, tuple):
+            return {"$tuple": [self.encode(v, f"{path}/{i}") for i, v in enumerate(value)]}
+        if isinstance(value, list):
+            return [self.encode(v, f"{path}/{i}") for i, v in enumerate(value)]
+        if isinstance(value, (bytes, bytearray)):
+            return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
+        if isinstance(value, torch.dtype):
+            return {"$dtype": dtype_name(value)}
+        encoded = _encode_numpy(value, path, self)
+        if encoded is not None:
+            return encoded
+        raise UnsupportedStateError(
+            f"{path}: values of type {type(value).__module__}.{type(value).__qualname__} "
+            "cannot be stored without pickle; return tensors, numbers, strings, lists, "
+            "tuples or dicts from state_dict() (convert this value there)"
+        )
+
+    def _encode_mapping(self, value: Mapping[Any, Any], path: str) -> Any:
+        plain = all(isinstance(k, str) for k in value) and not (_TAGS & value.keys())
+        if plain:
+            encoded: Any = {k: self.encode(v, f"{path}/{k}") for k, v in value.items()}
+        else:
+            encoded = {
+                "$dict": [
+                    [self.encode(k, f"{path}/<key>"), self.encode(v, f"{path}/{k}")]
+                    for k, v in value.items()
+                ]
+            }
+        metadata = getattr(value, "_metadata", None)
+        if isinstance(value, OrderedDict) and isinstance(metadata, Mapping):
+            # nn.Module.state_dict() carries per-module versions that load_state_dict reads.
+            return {"$odict": encoded, "meta": self.encode(dict(metadata), f"{path}/<meta>")}
+        return encoded
+
+
+def _encode_numpy(value: Any, path: str, flattener: _Flattener) -> Any | None:
+    module = type(value).__module__
+    if not module.startswith("numpy"):
+        return None
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            raise UnsupportedStateError(f"{path}: numpy arrays of dtype object need pickle")
+        tensor = torch.from_numpy(np.ascontiguousarray(value).copy())
+        return {"$ndarray": flattener.tensor_ref(tensor, path)[TENSOR_TAG]}
+    if isinstance(value, np.generic):
+        return {"$npscalar": value.dtype.str, "value": flattener.encode(value.item(), path)}
+    return None
+
+
+def flatten_state(state: Mapping[str, Any]) -> FlatState:
+    """Flatten ``{name: state_dict}`` into tensors, names and a JSON skeleton."""
+    flattener = _Flattener()
+    skeleton = {key: flattener.encode(value, key) for key, value in state.items()}
+    return FlatState(flattener.tensors, flattener.names, skeleton)
+
+
+TensorSource = Callable[[int], torch.Tensor]
+
+
+def unflatten_state(skeleton: Any, tensor_at: TensorSource) -> Any:
+    """Rebuild the nested state from a skeleton; ``tensor_at(i)`` gives tensor ``i``."""
+    return _decode(skeleton, tensor_at)
+
+
+def _decode(node: Any, tensor_at: TensorSource) -> Any:
+    if isinstance(node, list):
+        return [_decode(v, tensor_at) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if len(node) >= 1 and next(iter(node)) in _TAGS:
+        return _decode_tagged(node, tensor_at)
+    return {k: _decode(v, tensor_at) for k, v in node.items()}
+
+
+def _decode_tagged(node: dict[str, Any], tensor_at: TensorSource) -> Any:
+    tag = next(iter(node))
+    payload = node[tag]
+    if tag == TENSOR_TAG:
+        return tensor_at(payload)
+    if tag == "$tuple":
+        return tuple(_decode(v, tensor_at) for v in payload)
+    if tag == "$dict":
+        return {_hashable(_decode(k, tensor_at)): _decode(v, tensor_at) for k, v in payload}
+    if tag == "$float":
+        return float(payload)
+    if tag == "$bytes":
+        return base64.b64decode(payload)
+    if tag == "$dtype":
+        dtype = dtype_from_name(payload)
+        if dtype is None:
+            raise ValueError(f"unknown dtype {payload!r}")
+        return dtype
+    if tag == "$odict":
+        items = _decode(payload, tensor_at)
+        result: OrderedDict[Any, Any] = OrderedDict(items)
+        result._metadata = _decode(node.get("meta"), tensor_at)  # type: ignore[attr-defined]
+        return result
+    if tag == "$ndarray":
+        return tensor_at(payload).numpy()
+    if tag == "$npscalar":
+        import numpy as np
+
+        return np.dtype(payload).type(_decode(node["value"], tensor_at))
+    raise ValueError(f"unknown tag {tag!r}")
+
+
+def _hashable(key: Any) -> Any:
+    if isinstance(key, list):
+        return tuple(_hashable(k) for k in key)
+    return key
+
+
+def tensor_paths(skeleton: Any, prefix: str = "") -> dict[int, list[str]]:
+    """Every path at which each tensor index appears (for partial restore and tools)."""
+    found: dict[int, list[str]] = {}
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{path}/{i}")
+        elif isinstance(node, dict):
+            tag = next(iter(node), None)
+            if tag in (TENSOR_TAG, "$ndarray"):
+                found.setdefault(node[tag], []).append(path)
+            elif tag == "$tuple":
+                walk(node[tag], path)
+            elif tag == "$dict":
+                for k, v in node[tag]:
+                    walk(v, f"{path}/{k}")
+            elif tag == "$odict":
+                walk(node[tag], path)
+            elif tag not in _TAGS:
+                for k, v in node.items():
+                    walk(v, f"{path}/{k}" if path else k)
+
+    walk(skeleton, prefix)
+    return found

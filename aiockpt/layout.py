@@ -1,0 +1,187 @@
+"""Where every tensor's bytes go: a byte stream cut into chunks, one data file per chunk.
+
+Tensors are packed in the order capture found them (module order, so layer order), each at
+a 64-byte aligned offset of one contiguous byte stream. The stream is cut into chunks of at
+most ``chunk_bytes``; a tensor starts a new chunk when it does not fit in what is left of
+the current one, and only a tensor larger than a whole chunk is split across chunks. Chunks
+never mix devices, so each chunk is moved by exactly one copy.
+
+The same offsets serve every stage: the GPU staging buffer mirrors the stream of its device,
+host buffers hold one chunk each, and a data file is a chunk's bytes verbatim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["ALIGNMENT", "Chunk", "Layout", "Piece", "TensorPlacement", "plan_layout"]
+
+# 64 bytes keeps every dtype's elements aligned when a tensor is viewed in place inside a
+# buffer, and is the width of a cache line.
+ALIGNMENT = 64
+
+
+def _align(offset: int) -> int:
+    return -(-offset // ALIGNMENT) * ALIGNMENT
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Part of a tensor's bytes that lies in one chunk."""
+
+    chunk: int
+    offset: int  # within the chunk (and its file)
+    length: int
+    tensor_offset: int  # where these bytes start within the tensor's own bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TensorPlacement:
+    index: int
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    device: torch.device
+    stream_offset: int
+    pieces: tuple[Piece, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    index: int
+    device: torch.device
+    stream_offset: int
+    nbytes: int
+    tensors: tuple[int, ...]  # indices of the tensors with a piece in this chunk
+
+    @property
+    def file_name(self) -> str:
+        return chunk_file_name(self.index)
+
+
+def chunk_file_name(index: int, rank: int = 0) -> str:
+    return f"data-r{rank:05d}-c{index:05d}.bin"
+
+
+@dataclass(frozen=True)
+class Layout:
+    tensors: tuple[TensorPlacement, ...]
+    chunks: tuple[Chunk, ...]
+    chunk_bytes: int
+    signature: tuple[object, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data (what a checkpoint persists, padding excluded)."""
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def stream_nbytes(self) -> int:
+        return self.chunks[-1].stream_offset + self.chunks[-1].nbytes if self.chunks else 0
+
+    def device_span(self, device: torch.device) -> tuple[int, int]:
+        """Stream range [start, end) of the chunks on ``device``."""
+        chunks = [c for c in self.chunks if c.device == device]
+        return chunks[0].stream_offset, chunks[-1].stream_offset + chunks[-1].nbytes
+
+    @property
+    def devices(self) -> list[torch.device]:
+        return list(dict.fromkeys(c.device for c in self.chunks))
+
+
+def layout_signature(tensors: list[torch.Tensor], chunk_bytes: int) -> tuple[object, ...]:
+    return (chunk_bytes, *((t.dtype, t.shape, t.device) for t in tensors))
+
+
+def plan_layout(tensors: list[torch.Tensor], names: list[str], chunk_bytes: int) -> Layout:
+    """Place every tensor in the stream and cut the stream into chunks."""
+    if chunk_bytes <= 0 or chunk_bytes % ALIGNMENT:
+        raise ValueError(f"chunk_bytes must be a positive multiple of {ALIGNMENT}")
+    order = sorted(range(len(tensors)), key=_device_rank(tensors))
+    builder = _ChunkBuilder(chunk_bytes)
+    placements: dict[int, TensorPlacement] = {}
+    for index in order:
+        tensor = tensors[index]
+        nbytes = tensor.numel() * tensor.element_size()
+        pieces = builder.place(index, nbytes, tensor.device)
+        placements[index] = TensorPlacement(
+            index=index,
+            name=names[index],
+            dtype=tensor.dtype,
+            shape=tuple(tensor.shape),
+            nbytes=nbytes,
+            device=tensor.device,
+            stream_offset=builder.chunk_start(pieces[0].chunk) + pieces[0].offset,
+            pieces=pieces,
+        )
+    return Layout(
+        tensors=tuple(placements[i] for i in range(len(tensors))),
+        chunks=builder.finish(),
+        chunk_bytes=chunk_bytes,
+        signature=layout_signature(tensors, chunk_bytes),
+    )
+
+
+def _device_rank(tensors: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+    first_seen: dict[torch.device, int] = {}
+    for tensor in tensors:
+        first_seen.setdefault(tensor.device, len(first_seen))
+    return lambda i: first_seen[tensors[i].device]
+
+
+class _ChunkBuilder:
+    """Appends tensors to the stream, opening chunks as they fill."""
+
+    def __init__(self, chunk_bytes: int) -> None:
+        self.chunk_bytes = chunk_bytes
+        self._starts: list[int] = []
+        self._lengths: list[int] = []
+        self._devices: list[torch.device] = []
+        self._members: list[list[int]] = []
+
+    def chunk_start(self, chunk: int) -> int:
+        return self._starts[chunk]
+
+    def _open(self, device: torch.device) -> None:
+        start = self._starts[-1] + _align(self._lengths[-1]) if self._starts else 0
+        self._starts.append(start)
+        self._lengths.append(0)
+        self._devices.append(device)
+        self._members.append([])
+
+    def place(self, index: int, nbytes: int, device: torch.device) -> tuple[Piece, ...]:
+        if not self._starts or self._devices[-1] != device:
+            self._open(device)
+        offset = _align(self._lengths[-1])
+        if offset + nbytes > self.chunk_bytes and self._lengths[-1] > 0:
+            self._open(device)
+            offset = 0
+        pieces = []
+        done = 0
+        while True:
+            take = min(nbytes - done, self.chunk_bytes - offset)
+            pieces.append(Piece(len(self._starts) - 1, offset, take, done))
+            self._members[-1].append(index)
+            self._lengths[-1] = offset + take
+            done += take
+            if done >= nbytes:
+                return tuple(pieces)
+            self._open(device)  # only tensors larger than a chunk get here
+            offset = 0
+
+    def finish(self) -> tuple[Chunk, ...]:
+        return tuple(
+            Chunk(i, self._devices[i], self._starts[i], self._lengths[i], tuple(self._members[i]))
+            for i in range(len(self._starts))
+        )
+
+
+def describe(layout: Layout) -> str:
+    sizes = ", ".join(f"{c.nbytes / 2**20:.1f}" for c in layout.chunks)
+    return (
+        f"{len(layout.tensors)} tensors, {layout.nbytes / 2**20:.1f} MiB in "
+        f"{len(layout.chunks)} chunks of [{sizes}] MiB"
+    )

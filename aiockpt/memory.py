@@ -1,0 +1,160 @@
+"""Staging memory, allocated once and reused, and the admission of checkpoints into it.
+
+Pinning host memory is slow (seconds for a few GiB), so the host pool is a fixed set of
+chunk-sized buffers that every checkpoint reuses, pinned only when GPU tensors are saved.
+Each GPU device gets one staging buffer the size of its part of the state.
+
+Admission takes everything a capture needs at once (an in-flight place, the GPU staging
+buffers, host buffers for the chunks captured straight to host), so no checkpoint holds
+one resource while it waits for another at admission. Copy tasks later take host buffers
+one at a time; they only wait on writes that are already running, so the pool cannot
+deadlock as long as it has room for one checkpoint's host-captured chunks plus one more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Admission", "HostBuffer", "StagingMemory", "byte_view"]
+
+
+def byte_view(tensor: torch.Tensor, nbytes: int | None = None) -> memoryview:
+    """A zero-copy memoryview of a contiguous CPU tensor's first ``nbytes`` bytes.
+
+    The view does not keep ``tensor`` alive: its owner must. ctypes gives the buffer
+    protocol without going through numpy, so os.pwrite and readinto work on it directly
+    and release the GIL while the kernel copies.
+    """
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        raise ValueError("byte_view needs a contiguous CPU tensor")
+    size = tensor.numel() * tensor.element_size() if nbytes is None else nbytes
+    if size == 0:
+        return memoryview(b"")
+    array = (ctypes.c_char * size).from_address(tensor.data_ptr())
+    return memoryview(array).cast("B")
+
+
+@dataclass(eq=False)
+class HostBuffer:
+    """One chunk-sized host buffer of the pool."""
+
+    ident: int
+    data: torch.Tensor  # uint8, 1-D
+
+    def view(self, nbytes: int) -> memoryview:
+        return byte_view(self.data, nbytes)
+
+
+@dataclass(eq=False)
+class Admission:
+    """What one admitted checkpoint holds until its pipeline gives it back."""
+
+    host: dict[int, HostBuffer] = field(default_factory=dict)  # chunk index -> buffer
+    gpu_devices: set[torch.device] = field(default_factory=set)
+
+
+class StagingMemory:
+    """The host pool, the GPU staging buffers, and who may use them."""
+
+    def __init__(self, *, max_async: int) -> None:
+        self.max_async = max_async
+        self.buffer_bytes = 0
+        self.pinned = False
+        self._buffers: list[HostBuffer] = []
+        self._free: list[HostBuffer] = []
+        self._gpu: dict[torch.device, torch.Tensor] = {}
+        self._gpu_busy: set[torch.device] = set()
+        self._in_flight = 0
+        self._changed: asyncio.Condition | None = None
+
+    # -- sizing (called when the layout changes, with nothing in flight) --------------
+    @property
+    def host_nbytes(self) -> int:
+        return len(self._buffers) * self.buffer_bytes
+
+    @property
+    def gpu_nbytes(self) -> int:
+        return sum(buf.numel() for buf in self._gpu.values())
+
+    def resize_host(self, buffer_bytes: int, count: int, *, pin: bool) -> None:
+        """Grow the pool to ``count`` buffers of ``buffer_bytes`` (never shrinks a fit pool)."""
+        if buffer_bytes != self.buffer_bytes or pin != self.pinned:
+            if len(self._free) != len(self._buffers):
+                raise RuntimeError("cannot reshape the host pool while buffers are in use")
+            self._buffers.clear()
+            self._free.clear()
+            self.buffer_bytes = buffer_bytes
+            self.pinned = pin
+        while len(self._buffers) < count:
+            data = torch.empty(buffer_bytes, dtype=torch.uint8, pin_memory=pin)
+            buffer = HostBuffer(len(self._buffers), data)
+            self._buffers.append(buffer)
+            self._free.append(buffer)
+
+    def gpu_buffer(self, device: torch.device, nbytes: int) -> torch.Tensor:
+        """The staging buffer of ``device``, (re)allocated to hold at least ``nbytes``."""
+        buffer = self._gpu.get(device)
+        if buffer is None or buffer.numel() < nbytes:
+            self._gpu.pop(device, None)
+            buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            self._gpu[device] = buffer
+        return buffer
+
+    def drop_gpu_buffers(self) -> None:
+        self._gpu.clear()
+
+    # -- admission and release (on the pipeline's event loop) ------------------------
+    def _condition(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    def _fits(self, gpu: Iterable[torch.device], host_chunks: int) -> bool:
+        return (
+            self._in_flight < self.max_async
+            and not (self._gpu_busy & set(gpu))
+            and len(self._free) >= host_chunks
+        )
+
+    async def admit(
+        self, gpu: set[torch.device], host_chunks: list[int], *, block: bool
+    ) -> Admission | None:
+        """Take an in-flight place and the staging a capture needs; None when skipped."""
+        async with self._condition():
+            if not self._fits(gpu, len(host_chunks)):
+                if not block:
+                    return None
+                await self._condition().wait_for(lambda: self._fits(gpu, len(host_chunks)))
+            self._in_flight += 1
+            self._gpu_busy |= gpu
+            return Admission(
+                host={chunk: self._free.pop() for chunk in host_chunks}, gpu_devices=set(gpu)
+            )
+
+    async def take_host_buffer(self) -> HostBuffer:
+        async with self._condition():
+            await self._condition().wait_for(lambda: bool(self._free))
+            return self._free.pop()
+
+    async def give_back(
+        self,
+        buffers: Iterable[HostBuffer] = (),
+        gpu: Iterable[torch.device] = (),
+        *,
+        finished: bool = False,
+    ) -> None:
+        async with self._condition():
+            self._free.extend(buffers)
+            self._gpu_busy.difference_update(gpu)
+            if finished:
+                self._in_flight -= 1
+            self._condition().notify_all()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight

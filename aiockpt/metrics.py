@@ -1,0 +1,69 @@
+"""What one checkpoint cost, stage by stage."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class CheckpointMetrics:
+    """Timings and sizes of one checkpoint, filled in as it moves through the pipeline.
+
+    ``capture_ms`` is what training waited (the stall); ``queue_wait_ms`` the part of it
+    spent waiting for a free in-flight place or staging memory. The rest happens in the
+    background.
+    """
+
+    step: int
+    nbytes: int = 0
+    chunks: int = 0
+    skipped: bool = False
+    capture_ms: float = 0.0
+    queue_wait_ms: float = 0.0
+    copy_seconds: float = 0.0
+    write_seconds: float = 0.0
+    commit_ms: float = 0.0
+    persist_seconds: float = 0.0  # from capture to durable commit
+
+    @staticmethod
+    def _rate(nbytes: int, seconds: float) -> float:
+        return nbytes / seconds / 1e9 if seconds > 0 else 0.0
+
+    @property
+    def copy_gbps(self) -> float:
+        return self._rate(self.nbytes, self.copy_seconds)
+
+    @property
+    def write_gbps(self) -> float:
+        return self._rate(self.nbytes, self.write_seconds)
+
+    @property
+    def persist_gbps(self) -> float:
+        return self._rate(self.nbytes, self.persist_seconds)
+
+    def to_dict(self) -> dict[str, float | int | bool]:
+        record = asdict(self)
+        record.update(
+            copy_gbps=self.copy_gbps, write_gbps=self.write_gbps, persist_gbps=self.persist_gbps
+        )
+        return record
+
+    def summary(self) -> str:
+        if self.skipped:
+            return f"step {self.step}: skipped (no free in-flight place or staging memory)"
+        return (
+            f"step {self.step}: {self.nbytes / 2**20:.1f} MiB in {self.chunks} chunks; "
+            f"stall {self.capture_ms:.2f} ms (queue {self.queue_wait_ms:.2f} ms); "
+            f"copy {self.copy_gbps:.2f} GB/s; write {self.write_gbps:.2f} GB/s; "
+            f"commit {self.commit_ms:.1f} ms; durable after {self.persist_seconds:.2f} s"
+        )
+
+
+@dataclass
+class CheckpointerStats:
+    """Running totals of one Checkpointer."""
+
+    requested: int = 0
+    committed: int = 0
+    skipped: int = 0
+    failed: int = 0

@@ -1,0 +1,248 @@
+"""The background half of a checkpoint, as coroutines on the runtime's event loop.
+
+One captured snapshot moves through these states::
+
+    admitted ──capture (caller's thread)──▶ captured
+        captured ──per chunk──▶ [copy task: GPU staging -> host buffer, await CUDA event]
+                                      │  (chunks captured to host skip this)
+                                      ▼
+                                [write task: semaphore slot -> writer thread:
+                                 crc32c + pwrite + fsync]  ──▶ host buffer given back
+        all chunks durable ──▶ commit (in admission order): manifest, rename, latest
+                           ──▶ retention ──▶ in-flight place given back
+
+The write semaphore has max_async x chunks-per-checkpoint slots, so no chunk of any
+in-flight checkpoint ever queues behind another chunk; the writer threads (num_threads)
+are the only bound on concurrent I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .fileio import write_pieces
+from .layout import Chunk
+from .manifest import manifest_from_layout
+from .memory import Admission, HostBuffer, StagingMemory
+from .metrics import CheckpointMetrics
+from .staging import Capturer, Snapshot
+from .store import CheckpointStore
+
+__all__ = ["Pipeline"]
+
+_EVENT_POLL_START = 50e-6
+_EVENT_POLL_MAX = 2e-3
+
+
+async def wait_cuda_event(event: torch.cuda.Event) -> None:
+    """Await a CUDA event without blocking the loop (query with backoff)."""
+    delay = _EVENT_POLL_START
+    while not event.query():
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, _EVENT_POLL_MAX)
+
+
+@dataclass(eq=False)
+class _Job:
+    snapshot: Snapshot
+    capturer: Capturer
+    metrics: CheckpointMetrics
+    names: list[str]
+    layers: list[str | None] | None
+    versions: dict[str, str]
+    previous_commit: asyncio.Future[None] | None
+    committed: asyncio.Future[None]
+    gpu_chunks_left: dict[torch.device, int] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Admits, copies, writes and commits checkpoints; lives on one event loop."""
+
+    def __init__(self, config: Config, store: CheckpointStore, memory: StagingMemory) -> None:
+        self.config = config
+        self.store = store
+        self.memory = memory
+        self.writers = ThreadPoolExecutor(config.num_threads, thread_name_prefix="aiockpt-write")
+        self._write_slots: asyncio.Semaphore | None = None
+        self._write_slot_count = 0
+        self._last_commit: asyncio.Future[None] | None = None
+        self._jobs: set[asyncio.Future[object]] = set()
+
+    # -- admission -----------------------------------------------------------------------
+    async def admit(
+        self, capturer: Capturer, *, block: bool
+    ) -> tuple[Admission, asyncio.Future[None] | None, asyncio.Future[None]] | None:
+        admission = await self.memory.admit(
+            capturer.gpu_devices, capturer.host_captured_chunks, block=block
+        )
+        if admission is None:
+            return None
+        # Commit order is admission order, so `latest` only ever moves forward.
+        previous, committed = self._last_commit, asyncio.get_running_loop().create_future()
+        self._last_commit = committed
+        return admission, previous, committed
+
+    async def drain(self) -> None:
+        """Wait until nothing is in flight (errors stay with their handles)."""
+        while self._jobs:
+            await asyncio.wait(list(self._jobs))
+
+    def _semaphore(self, chunks: int) -> asyncio.Semaphore:
+        wanted = self.config.write_slots(chunks)
+        if self._write_slots is None or wanted != self._write_slot_count:
+            self._write_slots = asyncio.Semaphore(wanted)
+            self._write_slot_count = wanted
+        return self._write_slots
+
+    # -- one checkpoint -------------------------------------------------------------------
+    def start(self, job: _Job) -> asyncio.Future[Path]:
+        task = asyncio.get_running_loop().create_task(self._persist(job))
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        return task
+
+    async def _persist(self, job: _Job) -> Path:
+        snapshot, metrics = job.snapshot, job.metrics
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        temporary: Path | None = None
+        for chunk in snapshot.layout.chunks:
+            if chunk.index not in snapshot.admission.host:
+                job.gpu_chunks_left[chunk.device] = job.gpu_chunks_left.get(chunk.device, 0) + 1
+        try:
+            try:
+                temporary = await loop.run_in_executor(
+                    self.writers, self.store.begin, snapshot.step
+                )
+            except BaseException:
+                # No chunk task will run to give these back; let pending copies land first.
+                for event in snapshot.host_ready.values():
+                    event.synchronize()
+                await self.memory.give_back(snapshot.admission.host.values())
+                raise
+            slots = self._semaphore(len(snapshot.layout.chunks))
+            copy_spans: list[tuple[float, float]] = []
+            write_spans: list[tuple[float, float]] = []
+            results = await asyncio.gather(
+                *(
+                    self._move_chunk(job, chunk, temporary, slots, copy_spans, write_spans)
+                    for chunk in snapshot.layout.chunks
+                ),
+                return_exceptions=True,
+            )
+            failures = [r for r in results if isinstance(r, BaseException)]
+            if failures:
+                raise failures[0]
+            metrics.copy_seconds = _span(copy_spans)
+            metrics.write_seconds = _span(write_spans)
+            checksums: dict[tuple[int, int], int] = {}
+            for chunk_sums in results:
+                assert isinstance(chunk_sums, dict)
+                checksums.update(chunk_sums)
+            manifest = manifest_from_layout(
+                step=snapshot.step,
+                created=time.time(),
+                versions=job.versions,
+                names=job.names,
+                layout_tensors=snapshot.layout.tensors,
+                chunk_sizes=[c.nbytes for c in snapshot.layout.chunks],
+                file_names=[c.file_name for c in snapshot.layout.chunks],
+                checksums=checksums,
+                state=snapshot.skeleton,
+                layers=job.layers,
+            )
+            payload = manifest.to_json()
+            if job.previous_commit is not None:
+                await asyncio.wait([job.previous_commit])
+            commit_start = time.perf_counter()
+            final = await loop.run_in_executor(
+                self.writers, self.store.commit, temporary, snapshot.step, payload
+            )
+            temporary = None
+            metrics.commit_ms = (time.perf_counter() - commit_start) * 1e3
+            metrics.persist_seconds = time.perf_counter() - started + metrics.capture_ms / 1e3
+            await loop.run_in_executor(self.writers, self.store.retain, self.config.keep_last)
+            return final
+        finally:
+            if temporary is not None:
+                await loop.run_in_executor(self.writers, self.store.abort, temporary)
+            if not job.committed.done():
+                job.committed.set_result(None)
+            leftover_gpu = [d for d, n in job.gpu_chunks_left.items() if n > 0]
+            await self.memory.give_back(gpu=leftover_gpu, finished=True)
+
+    async def _move_chunk(
+        self,
+        job: _Job,
+        chunk: Chunk,
+        directory: Path,
+        slots: asyncio.Semaphore,
+        copy_spans: list[tuple[float, float]],
+        write_spans: list[tuple[float, float]],
+    ) -> dict[tuple[int, int], int]:
+        snapshot = job.snapshot
+        buffer = snapshot.admission.host.get(chunk.index)
+        buffers_to_return: list[HostBuffer] = []
+        try:
+            if buffer is not None:
+                buffers_to_return.append(buffer)
+                ready = snapshot.host_ready.get(chunk.device)
+                if ready is not None:
+                    await wait_cuda_event(ready)
+            else:
+                buffer = await self.memory.take_host_buffer()
+                buffers_to_return.append(buffer)
+                copy_start = time.perf_counter()
+                event = job.capturer.copy_chunk_to_host(
+                    chunk, buffer, snapshot.gpu_ready[chunk.device]
+                )
+                try:
+                    await wait_cuda_event(event)
+                finally:
+                    event.synchronize()  # never hand back a buffer a copy still writes into
+                copy_spans.append((copy_start, time.perf_counter()))
+                job.gpu_chunks_left[chunk.device] -= 1
+                if job.gpu_chunks_left[chunk.device] == 0:
+                    await self.memory.give_back(gpu=[chunk.device])
+            ranges, keys = _piece_ranges(job, chunk)
+            async with slots:
+                write_start = time.perf_counter()
+                sums = await asyncio.get_running_loop().run_in_executor(
+                    self.writers,
+                    lambda: write_pieces(
+                        str(directory / chunk.file_name),
+                        buffer.view(chunk.nbytes),
+                        ranges,
+                        durable=self.config.durable,
+                    ),
+                )
+                write_spans.append((write_start, time.perf_counter()))
+            return dict(zip(keys, sums, strict=True))
+        finally:
+            await self.memory.give_back(buffers_to_return)
+
+    def close(self) -> None:
+        self.writers.shutdown(wait=True)
+
+
+def _piece_ranges(job: _Job, chunk: Chunk) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    ranges, keys = [], []
+    for index in chunk.tensors:
+        for number, piece in enumerate(job.snapshot.layout.tensors[index].pieces):
+            if piece.chunk == chunk.index:
+                ranges.append((piece.offset, piece.length))
+                keys.append((index, number))
+    return ranges, keys
+
+
+def _span(spans: list[tuple[float, float]]) -> float:
+    if not spans:
+        return 0.0
+    return max(end for _, end in spans) - min(start for start, _ in spans)

@@ -1,0 +1,162 @@
+"""Reading checkpoints back: concurrent reads, every checksum verified, nothing executed.
+
+Files are opened with O_NOFOLLOW under names the manifest parser already restricted to
+plain data-file names, and each file's real size must equal what the manifest claims
+before any buffer is allocated, so a hostile checkpoint can neither reach outside its
+directory nor make the reader allocate more than the files hold.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CorruptCheckpointError, NoCheckpointError
+from .fileio import checksum, read_exact
+from .flatten import unflatten_state
+from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, TensorRecord
+from .memory import byte_view
+
+__all__ = ["LoadedCheckpoint", "load", "read_checkpoint", "read_manifest"]
+
+MapLocation = str | torch.device | None
+TensorFilter = Callable[[TensorRecord], bool]
+
+
+def _open_regular(path: Path) -> tuple[int, int]:
+    """Open ``path`` read-only without following links; (fd, size)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise CorruptCheckpointError(f"{path}: file is missing") from exc
+    except OSError as exc:
+        raise CorruptCheckpointError(f"{path}: cannot be opened safely ({exc.strerror})") from exc
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise CorruptCheckpointError(f"{path}: is not a regular file")
+    return fd, info.st_size
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
+    path = Path(directory) / MANIFEST_NAME
+    if not Path(directory).is_dir():
+        raise NoCheckpointError(f"{directory}: no such checkpoint directory")
+    fd, size = _open_regular(path)
+    try:
+        if size > MAX_MANIFEST_BYTES:
+            raise CorruptCheckpointError(
+                f"{path}: manifest is {size} bytes, over the {MAX_MANIFEST_BYTES} limit"
+            )
+        raw = bytearray(size)
+        read_exact(fd, memoryview(raw), 0)
+    except EOFError as exc:
+        raise CorruptCheckpointError(f"{path}: {exc}") from exc
+    finally:
+        os.close(fd)
+    return Manifest.parse(bytes(raw), str(path))
+
+
+@dataclass
+class LoadedCheckpoint:
+    """Tensors read and verified from one checkpoint, and how many bytes that took."""
+
+    manifest: Manifest
+    path: Path
+    tensors: dict[int, torch.Tensor]
+    bytes_read: int = 0
+    placed: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+    def state(
+        self, map_location: MapLocation = "cpu", keys: Iterable[str] | None = None
+    ) -> dict[str, Any]:
+        """The nested state, tensors on ``map_location``; aliases stay one tensor."""
+        device = torch.device(map_location or "cpu")
+
+        def tensor_at(index: int) -> torch.Tensor:
+            key = (index, str(device))
+            tensor = self.placed.get(key)
+            if tensor is None:
+                if index not in self.tensors:
+                    raise CorruptCheckpointError(f"{self.path}: tensor {index} was not read")
+                tensor = self.tensors[index].to(device)
+                self.placed[key] = tensor
+            return tensor
+
+        wanted = self.manifest.state.keys() if keys is None else keys
+        return {k: unflatten_state(self.manifest.state[k], tensor_at) for k in wanted}
+
+
+def read_checkpoint(
+    directory: str | os.PathLike[str],
+    *,
+    select: TensorFilter | None = None,
+    threads: int = 8,
+    verify: bool = True,
+) -> LoadedCheckpoint:
+    """Read (and verify) the tensors of a checkpoint into CPU memory.
+
+    With ``select``, only the tensors it accepts are read: their byte ranges alone.
+    """
+    path = Path(directory)
+    manifest = read_manifest(path)
+    wanted = [i for i, t in enumerate(manifest.tensors) if select is None or select(t)]
+    loaded = LoadedCheckpoint(manifest, path, {})
+    fds: dict[str, int] = {}
+    try:
+        for record in manifest.files:
+            fd, size = _open_regular(path / record.name)
+            fds[record.name] = fd
+            if size != record.nbytes:
+                raise CorruptCheckpointError(
+                    f"{path / record.name}: file holds {size} bytes, the manifest says "
+                    f"{record.nbytes} (truncated or overwritten)"
+                )
+        with ThreadPoolExecutor(
+            max_workers=max(1, threads), thread_name_prefix="aiockpt-read"
+        ) as pool:
+            results = pool.map(
+                lambda i: _read_tensor(path, manifest.tensors[i], fds, verify), wanted
+            )
+            for index, (tensor, nbytes) in zip(wanted, results, strict=True):
+                loaded.tensors[index] = tensor
+                loaded.bytes_read += nbytes
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return loaded
+
+
+def _read_tensor(
+    path: Path, record: TensorRecord, fds: dict[str, int], verify: bool
+) -> tuple[torch.Tensor, int]:
+    data = torch.empty(record.nbytes, dtype=torch.uint8)
+    view = byte_view(data)
+    done = 0
+    for piece in record.pieces:
+        part = view[done : done + piece.length]
+        try:
+            read_exact(fds[piece.file], part, piece.offset)
+        except EOFError as exc:
+            raise CorruptCheckpointError(f"{path / piece.file}: {exc}") from exc
+        if verify and checksum(part) != piece.checksum:
+            raise CorruptCheckpointError(
+                f"{path / piece.file}: bytes {piece.offset}..{piece.offset + piece.length} "
+                f"(tensor {record.name!r}) fail their crc32c checksum"
+            )
+        done += piece.length
+    return data.view(record.dtype).view(record.shape), record.nbytes
+
+
+def load(
+    path: str | os.PathLike[str], map_location: MapLocation = "cpu", *, verify: bool = True
+) -> dict[str, Any]:
+    """Load a checkpoint directory as ``{name: state_dict}`` without the original objects."""
+    return read_checkpoint(path, verify=verify).state(map_location)

@@ -1,0 +1,251 @@
+"""Capture: make the snapshot exact before ``checkpoint()`` returns, in milliseconds.
+
+Three ways a chunk's bytes are captured, chosen per device:
+
+- ``gpu``: one device-to-device copy of the device's whole state into its staging buffer,
+  on the *current* stream. Stream order alone makes it exact: every later kernel that
+  changes a parameter runs after the copy. Copy tasks then move chunks to host memory on a
+  low-priority side stream, gated by CUDA events.
+- ``host``: device-to-host copies of the live tensors on the side stream, straight into
+  host buffers. Until they finish, training must not change those tensors: a GPU-side
+  guard (the compute stream waits on the copy's event) runs before the next
+  ``optimizer.step()`` and the next module forward. The CPU never waits.
+- ``cpu``: CPU tensors are copied into host buffers before capture returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .layout import Chunk, Layout, TensorPlacement
+from .memory import Admission, HostBuffer, StagingMemory
+
+__all__ = ["CaptureGuard", "Capturer", "Snapshot", "choose_staging"]
+
+# Leave this much GPU memory free after allocating a staging buffer, so that "auto"
+# staging never pushes training into out-of-memory errors.
+GPU_HEADROOM_FRACTION = 0.10
+
+
+def choose_staging(requested: str, device: torch.device, nbytes: int) -> str:
+    """The staging mode for the tensors on ``device``: "cpu", "gpu" or "host"."""
+    if device.type != "cuda":
+        return "cpu"
+    if requested in ("gpu", "host"):
+        return requested
+    free, total = torch.cuda.mem_get_info(device)
+    return "gpu" if nbytes <= free - GPU_HEADROOM_FRACTION * total else "host"
+
+
+@dataclass(eq=False)
+class Snapshot:
+    """A captured checkpoint on its way to disk."""
+
+    step: int
+    layout: Layout
+    skeleton: dict[str, Any]
+    admission: Admission
+    # Chunks whose bytes sit in host memory once ``host_ready`` (if any) completes.
+    host_ready: dict[torch.device, torch.cuda.Event] = field(default_factory=dict)
+    # Devices whose chunks wait in the GPU staging buffer, recorded after the capture copy.
+    gpu_ready: dict[torch.device, torch.cuda.Event] = field(default_factory=dict)
+    capture_seconds: float = 0.0
+
+
+class CaptureGuard:
+    """Makes training wait, on the GPU, for host-staged copies that read live tensors."""
+
+    def __init__(self) -> None:
+        self._pending: list[torch.cuda.Event] = []
+        self._handles: list[Any] = []
+
+    def install(self, objects: Iterable[object]) -> None:
+        if self._handles:
+            return
+        for obj in objects:
+            if isinstance(obj, torch.optim.Optimizer):
+                self._handles.append(obj.register_step_pre_hook(self._before_update))
+            elif isinstance(obj, torch.nn.Module):
+                # Forward passes update buffers in place (BatchNorm running statistics).
+                self._handles.append(obj.register_forward_pre_hook(self._before_update))
+
+    def add(self, event: torch.cuda.Event) -> None:
+        self._pending.append(event)
+
+    def _before_update(self, *_: object) -> None:
+        if not self._pending:
+            return
+        stream = torch.cuda.current_stream()
+        for event in self._pending:
+            stream.wait_event(event)
+        self._pending = [e for e in self._pending if not e.query()]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class Capturer:
+    """Copies the tensors of one layout into staging memory, reusing every view it makes."""
+
+    def __init__(self, layout: Layout, memory: StagingMemory, modes: dict[torch.device, str]):
+        self.layout = layout
+        self.memory = memory
+        self.modes = modes
+        self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._gpu_views: dict[torch.device, list[torch.Tensor]] | None = None
+        self._host_views: dict[tuple[int, int], list[tuple[TensorPlacement, torch.Tensor]]] = {}
+
+    # -- what admission must reserve -----------------------------------------------
+    @property
+    def gpu_devices(self) -> set[torch.device]:
+        return {d for d, mode in self.modes.items() if mode == "gpu"}
+
+    @property
+    def host_captured_chunks(self) -> list[int]:
+        return [c.index for c in self.layout.chunks if self.modes[c.device] != "gpu"]
+
+    def copy_stream(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._copy_streams.get(device)
+        if stream is None:
+            # Priority 0 is CUDA's lowest: training kernels go first.
+            stream = torch.cuda.Stream(device=device, priority=0)
+            self._copy_streams[device] = stream
+        return stream
+
+    # -- capture ----------------------------------------------------------------------
+    def capture(
+        self, tensors: list[torch.Tensor], admission: Admission, guard: CaptureGuard
+    ) -> tuple[dict[torch.device, torch.cuda.Event], dict[torch.device, torch.cuda.Event]]:
+        """Copy ``tensors`` into staging; returns (host_ready, gpu_ready) events by device."""
+        host_ready: dict[torch.device, torch.cuda.Event] = {}
+        gpu_ready: dict[torch.device, torch.cuda.Event] = {}
+        for device in self.layout.devices:
+            mode = self.modes[device]
+            if mode == "gpu":
+                gpu_ready[device] = self._capture_to_gpu(device, tensors)
+            elif mode == "host":
+                event = self._capture_to_host(device, tensors, admission.host, non_blocking=True)
+                assert event is not None
+                guard.add(event)
+                host_ready[device] = event
+            else:
+                self._capture_to_host(device, tensors, admission.host, non_blocking=False)
+        return host_ready, gpu_ready
+
+    def _gpu_destinations(self, device: torch.device) -> list[torch.Tensor]:
+        if self._gpu_views is None:
+            self._gpu_views = {}
+        views = self._gpu_views.get(device)
+        if views is None:
+            start, end = self.layout.device_span(device)
+            buffer = self.memory.gpu_buffer(device, end - start)
+            views = [
+                _typed_view(buffer, t.stream_offset - start, t)
+                for t in self.layout.tensors
+                if t.device == device
+            ]
+            self._gpu_views[device] = views
+        return views
+
+    def _capture_to_gpu(
+        self, device: torch.device, tensors: list[torch.Tensor]
+    ) -> torch.cuda.Event:
+        destinations = self._gpu_destinations(device)
+        sources = [tensors[t.index] for t in self.layout.tensors if t.device == device]
+        with torch.cuda.device(device):
+            stream = torch.cuda.current_stream(device)
+            # The previous checkpoint's chunk copies read this buffer on the side stream.
+            stream.wait_stream(self.copy_stream(device))
+            torch._foreach_copy_(destinations, sources, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return event
+
+    def _host_destinations(
+        self, chunk: Chunk, buffer: HostBuffer
+    ) -> list[tuple[TensorPlacement, torch.Tensor]]:
+        key = (chunk.index, buffer.ident)
+        views = self._host_views.get(key)
+        if views is None:
+            views = []
+            for index in chunk.tensors:
+                placement = self.layout.tensors[index]
+                for piece in placement.pieces:
+                    if piece.chunk != chunk.index:
+                        continue
+                    if len(placement.pieces) == 1:
+                        views.append((placement, _typed_view(buffer.data, piece.offset, placement)))
+                    else:
+                        views.append(
+                            (placement, buffer.data[piece.offset : piece.offset + piece.length])
+                        )
+            self._host_views[key] = views
+        return views
+
+    def _capture_to_host(
+        self,
+        device: torch.device,
+        tensors: list[torch.Tensor],
+        buffers: dict[int, HostBuffer],
+        *,
+        non_blocking: bool,
+    ) -> torch.cuda.Event | None:
+        destinations: list[torch.Tensor] = []
+        sources: list[torch.Tensor] = []
+        for chunk in self.layout.chunks:
+            if chunk.device != device:
+                continue
+            for placement, view in self._host_destinations(chunk, buffers[chunk.index]):
+                source = tensors[placement.index]
+                if len(placement.pieces) > 1:
+                    piece = next(p for p in placement.pieces if p.chunk == chunk.index)
+                    source = _flat_bytes(source)[
+                        piece.tensor_offset : piece.tensor_offset + piece.length
+                    ]
+                destinations.append(view)
+                sources.append(source)
+        if not non_blocking:
+            torch._foreach_copy_(destinations, sources)
+            return None
+        with torch.cuda.device(device):
+            side = self.copy_stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for destination, source in zip(destinations, sources, strict=True):
+                    destination.copy_(source, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(side)
+        return event
+
+    # -- copy tasks: GPU staging buffer -> host buffer --------------------------------
+    def copy_chunk_to_host(
+        self, chunk: Chunk, buffer: HostBuffer, after: torch.cuda.Event
+    ) -> torch.cuda.Event:
+        start, _ = self.layout.device_span(chunk.device)
+        staging = self.memory.gpu_buffer(chunk.device, 0)
+        offset = chunk.stream_offset - start
+        with torch.cuda.device(chunk.device):
+            side = self.copy_stream(chunk.device)
+            side.wait_event(after)
+            with torch.cuda.stream(side):
+                buffer.data[: chunk.nbytes].copy_(
+                    staging[offset : offset + chunk.nbytes], non_blocking=True
+                )
+                event = torch.cuda.Event()
+                event.record(side)
+        return event
+
+
+def _typed_view(buffer: torch.Tensor, offset: int, placement: TensorPlacement) -> torch.Tensor:
+    raw = buffer[offset : offset + placement.nbytes]
+    return raw.view(placement.dtype).view(placement.shape)
+
+
+def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().reshape(-1).view(torch.uint8)

@@ -1,0 +1,215 @@
+"""The checkpoint directory: atomic commits, the ``latest`` pointer, retention, the lock.
+
+Layout of a checkpoint directory::
+
+    checkpoints/
+      .aiockpt.lock            flock'd by the one live writer (released by the kernel on death)
+      .tmp-step-300-1a2b/      a checkpoint being written: invisible to readers
+      step-100/                committed: manifest.json + data-r00000-c00000.bin ...
+      step-200/
+      latest                   "step-200": a hint for tools; readers trust step-N dirs
+      .trash-...               a directory on its way out (replaced or pruned)
+
+A checkpoint becomes visible by one rename, after its data files and manifest are durable,
+so a crash at any instant leaves only committed directories and temporaries that the next
+writer deletes.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DirectoryLockedError
+from .fileio import fsync_directory, write_file_atomically
+from .manifest import MANIFEST_NAME
+
+__all__ = ["CheckpointInfo", "CheckpointStore", "list_checkpoints"]
+
+LOCK_NAME = ".aiockpt.lock"
+LATEST_NAME = "latest"
+_STEP_DIR = re.compile(r"step-(\d{1,19})")
+_TEMPORARY_PREFIXES = (".tmp-", ".trash-")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint directory."""
+
+    step: int
+    path: Path
+    nbytes: int
+    mtime: float
+
+    def __str__(self) -> str:
+        return f"step {self.step}: {self.path} ({self.nbytes / 2**20:.1f} MiB)"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    match = _STEP_DIR.fullmatch(name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(directory: str | os.PathLike[str]) -> list[CheckpointInfo]:
+    """Committed checkpoints under ``directory``, oldest first (newest last).
+
+    A directory counts as committed when it is named ``step-<N>`` and holds a manifest;
+    its checksums are checked only when it is loaded (or by ``aiockpt verify``).
+    """
+    root = Path(directory)
+    found = []
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        step = parse_step_dir(entry.name)
+        if step is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        manifest = Path(entry.path) / MANIFEST_NAME
+        try:
+            stat = manifest.stat()
+        except FileNotFoundError:
+            continue
+        nbytes = sum(f.stat().st_size for f in Path(entry.path).iterdir() if f.is_file())
+        found.append(CheckpointInfo(step, Path(entry.path), nbytes, stat.st_mtime))
+    return sorted(found, key=lambda info: info.step)
+
+
+class CheckpointStore:
+    """One writer's view of a checkpoint directory (blocking calls; run them off the loop)."""
+
+    def __init__(self, root: str | os.PathLike[str], *, durable: bool) -> None:
+        self.root = Path(root)
+        self.durable = durable
+        self._lock_fd: int | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def open(self) -> None:
+        """Create the directory, take the writer lock, and clear a dead writer's leftovers."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise DirectoryLockedError(
+                    f"{self.root} is being written by another process (pid {holder}); "
+                    "give each run its own checkpoint directory, or stop the other writer"
+                ) from exc
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+        self._recover()
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    def _recover(self) -> None:
+        # A replaced checkpoint whose successor never got renamed in comes back first.
+        for entry in os.scandir(self.root):
+            if entry.name.startswith(".trash-replace-"):
+                original = entry.name.removeprefix(".trash-replace-").rsplit("-", 1)[0]
+                if parse_step_dir(original) is not None and not (self.root / original).exists():
+                    os.rename(entry.path, self.root / original)
+        for entry in os.scandir(self.root):
+            if entry.name.startswith(_TEMPORARY_PREFIXES) and entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+        (self.root / f"{LATEST_NAME}.tmp").unlink(missing_ok=True)
+
+    def leftovers(self) -> list[Path]:
+        return [
+            Path(e.path) for e in os.scandir(self.root) if e.name.startswith(_TEMPORARY_PREFIXES)
+        ]
+
+    # -- writing one checkpoint -------------------------------------------------------
+    def begin(self, step: int) -> Path:
+        """A fresh temporary directory for the files of ``step``."""
+        path = self.root / f".tmp-{step_dir_name(step)}-{secrets.token_hex(4)}"
+        path.mkdir()
+        return path
+
+    def abort(self, temporary: Path) -> None:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+    def commit(self, temporary: Path, step: int, manifest: bytes) -> Path:
+        """Write the manifest last, then make the checkpoint visible with one rename."""
+        manifest_path = temporary / MANIFEST_NAME
+        fd = os.open(manifest_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(manifest)
+            written = 0
+            while written < len(view):
+                written += os.write(fd, view[written:])
+            if self.durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if self.durable:
+            fsync_directory(str(temporary))
+        final = self.root / step_dir_name(step)
+        replaced = None
+        if final.exists():
+            # Re-saving a step: move the old one aside; _recover() restores it if we die here.
+            replaced = self.root / f".trash-replace-{final.name}-{secrets.token_hex(4)}"
+            os.rename(final, replaced)
+        os.rename(temporary, final)
+        if self.durable:
+            fsync_directory(str(self.root))
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+        self.point_latest(final.name)
+        return final
+
+    def point_latest(self, name: str) -> None:
+        current = self.latest_name()
+        current_step = parse_step_dir(current) if current else None
+        new_step = parse_step_dir(name)
+        moves_back = current_step is not None and new_step is not None and current_step > new_step
+        if moves_back and (self.root / str(current)).exists():
+            return  # never move the pointer backwards to an older step
+        write_file_atomically(
+            str(self.root / LATEST_NAME), f"{name}\n".encode(), durable=self.durable
+        )
+
+    def latest_name(self) -> str | None:
+        try:
+            return (self.root / LATEST_NAME).read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    # -- retention ----------------------------------------------------------------------
+    def retain(self, keep_last: int | None) -> list[Path]:
+        """Delete all but the newest ``keep_last`` committed checkpoints; returns what went."""
+        if keep_last is None:
+            return []
+        committed = list_checkpoints(self.root)
+        doomed = committed[: max(len(committed) - keep_last, 0)]
+        removed = []
+        for info in doomed:
+            self.remove(info.path)
+            removed.append(info.path)
+        return removed
+
+    def remove(self, path: Path) -> None:
+        # Rename first: a directory half-deleted under its step name would look torn.
+        trash = self.root / f".trash-{path.name}-{secrets.token_hex(4)}"
+        os.rename(path, trash)
+        if self.durable:
+            fsync_directory(str(self.root))
+        shutil.rmtree(trash, ignore_errors=True)
