@@ -19,7 +19,9 @@ The knobs:
   ``num_threads`` writer threads write in parallel (default: 256 MiB chunks).
 * ``pinned_ratio`` -- size of the host buffer pool as a multiple of the state size.
 * ``staging`` -- where the snapshot is staged: ``"gpu"``, ``"host"`` or ``"auto"``.
-* ``use_monitor`` -- run the background monitor of checkpoint progress.
+* ``use_monitor`` -- run the pipeline on a background thread with its own uvloop event
+  loop; false runs it on the caller's running loop (SyncCheckpointer then blocks until
+  each checkpoint is durable).
 * ``on_error`` -- a background failure is re-raised at the next ``checkpoint()`` or
   ``wait()`` (``"raise"``) or logged as a warning while training goes on (``"warn"``).
 * ``durable`` -- fsync files before a checkpoint is committed.
