@@ -1,0 +1,297 @@
+"""``aiockpt bench``: stall and persist figures next to the machine's own limits.
+
+One process, one model, every figure measured in the same run:
+
+- the limits (device-to-device and device-to-host copy rates, parallel fsync'd write and
+  cold read bandwidth of the target directory),
+- per staging mode, the stall of each checkpoint two ways: the time ``checkpoint()``
+  takes to return, and how much longer the training step that follows it takes than a
+  step without a checkpoint (what training really loses, GPU-side waits included),
+- persist bandwidth (bytes / time from capture to durable commit) and restore time,
+- a blocking ``torch.save`` (fsync'd) of the same state as the baseline.
+
+Modes are interleaved round by round (A B A B ...) so drift in the machine's speed hits
+them alike; medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpointer import SyncCheckpointer
+from .config import Config
+from .limits import measure_limits
+
+__all__ = ["PRESETS", "build_preset", "main"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    d_model: int
+    layers: int
+    heads: int
+    vocab: int
+    seq: int
+    batch: int
+
+
+PRESETS = {
+    "tiny": Preset(d_model=64, layers=2, heads=4, vocab=512, seq=32, batch=4),
+    "350m": Preset(d_model=1024, layers=24, heads=16, vocab=50304, seq=512, batch=8),
+    "1.3b": Preset(d_model=2048, layers=24, heads=16, vocab=50304, seq=512, batch=4),
+}
+
+
+class TinyGPT(nn.Module):
+    """A decoder-only transformer built from torch's own layers (tied embeddings)."""
+
+    def __init__(self, p: Preset) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(p.vocab, p.d_model)
+        self.position = nn.Parameter(torch.zeros(p.seq, p.d_model))
+        layer = nn.TransformerEncoderLayer(
+            p.d_model, p.heads, 4 * p.d_model, dropout=0.1, batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(layer, p.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(p.d_model)
+        self.head = nn.Linear(p.d_model, p.vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.position[: tokens.shape[1]]
+        mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], device=tokens.device)
+        return self.head(self.norm(self.blocks(x, mask=mask, is_causal=True)))
+
+
+def build_preset(
+    name: str, device: torch.device
+) -> tuple[nn.Module, torch.optim.Optimizer, Preset]:
+    preset = PRESETS[name]
+    model = TinyGPT(preset).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return model, optimizer, preset
+
+
+def make_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, p: Preset, device: torch.device
+) -> Callable[[], None]:
+    tokens = torch.randint(0, p.vocab, (p.batch, p.seq + 1), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step() -> None:
+        with autocast:
+            logits = model(tokens[:, :-1])
+            loss = nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), tokens[:, 1:].flatten()
+            )
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _p99(values: list[float]) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    torch.manual_seed(0)
+    model, optimizer, preset = build_preset(args.preset, device)
+    step = make_step(model, optimizer, preset, device)
+    for _ in range(3):  # materialise optimizer state, warm kernels
+        step()
+    _sync(device)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    state_bytes = sum(
+        t.numel() * t.element_size()
+        for part in (model.state_dict(), *[s for s in optimizer.state.values()])
+        for t in part.values()
+        if isinstance(t, torch.Tensor)
+    )
+    root = Path(args.directory)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    report: dict[str, Any] = {
+        "preset": args.preset,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "state_bytes": state_bytes,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
+    _log(args, f"{report['parameters'] / 1e6:.0f}M parameters, state {state_bytes / 1e9:.2f} GB")
+    report["limits"] = measure_limits(root / "limits", state_bytes, args.num_threads).to_dict()
+    _log(args, f"limits: {report['limits']}")
+    plain = [_timed(step, device) for _ in range(args.steps)]
+    report["step_seconds"] = _median(plain)
+
+    modes = ["gpu", "host"] if device.type == "cuda" else ["cpu"]
+    checkpointers = {}
+    results: dict[str, dict[str, list[float]]] = {}
+    for mode in modes:
+        config = Config(
+            directory=root / mode,
+            staging="host" if mode == "cpu" else mode,
+            max_async=args.max_async,
+            chunk_size_mb=args.chunk_size_mb,
+            num_threads=args.num_threads,
+            keep_last=1,
+        )
+        ckpt = SyncCheckpointer(config, model=model, optimizer=optimizer)
+        first = _timed(lambda ckpt=ckpt: ckpt.checkpoint(0).wait(), device)
+        checkpointers[mode] = ckpt
+        results[mode] = {
+            "call_ms": [],
+            "stall_ms": [],
+            "persist_gbps": [],
+            "first_ms": [first * 1e3],
+        }
+    for round_ in range(1, args.rounds + 1):
+        for mode, ckpt in checkpointers.items():
+            box: dict[str, Any] = {}
+
+            def checkpoint_then_step(
+                ckpt: SyncCheckpointer = ckpt, box: dict[str, Any] = box, at: int = round_
+            ) -> None:
+                start = time.perf_counter()
+                box["handle"] = ckpt.checkpoint(at)
+                box["call"] = time.perf_counter() - start
+                step()
+
+            with_ckpt = _timed(checkpoint_then_step, device)
+            handle = box["handle"]
+            handle.wait()
+            results[mode]["call_ms"].append(box["call"] * 1e3)
+            results[mode]["stall_ms"].append((with_ckpt - report["step_seconds"]) * 1e3)
+            results[mode]["persist_gbps"].append(handle.metrics.persist_gbps)
+        _log(
+            args,
+            f"round {round_}: "
+            + ", ".join(f"{m} stall {r['stall_ms'][-1]:.1f} ms" for m, r in results.items()),
+        )
+    for mode, ckpt in checkpointers.items():
+        restore = _timed(ckpt.restore, device)
+        results[mode]["restore_seconds"] = [restore]
+        ckpt.close()
+    report["aiockpt"] = {
+        mode: {
+            "call_ms_median": _median(r["call_ms"]),
+            "call_ms_p99": _p99(r["call_ms"]),
+            "stall_ms_median": _median(r["stall_ms"]),
+            "stall_ms_p99": _p99(r["stall_ms"]),
+            "first_checkpoint_ms": r["first_ms"][0],
+            "persist_gbps_median": _median(r["persist_gbps"]),
+            "restore_seconds": r["restore_seconds"][0],
+            "raw": r,
+        }
+        for mode, r in results.items()
+    }
+    report["torch_save_seconds"] = [
+        _torch_save(state, root / "torch_save.pt", device) for _ in range(args.baseline_repeats)
+    ]
+    shutil.rmtree(root, ignore_errors=True)
+    return report
+
+
+def _torch_save(state: dict[str, Any], path: Path, device: torch.device) -> float:
+    def save() -> None:
+        with open(path, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    seconds = _timed(save, device)
+    path.unlink()
+    return seconds
+
+
+def _log(args: argparse.Namespace, message: str) -> None:
+    if not args.json:
+        print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--directory", default="bench-checkpoints")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10, help="plain steps to time")
+    parser.add_argument("--max-async", type=int, default=2)
+    parser.add_argument("--chunk-size-mb", type=float, default=256)
+    parser.add_argument("--num-threads", type=int, default=8)
+    parser.add_argument("--baseline-repeats", type=int, default=1)
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
+    parser.add_argument("--output", help="write the JSON report here")
+    parser.add_argument("--json", action="store_true", help="print only the JSON report")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aiockpt bench", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    report = run(args)
+    text = json.dumps(report, indent=2)
+    if args.output:
+        Path(args.output).write_text(text)
+    print(text if args.json else _table(report))
+    return 0
+
+
+def _table(report: dict[str, Any]) -> str:
+    limits = report["limits"]
+    lines = [
+        f"{report['preset']}: {report['parameters'] / 1e6:.0f}M parameters, "
+        f"{report['state_bytes'] / 1e9:.2f} GB state on {report['device']}",
+        f"step {report['step_seconds'] * 1e3:.1f} ms; "
+        f"fsync write {limits['fsync_write_gbps']:.2f} GB/s; "
+        f"d2d {limits['d2d_gbps'] or 0:.0f} GB/s; "
+        f"d2h pinned {limits['d2h_pinned_gbps'] or 0:.1f} GB/s",
+        "| mode | call ms (p50/p99) | stall ms (p50/p99) | persist GB/s | first ms | restore s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mode, r in report["aiockpt"].items():
+        lines.append(
+            f"| {mode} | {r['call_ms_median']:.2f} / {r['call_ms_p99']:.2f} | "
+            f"{r['stall_ms_median']:.2f} / {r['stall_ms_p99']:.2f} | "
+            f"{r['persist_gbps_median']:.2f} | "
+            f"{r['first_checkpoint_ms']:.0f} | {r['restore_seconds']:.2f} |"
+        )
+    lines.append(f"torch.save (fsync'd): {_median(report['torch_save_seconds']):.2f} s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

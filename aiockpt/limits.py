@@ -1,0 +1,138 @@
+"""Physical limits of this machine, measured the way aiockpt uses the hardware.
+
+Benchmarks report every aiockpt figure next to these (persist GB/s against raw parallel
+fsync'd write bandwidth of the same directory, stall against the device-to-device copy of
+the same bytes), so a number can be judged without knowing the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .memory import byte_view
+
+__all__ = ["Limits", "measure_limits"]
+
+
+@dataclass
+class Limits:
+    d2d_gbps: float | None = None
+    d2h_pinned_gbps: float | None = None
+    d2h_pageable_gbps: float | None = None
+    h2d_pinned_gbps: float | None = None
+    fsync_write_gbps: float = 0.0
+    pagecache_write_gbps: float = 0.0
+    read_gbps: float = 0.0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, float | str | None]:
+        return asdict(self)
+
+
+def _best_of(repeats: int, run) -> float:  # type: ignore[no-untyped-def]
+    return min(run() for _ in range(repeats))
+
+
+def _cuda_copy_seconds(dst: torch.Tensor, src: torch.Tensor) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure_copies(nbytes: int, limits: Limits) -> None:
+    """Device-to-device, device-to-host (pinned and pageable) and host-to-device rates."""
+    if not torch.cuda.is_available():
+        return
+    limits.device = torch.cuda.get_device_name()
+    buffers = {
+        "source": torch.empty(nbytes, dtype=torch.uint8, device="cuda"),
+        "gpu": torch.empty(nbytes, dtype=torch.uint8, device="cuda"),
+        "pinned": torch.empty(nbytes, dtype=torch.uint8, pin_memory=True),
+        "pageable": torch.empty(nbytes, dtype=torch.uint8),
+    }
+    gb = nbytes / 1e9
+    limits.d2d_gbps = gb / _best_of(
+        5, lambda: _cuda_copy_seconds(buffers["gpu"], buffers["source"])
+    )
+    limits.d2h_pinned_gbps = gb / _best_of(
+        3, lambda: _cuda_copy_seconds(buffers["pinned"], buffers["source"])
+    )
+    limits.d2h_pageable_gbps = gb / _best_of(
+        2, lambda: _cuda_copy_seconds(buffers["pageable"], buffers["source"])
+    )
+    limits.h2d_pinned_gbps = gb / _best_of(
+        3, lambda: _cuda_copy_seconds(buffers["source"], buffers["pinned"])
+    )
+    buffers.clear()
+    torch.cuda.empty_cache()
+
+
+def _write_files(directory: Path, data: memoryview, files: int, *, fsync: bool) -> float:
+    def write_one(i: int) -> None:
+        fd = os.open(directory / f"limit-{i}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], done)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(files) as pool:
+        list(pool.map(write_one, range(files)))
+    return time.perf_counter() - start
+
+
+def _read_files(directory: Path, into: memoryview, files: int) -> float:
+    def read_one(i: int) -> None:
+        fd = os.open(directory / f"limit-{i}.bin", os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # read from disk, not cache
+            done = 0
+            while done < len(into):
+                done += os.preadv(fd, [into[done:]], done)
+        finally:
+            os.close(fd)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(files) as pool:
+        list(pool.map(read_one, range(files)))
+    return time.perf_counter() - start
+
+
+def measure_disk(
+    directory: str | os.PathLike[str], nbytes: int, threads: int, limits: Limits
+) -> None:
+    """Parallel fsync'd writes, page-cache writes and cold reads of ``nbytes`` in total."""
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".limits-", dir=root))
+    per_file = max(nbytes // threads, 1 << 20)
+    buffer = torch.randint(0, 255, (per_file,), dtype=torch.uint8)
+    data = byte_view(buffer)
+    try:
+        total = per_file * threads / 1e9
+        limits.pagecache_write_gbps = total / _write_files(scratch, data, threads, fsync=False)
+        limits.fsync_write_gbps = total / _write_files(scratch, data, threads, fsync=True)
+        limits.read_gbps = total / _read_files(scratch, data, threads)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def measure_limits(directory: str | os.PathLike[str], nbytes: int, threads: int = 8) -> Limits:
+    limits = Limits()
+    measure_copies(min(nbytes, 4 << 30), limits)
+    measure_disk(directory, nbytes, threads, limits)
+    return limits

@@ -1,0 +1,118 @@
+"""GPU behaviour: exact snapshots under mutation with both staging modes, restore onto the GPU."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+import aiockpt
+
+pytestmark = pytest.mark.gpu
+
+
+def _model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(512, 1024), torch.nn.BatchNorm1d(1024), torch.nn.Linear(1024, 256)
+    ).cuda()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _train(model, optimizer, 2)
+    return model, optimizer
+
+
+def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> None:
+    for _ in range(steps):
+        model(torch.randn(64, 512, device="cuda")).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    return {
+        "model": {k: v.detach().cpu().clone() for k, v in state["model"].items()},
+        "optimizer": {
+            i: {k: v.detach().cpu().clone() for k, v in s.items()}
+            for i, s in state["optimizer"]["state"].items()
+        },
+    }
+
+
+@pytest.mark.parametrize("staging", ["gpu", "host"])
+def test_snapshot_is_exact_while_training_continues(tmp_path, staging):
+    model, optimizer = _model()
+    config = aiockpt.Config(directory=tmp_path, staging=staging, chunk_size_mb=1, max_async=2)
+
+    async def scenario() -> dict:
+        async with aiockpt.Checkpointer(config, model=model, optimizer=optimizer) as ckpt:
+            torch.cuda.synchronize()
+            expected = _snapshot(model, optimizer)
+            handle = await ckpt.checkpoint(7)
+            _train(model, optimizer, 5)  # no sync: mutations race the background copies
+            await handle
+            return expected
+
+    expected = asyncio.run(scenario())
+    loaded = aiockpt.load(tmp_path / "step-7")
+    for name, value in expected["model"].items():
+        assert torch.equal(loaded["model"][name], value), name
+    for index, state in expected["optimizer"].items():
+        for key, value in state.items():
+            assert torch.equal(loaded["optimizer"]["state"][index][key], value), (index, key)
+    assert not torch.equal(model[0].weight.detach().cpu(), expected["model"]["0.weight"])
+
+
+def test_restore_onto_gpu(tmp_path):
+    model, optimizer = _model()
+    config = aiockpt.Config(directory=tmp_path, chunk_size_mb=1)
+    with aiockpt.SyncCheckpointer(config, model=model, optimizer=optimizer) as ckpt:
+        ckpt.checkpoint(3).wait()
+        expected = _snapshot(model, optimizer)
+    fresh, fresh_optimizer = _model()
+    _train(fresh, fresh_optimizer, 3)
+    with aiockpt.SyncCheckpointer(config, model=fresh, optimizer=fresh_optimizer) as ckpt:
+        assert ckpt.restore() == 3
+    assert all(p.is_cuda for p in fresh.parameters())
+    restored = _snapshot(fresh, fresh_optimizer)
+    for name, value in expected["model"].items():
+        assert torch.equal(restored["model"][name], value), name
+    for index, state in expected["optimizer"].items():
+        for key, value in state.items():
+            assert torch.equal(restored["optimizer"][index][key], value), (index, key)
+
+
+@pytest.mark.parametrize("staging", ["gpu", "host"])
+def test_gpu_dtypes_round_trip(tmp_path, staging):
+    class Holder:
+        def __init__(self) -> None:
+            base = torch.randn(257, 33, device="cuda")
+            self.tensors = {
+                "bf16": base.bfloat16(),
+                "fp16": base.half(),
+                "fp8": base.to(torch.float8_e4m3fn),
+                "int64": torch.arange(1000, device="cuda"),
+                "bool": base > 0,
+                "transposed": base.t(),
+                "scalar": torch.tensor(3.5, device="cuda"),
+                "empty": torch.empty(0, 4, device="cuda"),
+            }
+
+        def state_dict(self) -> dict:
+            return self.tensors
+
+        def load_state_dict(self, state: dict) -> None:
+            self.tensors = state
+
+    holder = Holder()
+    config = aiockpt.Config(directory=tmp_path, staging=staging, chunk_size_mb=0.05)
+    with aiockpt.SyncCheckpointer(config, holder=holder) as ckpt:
+        ckpt.checkpoint(1).wait()
+    loaded = aiockpt.load(tmp_path / "step-1", map_location="cuda")["holder"]
+    for name, value in holder.tensors.items():
+        assert loaded[name].dtype == value.dtype and loaded[name].is_cuda
+        assert torch.equal(
+            loaded[name].view(torch.uint8) if value.dim() else loaded[name],
+            value.contiguous().view(torch.uint8) if value.dim() else value,
+        ), name
