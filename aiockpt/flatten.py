@@ -28,6 +28,7 @@ from .errors import UnsupportedStateError
 __all__ = ["FlatState", "flatten_state", "unflatten_state", "dtype_from_name", "dtype_name"]
 
 TENSOR_TAG = "$tensor"
+_PLAIN_LEAVES = frozenset({str, bool, int, type(None)})
 _TAGS = frozenset(
     {TENSOR_TAG, "$tuple", "$dict", "$float", "$bytes", "$dtype", "$ndarray", "$npscalar", "$odict"}
 )
@@ -62,16 +63,12 @@ class FlatState:
 
 
 def _alias_key(tensor: torch.Tensor) -> tuple[object, ...]:
-    storage = tensor.untyped_storage()
-    return (
-        tensor.device,
-        storage.data_ptr(),
-        storage.nbytes(),
-        tensor.storage_offset(),
-        tuple(tensor.shape),
-        tuple(tensor.stride()),
-        tensor.dtype,
-    )
+    # data_ptr() already includes the storage offset: two tensors with the same pointer,
+    # shape, strides and dtype are the same view. Empty tensors all point at 0, so they
+    # alias only when they are the same object.
+    if tensor.numel() == 0:
+        return ("empty", id(tensor))
+    return (tensor.device, tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
 
 
 def _check_tensor(tensor: torch.Tensor, path: str) -> None:
@@ -95,7 +92,8 @@ class _Flattener:
         self._used_names: set[str] = set()
 
     def tensor_ref(self, tensor: torch.Tensor, path: str) -> dict[str, int]:
-        _check_tensor(tensor, path)
+        if tensor.layout is not torch.strided or tensor.is_quantized or tensor.is_meta:
+            _check_tensor(tensor, path)
         key = _alias_key(tensor)
         index = self._index.get(key)
         if index is None:
@@ -110,8 +108,24 @@ class _Flattener:
         return {TENSOR_TAG: index}
 
     def encode(self, value: Any, path: str) -> Any:
+        # Fast path by exact type: capture walks every leaf of every state_dict on the
+        # training thread, and these cover nearly all of them.
+        kind = type(value)
+        if kind is torch.Tensor or kind is torch.nn.Parameter:
+            return self.tensor_ref(value, path)
+        if kind in _PLAIN_LEAVES or (kind is float and math.isfinite(value)):
+            return value
+        if kind is dict and all(type(k) is str and not k.startswith("$") for k in value):
+            return {k: self.encode(v, f"{path}/{k}") for k, v in value.items()}
+        if kind is list:
+            return [self.encode(v, f"{path}/{i}") for i, v in enumerate(value)]
         if isinstance(value, torch.Tensor):
             return self.tensor_ref(value, path)
+        # Before the float/str checks: np.float64 and np.str_ subclass them, and would
+        # otherwise come back as plain Python values.
+        encoded = _encode_numpy(value, path, self)
+        if encoded is not None:
+            return encoded
         if value is None or isinstance(value, (bool, str)):
             return value
         if isinstance(value, int):
@@ -130,9 +144,6 @@ class _Flattener:
             return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
         if isinstance(value, torch.dtype):
             return {"$dtype": dtype_name(value)}
-        encoded = _encode_numpy(value, path, self)
-        if encoded is not None:
-            return encoded
         raise UnsupportedStateError(
             f"{path}: values of type {type(value).__module__}.{type(value).__qualname__} "
             "cannot be stored without pickle; return tensors, numbers, strings, lists, "
@@ -140,7 +151,9 @@ class _Flattener:
         )
 
     def _encode_mapping(self, value: Mapping[Any, Any], path: str) -> Any:
-        plain = all(isinstance(k, str) for k in value) and not (_TAGS & value.keys())
+        # Any "$" key goes the tagged way: a plain dict whose first key merely looks like a
+        # tag (e.g. "$price") would otherwise be rejected as an unknown tag on load.
+        plain = all(isinstance(k, str) and not k.startswith("$") for k in value)
         if plain:
             encoded: Any = {k: self.encode(v, f"{path}/{k}") for k, v in value.items()}
         else:
@@ -166,7 +179,14 @@ def _encode_numpy(value: Any, path: str, flattener: _Flattener) -> Any | None:
     if isinstance(value, np.ndarray):
         if value.dtype == object:
             raise UnsupportedStateError(f"{path}: numpy arrays of dtype object need pickle")
-        tensor = torch.from_numpy(np.ascontiguousarray(value).copy())
+        try:
+            # np.array copies; np.ascontiguousarray would turn a 0-d array into shape (1,).
+            tensor = torch.from_numpy(np.array(value, order="C"))
+        except (TypeError, ValueError):  # str/datetime dtypes, non-native byte order
+            raise UnsupportedStateError(
+                f"{path}: numpy arrays of dtype {value.dtype} cannot be stored; "
+                "convert it to a supported dtype in state_dict()"
+            ) from None
         return {"$ndarray": flattener.tensor_ref(tensor, path)[TENSOR_TAG]}
     if isinstance(value, np.generic):
         return {"$npscalar": value.dtype.str, "value": flattener.encode(value.item(), path)}

@@ -37,16 +37,16 @@ from .store import CheckpointStore
 
 __all__ = ["Pipeline"]
 
-_EVENT_POLL_START = 50e-6
-_EVENT_POLL_MAX = 2e-3
 
+async def wait_cuda_event(event: torch.cuda.Event, waiter: ThreadPoolExecutor) -> None:
+    """Await a CUDA event without blocking the loop or polling it.
 
-async def wait_cuda_event(event: torch.cuda.Event) -> None:
-    """Await a CUDA event without blocking the loop (query with backoff)."""
-    delay = _EVENT_POLL_START
-    while not event.query():
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, _EVENT_POLL_MAX)
+    Event.synchronize() releases the GIL and sleeps (the events are created blocking), so
+    waiting costs training no Python time; polling query() from the loop would take the
+    GIL on every wake-up.
+    """
+    if not event.query():
+        await asyncio.get_running_loop().run_in_executor(waiter, event.synchronize)
 
 
 @dataclass(eq=False)
@@ -70,6 +70,8 @@ class Pipeline:
         self.store = store
         self.memory = memory
         self.writers = ThreadPoolExecutor(config.num_threads, thread_name_prefix="aiockpt-write")
+        # Copies on one stream finish in order, so one waiting thread serves them all.
+        self.event_waiter = ThreadPoolExecutor(1, thread_name_prefix="aiockpt-cuda-event")
         self._write_slots: asyncio.Semaphore | None = None
         self._write_slot_count = 0
         self._last_commit: asyncio.Future[None] | None = None
@@ -195,7 +197,7 @@ class Pipeline:
                 buffers_to_return.append(buffer)
                 ready = snapshot.host_ready.get(chunk.device)
                 if ready is not None:
-                    await wait_cuda_event(ready)
+                    await wait_cuda_event(ready, self.event_waiter)
             else:
                 buffer = await self.memory.take_host_buffer()
                 buffers_to_return.append(buffer)
@@ -204,7 +206,7 @@ class Pipeline:
                     chunk, buffer, snapshot.gpu_ready[chunk.device]
                 )
                 try:
-                    await wait_cuda_event(event)
+                    await wait_cuda_event(event, self.event_waiter)
                 finally:
                     event.synchronize()  # never hand back a buffer a copy still writes into
                 copy_spans.append((copy_start, time.perf_counter()))
@@ -230,6 +232,7 @@ class Pipeline:
 
     def close(self) -> None:
         self.writers.shutdown(wait=True)
+        self.event_waiter.shutdown(wait=True)
 
 
 def _piece_ranges(job: _Job, chunk: Chunk) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:

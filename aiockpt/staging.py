@@ -70,8 +70,12 @@ class CaptureGuard:
             if isinstance(obj, torch.optim.Optimizer):
                 self._handles.append(obj.register_step_pre_hook(self._before_update))
             elif isinstance(obj, torch.nn.Module):
-                # Forward passes update buffers in place (BatchNorm running statistics).
-                self._handles.append(obj.register_forward_pre_hook(self._before_update))
+                # Forward passes update buffers in place (BatchNorm running statistics), so
+                # modules that own buffers wait too; the rest of the forward and backward
+                # pass overlaps the copy.
+                for module in obj.modules():
+                    if next(module.buffers(recurse=False), None) is not None:
+                        self._handles.append(module.register_forward_pre_hook(self._before_update))
 
     def add(self, event: torch.cuda.Event) -> None:
         self._pending.append(event)
@@ -100,6 +104,10 @@ class Capturer:
         self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._gpu_views: dict[torch.device, list[torch.Tensor]] | None = None
         self._host_views: dict[tuple[int, int], list[tuple[TensorPlacement, torch.Tensor]]] = {}
+        self._indices_on = {
+            device: [t.index for t in layout.tensors if t.device == device]
+            for device in layout.devices
+        }
 
     # -- what admission must reserve -----------------------------------------------
     @property
@@ -157,7 +165,7 @@ class Capturer:
         self, device: torch.device, tensors: list[torch.Tensor]
     ) -> torch.cuda.Event:
         destinations = self._gpu_destinations(device)
-        sources = [tensors[t.index] for t in self.layout.tensors if t.device == device]
+        sources = [tensors[i] for i in self._indices_on[device]]
         with torch.cuda.device(device):
             stream = torch.cuda.current_stream(device)
             # The previous checkpoint's chunk copies read this buffer on the side stream.
@@ -217,9 +225,8 @@ class Capturer:
             side = self.copy_stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
-                for destination, source in zip(destinations, sources, strict=True):
-                    destination.copy_(source, non_blocking=True)
-                event = torch.cuda.Event()
+                torch._foreach_copy_(destinations, sources, non_blocking=True)
+                event = _blocking_event()
                 event.record(side)
         return event
 
@@ -237,9 +244,14 @@ class Capturer:
                 buffer.data[: chunk.nbytes].copy_(
                     staging[offset : offset + chunk.nbytes], non_blocking=True
                 )
-                event = torch.cuda.Event()
+                event = _blocking_event()
                 event.record(side)
         return event
+
+
+def _blocking_event() -> torch.cuda.Event:
+    # A thread that synchronizes on a blocking event sleeps instead of spinning a core.
+    return torch.cuda.Event(blocking=True)
 
 
 def _typed_view(buffer: torch.Tensor, offset: int, placement: TensorPlacement) -> torch.Tensor:
