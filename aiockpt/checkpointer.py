@@ -105,7 +105,12 @@ class CheckpointHandle(_HandleBase):
         """The committed checkpoint (None if skipped); raises BackgroundError on failure."""
         if self._future is not None and not self._future.done():
             if isinstance(self._future, concurrent.futures.Future):
-                await asyncio.wait([asyncio.wrap_future(self._future)])
+                waiter = asyncio.wrap_future(self._future)
+                await asyncio.wait([waiter])
+                # _outcome() raises the failure; mark the copy's as seen, or asyncio logs
+                # "Future exception was never retrieved" when it is collected.
+                if not waiter.cancelled():
+                    waiter.exception()
             else:
                 await asyncio.wait([self._future])
         return self._outcome()
@@ -248,7 +253,9 @@ class _Core:
     ) -> _Job:
         assert self.capturer is not None
         admission, previous, committed = admitted
+        staging_start = time.perf_counter()
         host_ready, gpu_ready = self.capturer.capture(flat.tensors, admission, self.guard)
+        metrics.staging_ms = (time.perf_counter() - staging_start) * 1e3
         layout = self.capturer.layout
         metrics.nbytes = layout.nbytes
         metrics.chunks = len(layout.chunks)
@@ -369,6 +376,7 @@ class Checkpointer:
         core.check_can_checkpoint(step)
         metrics = CheckpointMetrics(step)
         flat = core.flatten()
+        metrics.state_dict_ms = (time.perf_counter() - started) * 1e3
         if core.needs_new_layout(flat):
             await core.runtime.run(core.pipeline.drain())
             core.build_layout(flat)
@@ -467,6 +475,7 @@ class SyncCheckpointer:
         core.check_can_checkpoint(step)
         metrics = CheckpointMetrics(step)
         flat = core.flatten()
+        metrics.state_dict_ms = (time.perf_counter() - started) * 1e3
         if core.needs_new_layout(flat):
             core.runtime.run_sync(core.pipeline.drain())
             core.build_layout(flat)

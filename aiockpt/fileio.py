@@ -7,6 +7,7 @@ time per byte.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
@@ -73,14 +74,19 @@ def write_file_atomically(path: str, payload: bytes, *, durable: bool) -> None:
     temporary = f"{path}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        view = memoryview(payload)
-        written = 0
-        while written < len(view):
-            written += os.write(fd, view[written:])
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+        try:
+            view = memoryview(payload)
+            written = 0
+            while written < len(view):
+                written += os.write(fd, view[written:])
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # e.g. ENOSPC: leave no half-written file behind
+            os.unlink(temporary)
+        raise
     if durable:
         fsync_directory(os.path.dirname(path) or ".")

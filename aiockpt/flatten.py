@@ -64,11 +64,12 @@ class FlatState:
 
 def _alias_key(tensor: torch.Tensor) -> tuple[object, ...]:
     # data_ptr() already includes the storage offset: two tensors with the same pointer,
-    # shape, strides and dtype are the same view. Empty tensors all point at 0, so they
-    # alias only when they are the same object.
-    if tensor.numel() == 0:
+    # shape, strides and dtype are the same view (CUDA's unified addressing keeps host and
+    # device pointers apart). Empty tensors point at 0: they alias only with themselves.
+    pointer = tensor.data_ptr()
+    if pointer == 0:
         return ("empty", id(tensor))
-    return (tensor.device, tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype)
+    return (pointer, tensor.dtype, tensor.shape, tensor.stride())
 
 
 def _check_tensor(tensor: torch.Tensor, path: str) -> None:
@@ -99,7 +100,7 @@ class _Flattener:
         if index is None:
             index = len(self.tensors)
             self._index[key] = index
-            self.tensors.append(tensor.detach())
+            self.tensors.append(tensor.detach() if tensor.requires_grad else tensor)
             name = path
             while name in self._used_names:  # keys like "a/b" vs nested a -> b collide
                 name += "#"

@@ -19,6 +19,8 @@ class CheckpointMetrics:
     chunks: int = 0
     skipped: bool = False
     capture_ms: float = 0.0
+    state_dict_ms: float = 0.0  # calling state_dict() and flattening, inside capture_ms
+    staging_ms: float = 0.0  # issuing the copies into staging memory, inside capture_ms
     queue_wait_ms: float = 0.0
     copy_seconds: float = 0.0
     write_seconds: float = 0.0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import re
 import secrets
@@ -36,6 +37,8 @@ LOCK_NAME = ".aiockpt.lock"
 LATEST_NAME = "latest"
 _STEP_DIR = re.compile(r"step-(\d{1,19})")
 _TEMPORARY_PREFIXES = (".tmp-", ".trash-")
+
+logger = logging.getLogger("aiockpt")
 
 
 @dataclass(frozen=True)
@@ -110,10 +113,14 @@ class CheckpointStore:
                     "give each run its own checkpoint directory, or stop the other writer"
                 ) from exc
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
-        self._recover()
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)  # ENOSPC on a full disk
+            self._recover()
+        except BaseException:
+            self.close()  # a failed open must not keep the lock (or the mount) busy
+            raise
 
     def close(self) -> None:
         if self._lock_fd is not None:
@@ -173,7 +180,14 @@ class CheckpointStore:
             fsync_directory(str(self.root))
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
-        self.point_latest(final.name)
+        try:
+            self.point_latest(final.name)
+        except OSError as exc:
+            # Committed and durable already; `latest` is only a hint for tools, so a disk
+            # too full for it must not report this checkpoint as failed (nor stop retention).
+            logger.warning(
+                "aiockpt: %s is committed, but %s was not updated: %s", final, LATEST_NAME, exc
+            )
         return final
 
     def point_latest(self, name: str) -> None:
