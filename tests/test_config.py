@@ -159,7 +159,7 @@ def test_boundaries_accepted() -> None:
 
 
 def test_chunk_size_and_count_exclusive() -> None:
-    with pytest.raises(ConfigError, match="chunk_size_mb = 64.0 and chunk_count = 8"):
+    with pytest.raises(ConfigError, match=r"chunk_size_mb = 64\.0 and chunk_count = 8"):
         Config(chunk_size_mb=64, chunk_count=8)
     with pytest.raises(ConfigError, match="chunk_count"):
         Config(chunk_count=8).replace(chunk_size_mb=1)
