@@ -34,11 +34,11 @@ from .errors import (
     RestoreError,
 )
 from .flatten import FlatState, flatten_state
-from .layout import ALIGNMENT, describe, layout_signature, plan_layout
+from .layout import ALIGNMENT, describe, layout_signature, plan_layout, plan_layout_for_count
 from .memory import StagingMemory
 from .metrics import CheckpointerStats, CheckpointMetrics
 from .pipeline import Pipeline, _Job
-from .reader import LoadedCheckpoint, read_checkpoint
+from .reader import read_checkpoint
 from .runtime import CallerLoop, MonitorLoop, PrivateLoop, Runtime
 from .staging import CaptureGuard, Capturer, Snapshot, choose_staging
 from .stateful import Stateful
@@ -221,8 +221,11 @@ class _Core:
 
     def build_layout(self, flat: FlatState) -> None:
         """Plan chunks and size staging memory; only called with nothing in flight."""
-        chunk_bytes = self.config.chunk_bytes(_aligned_total(flat))
-        layout = plan_layout(flat.tensors, flat.names, chunk_bytes)
+        if self.config.chunk_count is not None:
+            layout = plan_layout_for_count(flat.tensors, flat.names, self.config.chunk_count)
+        else:
+            chunk_bytes = self.config.chunk_bytes(_aligned_total(flat))
+            layout = plan_layout(flat.tensors, flat.names, chunk_bytes)
         modes = {}
         for device in layout.devices:
             start, end = layout.device_span(device)
@@ -290,20 +293,22 @@ class _Core:
             )
         return chosen
 
-    async def read(self, info: CheckpointInfo) -> LoadedCheckpoint:
+    async def read(self, info: CheckpointInfo) -> dict[str, Any]:
+        """Read, verify and decode one checkpoint off the loop; corrupt ones raise here."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            None, lambda: read_checkpoint(info.path, threads=self.config.num_threads)
-        )
+        return await loop.run_in_executor(None, self._read_state, info)
 
-    def apply(self, loaded: LoadedCheckpoint) -> None:
+    def _read_state(self, info: CheckpointInfo) -> dict[str, Any]:
+        loaded = read_checkpoint(info.path, threads=self.config.num_threads)
         missing = [name for name in self.objects if name not in loaded.manifest.state]
         if missing:
             raise RestoreError(
                 f"{loaded.path} has no state for {missing} (it holds "
                 f"{sorted(loaded.manifest.state)}); pass the same keyword names that saved it"
             )
-        state = loaded.state("cpu", keys=list(self.objects))
+        return loaded.state("cpu", keys=list(self.objects))
+
+    def apply(self, state: dict[str, Any]) -> None:
         for name, obj in self.objects.items():
             obj.load_state_dict(state[name])
 
@@ -406,13 +411,13 @@ class Checkpointer:
         tried: list[str] = []
         for info in core.candidates(step):
             try:
-                loaded = await core.runtime.run(core.read(info))
+                state = await core.runtime.run(core.read(info))
             except CorruptCheckpointError as error:
                 if step is not None:
                     raise
                 core.corrupt(info, error, tried)
                 continue
-            core.apply(loaded)
+            core.apply(state)
             return info.step
         _no_valid_checkpoint(core, tried)
         return None
@@ -503,13 +508,13 @@ class SyncCheckpointer:
         tried: list[str] = []
         for info in core.candidates(step):
             try:
-                loaded = core.runtime.run_sync(core.read(info))
+                state = core.runtime.run_sync(core.read(info))
             except CorruptCheckpointError as error:
                 if step is not None:
                     raise
                 core.corrupt(info, error, tried)
                 continue
-            core.apply(loaded)
+            core.apply(state)
             return info.step
         _no_valid_checkpoint(core, tried)
         return None

@@ -231,7 +231,7 @@ def _decode_tagged(node: dict[str, Any], tensor_at: TensorSource) -> Any:
     if tag == "$float":
         return float(payload)
     if tag == "$bytes":
-        return base64.b64decode(payload)
+        return base64.b64decode(payload, validate=True)
     if tag == "$dtype":
         dtype = dtype_from_name(payload)
         if dtype is None:

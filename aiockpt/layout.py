@@ -125,6 +125,30 @@ def plan_layout(tensors: list[torch.Tensor], names: list[str], chunk_bytes: int)
     )
 
 
+def plan_layout_for_count(tensors: list[torch.Tensor], names: list[str], count: int) -> Layout:
+    """The layout with the smallest chunk size that needs at most ``count`` chunks.
+
+    Chunks start at tensor boundaries, so total / count is only a lower bound on the chunk
+    size; a binary search over sizes (a few dozen cheap plans, once per layout) finds the
+    smallest one that keeps the promise. Chunks never mix devices, so the count is at
+    least the number of devices.
+    """
+    total = sum(_align(t.numel() * t.element_size()) for t in tensors)
+    low = max(_align(-(-total // max(count, 1))), ALIGNMENT)
+    high = max(_align(total), ALIGNMENT)
+    best = plan_layout(tensors, names, high)
+    while low < high:
+        middle = _align((low + high) // 2)
+        if middle >= high:
+            break
+        layout = plan_layout(tensors, names, middle)
+        if len(layout.chunks) <= count:
+            best, high = layout, middle
+        else:
+            low = middle + ALIGNMENT
+    return best
+
+
 def _device_rank(tensors: list[torch.Tensor]):  # type: ignore[no-untyped-def]
     first_seen: dict[torch.device, int] = {}
     for tensor in tensors:

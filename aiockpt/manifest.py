@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import crc32c
 import torch
 
 from .errors import CorruptCheckpointError
@@ -42,7 +43,7 @@ MAX_NDIM = 64
 MAX_NAME_CHARS = 4096
 MAX_TENSOR_BYTES = 2**48
 MAX_SKELETON_DEPTH = 512
-DATA_FILE_PATTERN = re.compile(r"data-r\d{5}-c\d{5}\.bin")
+DATA_FILE_PATTERN = re.compile(r"data-r\d{5,9}-c\d{5,9}\.bin")
 _SKELETON_TAGS = {"$tuple", "$dict", "$float", "$bytes", "$dtype", "$odict", "$npscalar"}
 
 
@@ -98,12 +99,19 @@ class Manifest:
             "tensors": [_tensor_json(t) for t in self.tensors],
             "state": self.state,
         }
+        document["manifest_crc32c"] = crc32c.crc32c(_canonical(document))
         return json.dumps(document, allow_nan=False, separators=(",", ":")).encode()
 
     @classmethod
     def parse(cls, raw: bytes, where: str) -> Manifest:
         """Validate and decode a manifest; any flaw is a CorruptCheckpointError."""
         return _Parser(where).manifest(raw)
+
+
+def _canonical(document: dict[str, Any]) -> bytes:
+    # json.dumps of what json.loads gave back reproduces the same text (key order kept,
+    # floats round-trip through repr), so the writer and a reader checksum the same bytes.
+    return json.dumps(document, allow_nan=False, separators=(",", ":")).encode()
 
 
 def _tensor_json(t: TensorRecord) -> dict[str, Any]:
@@ -139,6 +147,11 @@ class _Parser:
         doc = self.mapping(doc, "manifest")
         if doc.get("format") != FORMAT_NAME:
             raise self.fail(f"not an {FORMAT_NAME} manifest (format = {doc.get('format')!r})")
+        # Tensor bytes have their own checksums; this one covers everything the manifest
+        # says itself, the non-tensor state (learning rates, counters, RNG) included.
+        recorded = doc.pop("manifest_crc32c", None)
+        if recorded != crc32c.crc32c(_canonical(doc)):
+            raise self.fail("manifest fails its crc32c checksum (manifest_crc32c)")
         version = self.integer(doc.get("format_version"), "format_version", 1, 2**31)
         if version > FORMAT_VERSION:
             raise self.fail(
@@ -213,10 +226,16 @@ class _Parser:
         return tuple(records)
 
     def tensors(self, value: Any, sizes: Mapping[str, int]) -> tuple[TensorRecord, ...]:
-        return tuple(
+        records = tuple(
             self.tensor(i, entry, sizes)
             for i, entry in enumerate(self.sequence(value, "tensors", MAX_TENSORS))
         )
+        # Pieces may not overlap, so tensors can never claim more bytes than the files
+        # hold: a reader allocates at most what is on disk.
+        claimed, held = sum(t.nbytes for t in records), sum(sizes.values())
+        if claimed > held:
+            raise self.fail(f"tensors claim {claimed} bytes but the data files hold {held}")
+        return records
 
     def tensor(self, i: int, entry: Any, sizes: Mapping[str, int]) -> TensorRecord:
         entry = self.mapping(entry, f"tensors[{i}]")

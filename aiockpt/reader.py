@@ -8,6 +8,7 @@ directory nor make the reader allocate more than the files hold.
 
 from __future__ import annotations
 
+import binascii
 import os
 import stat
 from collections.abc import Callable, Iterable
@@ -23,6 +24,7 @@ from .fileio import checksum, read_exact
 from .flatten import unflatten_state
 from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, TensorRecord
 from .memory import byte_view
+from .store import parse_step_dir
 
 __all__ = ["LoadedCheckpoint", "load", "read_checkpoint", "read_manifest"]
 
@@ -91,7 +93,12 @@ class LoadedCheckpoint:
             return tensor
 
         wanted = self.manifest.state.keys() if keys is None else keys
-        return {k: unflatten_state(self.manifest.state[k], tensor_at) for k in wanted}
+        try:
+            return {k: unflatten_state(self.manifest.state[k], tensor_at) for k in wanted}
+        except (ValueError, TypeError, KeyError, IndexError, binascii.Error) as exc:
+            raise CorruptCheckpointError(
+                f"{self.path / MANIFEST_NAME}: its state cannot be decoded ({exc})"
+            ) from exc
 
 
 def read_checkpoint(
@@ -107,6 +114,11 @@ def read_checkpoint(
     """
     path = Path(directory)
     manifest = read_manifest(path)
+    named_step = parse_step_dir(path.name)
+    if named_step is not None and named_step != manifest.step:
+        raise CorruptCheckpointError(
+            f"{path}: directory says step {named_step} but its manifest says {manifest.step}"
+        )
     wanted = [i for i, t in enumerate(manifest.tensors) if select is None or select(t)]
     loaded = LoadedCheckpoint(manifest, path, {})
     fds: dict[str, int] = {}

@@ -208,7 +208,7 @@ def after_random_delay(seed: int) -> Callable[[Child, Path], str]:
 
 def during_retention(seed: int) -> Callable[[Child, Path], str]:
     """After a seeded delay, kill the moment a checkpoint is being deleted (``.trash-``)."""
-    delay = random.Random(seed).uniform(0.0, 1.0)
+    delay = random.Random(seed).uniform(0.0, 0.6)
 
     def trigger(child: Child, directory: Path) -> str:
         time.sleep(delay)
