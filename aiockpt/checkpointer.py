@@ -162,7 +162,7 @@ class _Core:
         self.closed = False
         self._failures: list[_Failure] = []
         self._lock = threading.Lock()
-        self._steps_in_flight: set[int] = set()
+        self._in_flight: dict[int, AnyFuture] = {}
 
     # -- failures --------------------------------------------------------------------------
     def failure_for(self, step: int, exc: BaseException) -> _Failure:
@@ -175,14 +175,23 @@ class _Core:
             return failure
 
     def raise_failures(self) -> None:
+        # A future is done a moment before its done-callback registers the failure; look
+        # at the futures themselves so the very next call reports it.
+        for step, future in list(self._in_flight.items()):
+            if future.done() and not future.cancelled() and future.exception() is not None:
+                failure = self.failure_for(step, future.exception())  # type: ignore[arg-type]
+                if self.config.on_error == "warn":
+                    failure.reported = True
         with self._lock:
+            # Failures stay listed once reported, so a late done-callback finds them seen.
             pending = [f for f in self._failures if not f.reported]
-            self._failures = []
+            for failure in pending[1:]:
+                failure.reported = True
         if pending and self.config.on_error == "raise":
             raise pending[0].as_error()
 
     def _on_done(self, step: int, metrics: CheckpointMetrics, future: AnyFuture) -> None:
-        self._steps_in_flight.discard(step)
+        self._in_flight.pop(step, None)
         if future.cancelled():
             return
         error = future.exception()
@@ -204,7 +213,7 @@ class _Core:
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         self.raise_failures()
-        if step in self._steps_in_flight:
+        if step in self._in_flight and not self._in_flight[step].done():
             raise CheckpointInProgressError(
                 f"a checkpoint of step {step} is still in flight; await its handle first "
                 "or use a new step number"
@@ -276,7 +285,7 @@ class _Core:
 
     def started(self, step: int, metrics: CheckpointMetrics, future: AnyFuture) -> None:
         self.stats.requested += 1
-        self._steps_in_flight.add(step)
+        self._in_flight[step] = future
         future.add_done_callback(lambda f: self._on_done(step, metrics, f))
 
     # -- restore -----------------------------------------------------------------------------
@@ -384,6 +393,7 @@ class Checkpointer:
         metrics.state_dict_ms = (time.perf_counter() - started) * 1e3
         if core.needs_new_layout(flat):
             await core.runtime.run(core.pipeline.drain())
+            core.raise_failures()  # what the drain just saw fail
             core.build_layout(flat)
         assert core.capturer is not None
         wait_start = time.perf_counter()
@@ -483,6 +493,7 @@ class SyncCheckpointer:
         metrics.state_dict_ms = (time.perf_counter() - started) * 1e3
         if core.needs_new_layout(flat):
             core.runtime.run_sync(core.pipeline.drain())
+            core.raise_failures()  # what the drain just saw fail
             core.build_layout(flat)
         assert core.capturer is not None
         wait_start = time.perf_counter()
