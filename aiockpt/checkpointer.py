@@ -14,18 +14,17 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from ._version import __version__
 from .config import Config
 from .errors import (
-    AiockptError,
     BackgroundError,
     CheckpointError,
     CheckpointInProgressError,
@@ -42,13 +41,14 @@ from .reader import read_checkpoint
 from .runtime import CallerLoop, MonitorLoop, PrivateLoop, Runtime
 from .staging import CaptureGuard, Capturer, Snapshot, choose_staging
 from .stateful import Stateful
-from .store import CheckpointInfo, CheckpointStore, list_checkpoints, parse_step_dir
+from .store import CheckpointInfo, CheckpointStore, list_checkpoints
 
 __all__ = ["CheckpointHandle", "Checkpointer", "SyncCheckpointHandle", "SyncCheckpointer"]
 
 logger = logging.getLogger("aiockpt")
 
 AnyFuture = concurrent.futures.Future[Path] | asyncio.Future[Path]
+T = TypeVar("T")
 
 
 @dataclass
@@ -339,32 +339,111 @@ def _aligned_total(flat: FlatState) -> int:
     return sum(-(-t.numel() * t.element_size() // ALIGNMENT) * ALIGNMENT for t in flat.tensors)
 
 
-def _skipped(core: _Core, step: int, metrics: CheckpointMetrics) -> None:
-    metrics.skipped = True
-    core.stats.skipped += 1
-    if core.config.verbose:
-        logger.info("aiockpt: %s", metrics.summary())
+Bridge = Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]]
 
 
-def _no_valid_checkpoint(core: _Core, tried: list[str]) -> None:
+class _Ready:
+    """An awaitable whose value is already there: awaiting it never suspends.
+
+    The sync front-end runs the same operation coroutines as the async one, with a bridge
+    that blocks on the runtime and hands back _Ready values, so one body serves both.
+    """
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self.value
+        yield  # a generator that returns at once
+
+
+def _drive(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that only awaits _Ready values, on the caller's thread."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coro.close()
+    raise RuntimeError("aiockpt: a blocking call tried to suspend")
+
+
+async def _checkpoint(
+    core: _Core, step: int, block: bool | None, bridge: Bridge
+) -> tuple[CheckpointMetrics, AnyFuture | None]:
+    started = time.perf_counter()
+    core.check_can_checkpoint(step)
+    metrics = CheckpointMetrics(step)
+    flat = core.flatten()
+    metrics.state_dict_ms = (time.perf_counter() - started) * 1e3
+    if core.needs_new_layout(flat):
+        await bridge(core.pipeline.drain())
+        core.raise_failures()  # what the drain just saw fail
+        core.build_layout(flat)
+    assert core.capturer is not None
+    wait_start = time.perf_counter()
+    block = core.config.on_backpressure == "block" if block is None else block
+    admitted = await bridge(core.pipeline.admit(core.capturer, block=block))
+    metrics.queue_wait_ms = (time.perf_counter() - wait_start) * 1e3
+    if admitted is None:
+        metrics.skipped = True
+        core.stats.skipped += 1
+        if core.config.verbose:
+            logger.info("aiockpt: %s", metrics.summary())
+        return metrics, None
+    job = core.capture(step, flat, admitted, metrics)
+    metrics.capture_ms = (time.perf_counter() - started) * 1e3
+    future = core.runtime.submit(_start(core.pipeline, job))
+    core.started(step, metrics, future)
+    return metrics, future
+
+
+async def _wait(core: _Core, bridge: Bridge) -> None:
+    await bridge(core.pipeline.drain())
+    core.raise_failures()
+
+
+async def _restore(core: _Core, step: int | None, bridge: Bridge) -> int | None:
+    await bridge(core.pipeline.drain())
+    tried: list[str] = []
+    for info in core.candidates(step):
+        try:
+            state = await bridge(core.read(info))
+        except CorruptCheckpointError as error:
+            if step is not None:
+                raise
+            core.corrupt(info, error, tried)
+            continue
+        core.apply(state)
+        return info.step
     if tried:
         raise CorruptCheckpointError(
             f"every checkpoint in {core.config.directory} failed verification:\n  "
             + "\n  ".join(tried)
         )
+    return None
 
 
-class Checkpointer:
-    """Asynchronous checkpoints of any Stateful objects, given as keyword arguments.
+async def _close(core: _Core, bridge: Bridge) -> None:
+    if core.closed:
+        return
+    try:
+        await bridge(core.pipeline.drain())
+    finally:
+        core.close_resources()
+    core.raise_failures()
 
-    >>> ckpt = aiockpt.Checkpointer(cfg, model=model, optimizer=opt, rng=aiockpt.RNGState())
-    >>> handle = await ckpt.checkpoint(step)   # returns once captured
-    >>> await handle                           # durable
-    """
 
-    def __init__(self, config: Config | None = None, /, **stateful: Any) -> None:
+async def _start(pipeline: Pipeline, job: _Job) -> Path:
+    return await pipeline.start(job)
+
+
+class _FrontEnd:
+    def __init__(self, config: Config | None, stateful: Mapping[str, Any], sync: bool) -> None:
         config = config or Config()
-        runtime: Runtime = MonitorLoop() if config.use_monitor else CallerLoop()
+        if config.use_monitor:
+            runtime: Runtime = MonitorLoop()
+        else:
+            runtime = PrivateLoop() if sync else CallerLoop()
         try:
             self._core = _Core(config, stateful, runtime)
         except BaseException:
@@ -379,69 +458,38 @@ class Checkpointer:
     def stats(self) -> CheckpointerStats:
         return self._core.stats
 
+
+class Checkpointer(_FrontEnd):
+    """Asynchronous checkpoints of any Stateful objects, given as keyword arguments.
+
+    >>> ckpt = aiockpt.Checkpointer(cfg, model=model, optimizer=opt, rng=aiockpt.RNGState())
+    >>> handle = await ckpt.checkpoint(step)   # returns once captured
+    >>> await handle                           # durable
+    """
+
+    def __init__(self, config: Config | None = None, /, **stateful: Any) -> None:
+        super().__init__(config, stateful, sync=False)
+
     async def checkpoint(self, step: int, *, block: bool | None = None) -> CheckpointHandle:
         """Capture the state now and persist it in the background.
 
         Returns once the snapshot is exact (training may change tensors right after).
         ``block`` overrides on_backpressure for this call.
         """
-        core = self._core
-        started = time.perf_counter()
-        core.check_can_checkpoint(step)
-        metrics = CheckpointMetrics(step)
-        flat = core.flatten()
-        metrics.state_dict_ms = (time.perf_counter() - started) * 1e3
-        if core.needs_new_layout(flat):
-            await core.runtime.run(core.pipeline.drain())
-            core.raise_failures()  # what the drain just saw fail
-            core.build_layout(flat)
-        assert core.capturer is not None
-        wait_start = time.perf_counter()
-        block = core.config.on_backpressure == "block" if block is None else block
-        admitted = await core.runtime.run(core.pipeline.admit(core.capturer, block=block))
-        metrics.queue_wait_ms = (time.perf_counter() - wait_start) * 1e3
-        if admitted is None:
-            _skipped(core, step, metrics)
-            return CheckpointHandle(core, step, metrics, None)
-        job = core.capture(step, flat, admitted, metrics)
-        metrics.capture_ms = (time.perf_counter() - started) * 1e3
-        future = core.runtime.submit(_start(core.pipeline, job))
-        core.started(step, metrics, future)
-        return CheckpointHandle(core, step, metrics, future)
+        metrics, future = await _checkpoint(self._core, step, block, self._core.runtime.run)
+        return CheckpointHandle(self._core, step, metrics, future)
 
     async def wait(self) -> None:
         """Wait for every checkpoint in flight; re-raise a background failure."""
-        await self._core.runtime.run(self._core.pipeline.drain())
-        self._core.raise_failures()
+        await _wait(self._core, self._core.runtime.run)
 
     async def restore(self, step: int | None = None) -> int | None:
         """Load the newest valid checkpoint (or ``step``) into the objects; its step or None."""
-        core = self._core
-        await core.runtime.run(core.pipeline.drain())
-        tried: list[str] = []
-        for info in core.candidates(step):
-            try:
-                state = await core.runtime.run(core.read(info))
-            except CorruptCheckpointError as error:
-                if step is not None:
-                    raise
-                core.corrupt(info, error, tried)
-                continue
-            core.apply(state)
-            return info.step
-        _no_valid_checkpoint(core, tried)
-        return None
+        return await _restore(self._core, step, self._core.runtime.run)
 
     async def close(self) -> None:
         """Drain what is in flight, release memory, threads and the directory lock."""
-        core = self._core
-        if core.closed:
-            return
-        try:
-            await core.runtime.run(core.pipeline.drain())
-        finally:
-            core.close_resources()
-        core.raise_failures()
+        await _close(self._core, self._core.runtime.run)
 
     async def __aenter__(self) -> Checkpointer:
         return self
@@ -455,11 +503,7 @@ class Checkpointer:
         await self.close()
 
 
-async def _start(pipeline: Pipeline, job: _Job) -> Path:
-    return await pipeline.start(job)
-
-
-class SyncCheckpointer:
+class SyncCheckpointer(_FrontEnd):
     """The same checkpoints from plain (non-async) scripts: every call blocks the caller
     only as long as the async version would be awaited.
 
@@ -468,77 +512,23 @@ class SyncCheckpointer:
     """
 
     def __init__(self, config: Config | None = None, /, **stateful: Any) -> None:
-        config = config or Config()
-        runtime: Runtime = MonitorLoop() if config.use_monitor else PrivateLoop()
-        try:
-            self._core = _Core(config, stateful, runtime)
-        except BaseException:
-            runtime.close()
-            raise
+        super().__init__(config, stateful, sync=True)
 
-    @property
-    def config(self) -> Config:
-        return self._core.config
-
-    @property
-    def stats(self) -> CheckpointerStats:
-        return self._core.stats
+    def _bridge(self, coro: Coroutine[Any, Any, Any]) -> _Ready:
+        return _Ready(self._core.runtime.run_sync(coro))
 
     def checkpoint(self, step: int, *, block: bool | None = None) -> SyncCheckpointHandle:
-        core = self._core
-        started = time.perf_counter()
-        core.check_can_checkpoint(step)
-        metrics = CheckpointMetrics(step)
-        flat = core.flatten()
-        metrics.state_dict_ms = (time.perf_counter() - started) * 1e3
-        if core.needs_new_layout(flat):
-            core.runtime.run_sync(core.pipeline.drain())
-            core.raise_failures()  # what the drain just saw fail
-            core.build_layout(flat)
-        assert core.capturer is not None
-        wait_start = time.perf_counter()
-        block = core.config.on_backpressure == "block" if block is None else block
-        admitted = core.runtime.run_sync(core.pipeline.admit(core.capturer, block=block))
-        metrics.queue_wait_ms = (time.perf_counter() - wait_start) * 1e3
-        if admitted is None:
-            _skipped(core, step, metrics)
-            return SyncCheckpointHandle(core, step, metrics, None)
-        job = core.capture(step, flat, admitted, metrics)
-        metrics.capture_ms = (time.perf_counter() - started) * 1e3
-        future = core.runtime.submit(_start(core.pipeline, job))
-        core.started(step, metrics, future)
-        return SyncCheckpointHandle(core, step, metrics, future)
+        metrics, future = _drive(_checkpoint(self._core, step, block, self._bridge))
+        return SyncCheckpointHandle(self._core, step, metrics, future)
 
     def wait(self) -> None:
-        self._core.runtime.run_sync(self._core.pipeline.drain())
-        self._core.raise_failures()
+        _drive(_wait(self._core, self._bridge))
 
     def restore(self, step: int | None = None) -> int | None:
-        core = self._core
-        core.runtime.run_sync(core.pipeline.drain())
-        tried: list[str] = []
-        for info in core.candidates(step):
-            try:
-                state = core.runtime.run_sync(core.read(info))
-            except CorruptCheckpointError as error:
-                if step is not None:
-                    raise
-                core.corrupt(info, error, tried)
-                continue
-            core.apply(state)
-            return info.step
-        _no_valid_checkpoint(core, tried)
-        return None
+        return _drive(_restore(self._core, step, self._bridge))
 
     def close(self) -> None:
-        core = self._core
-        if core.closed:
-            return
-        try:
-            core.runtime.run_sync(core.pipeline.drain())
-        finally:
-            core.close_resources()
-        core.raise_failures()
+        _drive(_close(self._core, self._bridge))
 
     def __enter__(self) -> SyncCheckpointer:
         return self
@@ -550,7 +540,3 @@ class SyncCheckpointer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-# Keep the names importable for type checkers of user code.
-_ = (AiockptError, parse_step_dir)
