@@ -65,11 +65,24 @@ class FlatState:
 def _alias_key(tensor: torch.Tensor) -> tuple[object, ...]:
     # data_ptr() already includes the storage offset: two tensors with the same pointer,
     # shape, strides and dtype are the same view (CUDA's unified addressing keeps host and
-    # device pointers apart). Empty tensors point at 0: they alias only with themselves.
-    pointer = tensor.data_ptr()
-    if pointer == 0:
-        return ("empty", id(tensor))
-    return (pointer, tensor.dtype, tensor.shape, tensor.stride())
+    # device pointers apart).
+    return (tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride())
+
+
+def _plain_keys(mapping: dict[Any, Any]) -> bool:
+    """Whether a dict's keys are all strings without the tag prefix (memoized by key set:
+    state_dicts repeat the same keys at every checkpoint)."""
+    keys = tuple(mapping)
+    known = _PLAIN_KEYS_SEEN.get(keys)
+    if known is None:
+        known = all(type(k) is str and not k.startswith("$") for k in keys)
+        if len(_PLAIN_KEYS_SEEN) > 4096:
+            _PLAIN_KEYS_SEEN.clear()
+        _PLAIN_KEYS_SEEN[keys] = known
+    return known
+
+
+_PLAIN_KEYS_SEEN: dict[tuple[Any, ...], bool] = {}
 
 
 def _check_tensor(tensor: torch.Tensor, path: str) -> None:
@@ -89,23 +102,29 @@ class _Flattener:
     def __init__(self) -> None:
         self.tensors: list[torch.Tensor] = []
         self.names: list[str] = []
-        self._index: dict[tuple[object, ...], int] = {}
+        # Tensors by data pointer: the full alias key is compared only on a pointer hit,
+        # which keeps the common case (no aliasing) to one int lookup per tensor.
+        self._by_pointer: dict[int, list[int]] = {}
         self._used_names: set[str] = set()
 
     def tensor_ref(self, tensor: torch.Tensor, path: str) -> dict[str, int]:
+        pointer = tensor.data_ptr()
+        seen = self._by_pointer.get(pointer) if pointer else None
+        if seen is not None:
+            for index in seen:
+                if _alias_key(self.tensors[index]) == _alias_key(tensor):
+                    return {TENSOR_TAG: index}
         if tensor.layout is not torch.strided or tensor.is_quantized or tensor.is_meta:
             _check_tensor(tensor, path)
-        key = _alias_key(tensor)
-        index = self._index.get(key)
-        if index is None:
-            index = len(self.tensors)
-            self._index[key] = index
-            self.tensors.append(tensor.detach() if tensor.requires_grad else tensor)
-            name = path
-            while name in self._used_names:  # keys like "a/b" vs nested a -> b collide
-                name += "#"
-            self._used_names.add(name)
-            self.names.append(name)
+        index = len(self.tensors)
+        if pointer:  # empty tensors all point at 0 and alias nothing
+            self._by_pointer.setdefault(pointer, []).append(index)
+        self.tensors.append(tensor.detach() if tensor.requires_grad else tensor)
+        name = path
+        while name in self._used_names:  # keys like "a/b" vs nested a -> b collide
+            name += "#"
+        self._used_names.add(name)
+        self.names.append(name)
         return {TENSOR_TAG: index}
 
     def encode(self, value: Any, path: str) -> Any:
@@ -116,7 +135,7 @@ class _Flattener:
             return self.tensor_ref(value, path)
         if kind in _PLAIN_LEAVES or (kind is float and math.isfinite(value)):
             return value
-        if kind is dict and all(type(k) is str and not k.startswith("$") for k in value):
+        if kind is dict and _plain_keys(value):
             return {k: self.encode(v, f"{path}/{k}") for k, v in value.items()}
         if kind is list:
             return [self.encode(v, f"{path}/{i}") for i, v in enumerate(value)]
@@ -154,7 +173,7 @@ class _Flattener:
     def _encode_mapping(self, value: Mapping[Any, Any], path: str) -> Any:
         # Any "$" key goes the tagged way: a plain dict whose first key merely looks like a
         # tag (e.g. "$price") would otherwise be rejected as an unknown tag on load.
-        plain = all(isinstance(k, str) and not k.startswith("$") for k in value)
+        plain = _plain_keys(value)
         if plain:
             encoded: Any = {k: self.encode(v, f"{path}/{k}") for k, v in value.items()}
         else:
