@@ -12,9 +12,10 @@ import asyncio
 import concurrent.futures
 import logging
 import math
+import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -33,11 +34,13 @@ from .errors import (
     RestoreError,
 )
 from .flatten import FlatState, flatten_state
+from .layers import tensor_layers
 from .layout import ALIGNMENT, describe, layout_signature, plan_layout, plan_layout_for_count
+from .manifest import TensorRecord
 from .memory import StagingMemory
 from .metrics import CheckpointerStats, CheckpointMetrics
 from .pipeline import Pipeline, _Job
-from .reader import read_checkpoint
+from .reader import TensorFilter, read_checkpoint, read_manifest, tensor_filter
 from .runtime import CallerLoop, MonitorLoop, PrivateLoop, Runtime
 from .staging import CaptureGuard, Capturer, Snapshot, choose_staging
 from .stateful import Stateful
@@ -66,6 +69,31 @@ class _Failure:
         )
         error.__cause__ = self.error
         return error
+
+
+@dataclass(frozen=True)
+class _RestoreRequest:
+    """Which objects a restore loads, and which of them only in part (by layer)."""
+
+    names: list[str]
+    partial: set[str]
+    layers: str | None
+
+    def select(self) -> TensorFilter | None:
+        if self.layers is None:
+            return tensor_filter(self.names, None)
+        pattern = re.compile(self.layers)
+        names = set(self.names)
+
+        def accept(record: TensorRecord) -> bool:
+            key = record.name.split("/", 1)[0]
+            if key not in names:
+                return False
+            if key not in self.partial or record.layer is None:
+                return True  # non-module objects are restored whole
+            return pattern.search(record.layer) is not None
+
+        return accept
 
 
 class _HandleBase:
@@ -158,7 +186,7 @@ class _Core:
         self.stats = CheckpointerStats()
         self.versions = {"aiockpt": __version__, "torch": torch.__version__}
         self.capturer: Capturer | None = None
-        self.names: list[str] = []
+        self.layers: list[str | None] = []
         self.closed = False
         self._failures: list[_Failure] = []
         self._lock = threading.Lock()
@@ -230,11 +258,14 @@ class _Core:
 
     def build_layout(self, flat: FlatState) -> None:
         """Plan chunks and size staging memory; only called with nothing in flight."""
+        layers = tensor_layers(self.objects, flat.names)
         if self.config.chunk_count is not None:
-            layout = plan_layout_for_count(flat.tensors, flat.names, self.config.chunk_count)
+            layout = plan_layout_for_count(
+                flat.tensors, flat.names, self.config.chunk_count, layers
+            )
         else:
             chunk_bytes = self.config.chunk_bytes(_aligned_total(flat))
-            layout = plan_layout(flat.tensors, flat.names, chunk_bytes)
+            layout = plan_layout(flat.tensors, flat.names, chunk_bytes, layers)
         modes = {}
         for device in layout.devices:
             start, end = layout.device_span(device)
@@ -250,7 +281,7 @@ class _Core:
         if any(mode == "host" for mode in modes.values()):
             self.guard.install(self.objects.values())
         self.capturer = capturer
-        self.names = flat.names
+        self.layers = layers
         if self.config.verbose:
             logger.info("aiockpt: layout %s; staging %s", describe(layout), modes)
             for warning in self.config.queueing_warnings(len(layout.chunks)):
@@ -277,7 +308,7 @@ class _Core:
             capturer=self.capturer,
             metrics=metrics,
             names=flat.names,
-            layers=None,
+            layers=self.layers,
             versions=self.versions,
             previous_commit=previous,
             committed=committed,
@@ -302,24 +333,43 @@ class _Core:
             )
         return chosen
 
-    async def read(self, info: CheckpointInfo) -> dict[str, Any]:
+    async def read(self, info: CheckpointInfo, request: _RestoreRequest) -> dict[str, Any]:
         """Read, verify and decode one checkpoint off the loop; corrupt ones raise here."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self._read_state, info)
+        return await loop.run_in_executor(None, self._read_state, info, request)
 
-    def _read_state(self, info: CheckpointInfo) -> dict[str, Any]:
-        loaded = read_checkpoint(info.path, threads=self.config.num_threads)
-        missing = [name for name in self.objects if name not in loaded.manifest.state]
+    def _read_state(self, info: CheckpointInfo, request: _RestoreRequest) -> dict[str, Any]:
+        manifest = read_manifest(info.path)
+        missing = [name for name in request.names if name not in manifest.state]
         if missing:
             raise RestoreError(
-                f"{loaded.path} has no state for {missing} (it holds "
-                f"{sorted(loaded.manifest.state)}); pass the same keyword names that saved it"
+                f"{info.path} has no state for {missing} (it holds "
+                f"{sorted(manifest.state)}); pass the same keyword names that saved it"
             )
-        return loaded.state("cpu", keys=list(self.objects))
+        loaded = read_checkpoint(
+            info.path, select=request.select(), threads=self.config.num_threads
+        )
+        self.stats.last_restore_bytes = loaded.bytes_read
+        return loaded.state("cpu", keys=request.names)
 
-    def apply(self, state: dict[str, Any]) -> None:
-        for name, obj in self.objects.items():
-            obj.load_state_dict(state[name])
+    def request(self, only: Iterable[str] | None, layers: str | None) -> _RestoreRequest:
+        names = list(self.objects) if only is None else list(only)
+        unknown = [name for name in names if name not in self.objects]
+        if unknown:
+            raise ValueError(f"restore(only=...) names {unknown}; known: {list(self.objects)}")
+        modules = {n for n in names if isinstance(self.objects[n], torch.nn.Module)}
+        if layers is not None and not modules:
+            raise ValueError("restore(layers=...) needs a module among the restored objects")
+        return _RestoreRequest(names, modules if layers is not None else set(), layers)
+
+    def apply(self, state: dict[str, Any], request: _RestoreRequest) -> None:
+        for name in request.names:
+            obj = self.objects[name]
+            if name in request.partial:
+                # Only the matching layers were read; the rest of the module keeps its values.
+                obj.load_state_dict(state[name], strict=False)
+            else:
+                obj.load_state_dict(state[name])
 
     def corrupt(
         self, info: CheckpointInfo, error: CorruptCheckpointError, tried: list[str]
@@ -402,18 +452,21 @@ async def _wait(core: _Core, bridge: Bridge) -> None:
     core.raise_failures()
 
 
-async def _restore(core: _Core, step: int | None, bridge: Bridge) -> int | None:
+async def _restore(
+    core: _Core, step: int | None, only: Iterable[str] | None, layers: str | None, bridge: Bridge
+) -> int | None:
+    request = core.request(only, layers)
     await bridge(core.pipeline.drain())
     tried: list[str] = []
     for info in core.candidates(step):
         try:
-            state = await bridge(core.read(info))
+            state = await bridge(core.read(info, request))
         except CorruptCheckpointError as error:
             if step is not None:
                 raise
             core.corrupt(info, error, tried)
             continue
-        core.apply(state)
+        core.apply(state, request)
         return info.step
     if tried:
         raise CorruptCheckpointError(
@@ -483,9 +536,21 @@ class Checkpointer(_FrontEnd):
         """Wait for every checkpoint in flight; re-raise a background failure."""
         await _wait(self._core, self._core.runtime.run)
 
-    async def restore(self, step: int | None = None) -> int | None:
-        """Load the newest valid checkpoint (or ``step``) into the objects; its step or None."""
-        return await _restore(self._core, step, self._core.runtime.run)
+    async def restore(
+        self,
+        step: int | None = None,
+        *,
+        only: Iterable[str] | None = None,
+        layers: str | None = None,
+    ) -> int | None:
+        """Load the newest valid checkpoint (or ``step``) into the objects; its step or None.
+
+        ``only`` restores some of the objects (e.g. ``["model"]``, without the optimizer);
+        ``layers`` (a regular expression on layer names such as ``"model/blocks\\.[0-3]\\."``)
+        restores only those layers of the modules. Either way only the needed bytes are
+        read (``stats.last_restore_bytes``).
+        """
+        return await _restore(self._core, step, only, layers, self._core.runtime.run)
 
     async def close(self) -> None:
         """Drain what is in flight, release memory, threads and the directory lock."""
@@ -524,8 +589,14 @@ class SyncCheckpointer(_FrontEnd):
     def wait(self) -> None:
         _drive(_wait(self._core, self._bridge))
 
-    def restore(self, step: int | None = None) -> int | None:
-        return _drive(_restore(self._core, step, self._bridge))
+    def restore(
+        self,
+        step: int | None = None,
+        *,
+        only: Iterable[str] | None = None,
+        layers: str | None = None,
+    ) -> int | None:
+        return _drive(_restore(self._core, step, only, layers, self._bridge))
 
     def close(self) -> None:
         _drive(_close(self._core, self._bridge))

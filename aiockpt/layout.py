@@ -96,11 +96,23 @@ def layout_signature(tensors: list[torch.Tensor], chunk_bytes: int) -> tuple[obj
     return (chunk_bytes, *((t.dtype, t.shape, t.device) for t in tensors))
 
 
-def plan_layout(tensors: list[torch.Tensor], names: list[str], chunk_bytes: int) -> Layout:
-    """Place every tensor in the stream and cut the stream into chunks."""
+def plan_layout(
+    tensors: list[torch.Tensor],
+    names: list[str],
+    chunk_bytes: int,
+    groups: list[str | None] | None = None,
+) -> Layout:
+    """Place every tensor in the stream and cut the stream into chunks.
+
+    ``groups`` (the layer of each tensor) keeps the tensors of one layer together, in the
+    order the layers first appear: a layer's parameters and its optimizer state end up
+    side by side, so restoring some layers reads few, contiguous ranges.
+    """
     if chunk_bytes <= 0 or chunk_bytes % ALIGNMENT:
         raise ValueError(f"chunk_bytes must be a positive multiple of {ALIGNMENT}")
-    order = sorted(range(len(tensors)), key=_device_rank(tensors))
+    device_rank = _device_rank(tensors)
+    group_rank = _group_rank(groups)
+    order = sorted(range(len(tensors)), key=lambda i: (device_rank(i), group_rank(i)))
     builder = _ChunkBuilder(chunk_bytes)
     placements: dict[int, TensorPlacement] = {}
     for index in order:
@@ -125,7 +137,12 @@ def plan_layout(tensors: list[torch.Tensor], names: list[str], chunk_bytes: int)
     )
 
 
-def plan_layout_for_count(tensors: list[torch.Tensor], names: list[str], count: int) -> Layout:
+def plan_layout_for_count(
+    tensors: list[torch.Tensor],
+    names: list[str],
+    count: int,
+    groups: list[str | None] | None = None,
+) -> Layout:
     """The layout with the smallest chunk size that needs at most ``count`` chunks.
 
     Chunks start at tensor boundaries, so total / count is only a lower bound on the chunk
@@ -136,17 +153,27 @@ def plan_layout_for_count(tensors: list[torch.Tensor], names: list[str], count: 
     total = sum(_align(t.numel() * t.element_size()) for t in tensors)
     low = max(_align(-(-total // max(count, 1))), ALIGNMENT)
     high = max(_align(total), ALIGNMENT)
-    best = plan_layout(tensors, names, high)
+    best = plan_layout(tensors, names, high, groups)
     while low < high:
         middle = _align((low + high) // 2)
         if middle >= high:
             break
-        layout = plan_layout(tensors, names, middle)
+        layout = plan_layout(tensors, names, middle, groups)
         if len(layout.chunks) <= count:
             best, high = layout, middle
         else:
             low = middle + ALIGNMENT
     return best
+
+
+def _group_rank(groups: list[str | None] | None):  # type: ignore[no-untyped-def]
+    if groups is None:
+        return lambda i: i
+    first_seen: dict[str, int] = {}
+    for i, group in enumerate(groups):
+        if group is not None:
+            first_seen.setdefault(group, i)
+    return lambda i: first_seen[groups[i]] if groups[i] is not None else i
 
 
 def _device_rank(tensors: list[torch.Tensor]):  # type: ignore[no-untyped-def]

@@ -69,3 +69,4 @@ class CheckpointerStats:
     committed: int = 0
     skipped: int = 0
     failed: int = 0
+    last_restore_bytes: int = 0  # bytes the last restore read (less for a partial one)

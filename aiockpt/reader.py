@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import binascii
 import os
+import re
 import stat
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -79,26 +80,77 @@ class LoadedCheckpoint:
     def state(
         self, map_location: MapLocation = "cpu", keys: Iterable[str] | None = None
     ) -> dict[str, Any]:
-        """The nested state, tensors on ``map_location``; aliases stay one tensor."""
+        """The nested state, tensors on ``map_location``; aliases stay one tensor.
+
+        Tensors that were not read (a partial read) are left out of their dicts.
+        """
         device = torch.device(map_location or "cpu")
 
-        def tensor_at(index: int) -> torch.Tensor:
+        def tensor_at(index: int) -> Any:
             key = (index, str(device))
             tensor = self.placed.get(key)
             if tensor is None:
                 if index not in self.tensors:
-                    raise CorruptCheckpointError(f"{self.path}: tensor {index} was not read")
+                    if not 0 <= index < len(self.manifest.tensors):
+                        raise IndexError(f"tensor index {index} out of range")
+                    return _NOT_READ
                 tensor = self.tensors[index].to(device)
                 self.placed[key] = tensor
             return tensor
 
         wanted = self.manifest.state.keys() if keys is None else keys
         try:
-            return {k: unflatten_state(self.manifest.state[k], tensor_at) for k in wanted}
+            decoded = {k: unflatten_state(self.manifest.state[k], tensor_at) for k in wanted}
         except (ValueError, TypeError, KeyError, IndexError, binascii.Error) as exc:
             raise CorruptCheckpointError(
                 f"{self.path / MANIFEST_NAME}: its state cannot be decoded ({exc})"
             ) from exc
+        return (
+            _without_unread(decoded) if len(self.tensors) < len(self.manifest.tensors) else decoded
+        )
+
+
+class _NotRead:
+    def __repr__(self) -> str:
+        return "<tensor not read>"
+
+
+_NOT_READ = _NotRead()
+
+
+def _without_unread(node: Any) -> Any:
+    if isinstance(node, dict):
+        kept = {k: _without_unread(v) for k, v in node.items() if v is not _NOT_READ}
+        if hasattr(node, "_metadata"):  # keep OrderedDict and the module versions
+            node.clear()
+            node.update(kept)
+            return node
+        return kept
+    if isinstance(node, list):
+        return [_without_unread(v) for v in node if v is not _NOT_READ]
+    return node
+
+
+def tensor_filter(
+    keys: Iterable[str] | None = None, layers: str | None = None
+) -> TensorFilter | None:
+    """Select tensors by top-level key and by a regular expression on their layer.
+
+    Tensors without a layer (non-module state) are kept when their key is selected.
+    """
+    if keys is None and layers is None:
+        return None
+    wanted = None if keys is None else set(keys)
+    pattern = None if layers is None else re.compile(layers)
+
+    def accept(record: TensorRecord) -> bool:
+        if wanted is not None and record.name.split("/", 1)[0] not in wanted:
+            return False
+        if pattern is None or record.layer is None:
+            return True
+        return pattern.search(record.layer) is not None
+
+    return accept
 
 
 def read_checkpoint(
@@ -168,7 +220,21 @@ def _read_tensor(
 
 
 def load(
-    path: str | os.PathLike[str], map_location: MapLocation = "cpu", *, verify: bool = True
+    path: str | os.PathLike[str],
+    map_location: MapLocation = "cpu",
+    *,
+    keys: Iterable[str] | None = None,
+    layers: str | None = None,
+    verify: bool = True,
 ) -> dict[str, Any]:
-    """Load a checkpoint directory as ``{name: state_dict}`` without the original objects."""
-    return read_checkpoint(path, verify=verify).state(map_location)
+    """Load a checkpoint directory as ``{name: state_dict}`` without the original objects.
+
+    ``keys`` picks top-level entries (e.g. ``["model"]``); ``layers`` is a regular
+    expression on layer names (``"blocks\\.[0-3]\\b"``): only those tensors' bytes are read.
+    """
+    wanted = None if keys is None else list(keys)
+    loaded = read_checkpoint(path, select=tensor_filter(wanted, layers), verify=verify)
+    absent = [k for k in wanted or () if k not in loaded.manifest.state]
+    if absent:
+        raise KeyError(f"{path} has no entry {absent}; it holds {sorted(loaded.manifest.state)}")
+    return loaded.state(map_location, keys=wanted)
