@@ -9,12 +9,14 @@ in how they wait: by awaiting a future, or by blocking on it.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import logging
 import math
 import re
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +190,7 @@ class _Core:
         self.capturer: Capturer | None = None
         self.layers: list[str | None] = []
         self.closed = False
+        _open_cores.add(self)
         self._failures: list[_Failure] = []
         self._lock = threading.Lock()
         self._in_flight: dict[int, AnyFuture] = {}
@@ -378,11 +381,40 @@ class _Core:
         logger.warning("aiockpt: skipping corrupt checkpoint %s: %s", info.path, error)
 
     def close_resources(self) -> None:
+        _open_cores.discard(self)
         self.closed = True
         self.pipeline.close()
         self.guard.remove()
         self.store.close()
         self.runtime.close()
+
+
+_open_cores: weakref.WeakSet[_Core] = weakref.WeakSet()
+
+
+def _finish_at_exit() -> None:
+    """Let checkpoints in flight commit when the interpreter exits without close().
+
+    The monitor thread is a daemon and would die mid-write, leaving a temporary
+    directory for the next run to delete. This runs at the start of interpreter shutdown,
+    before concurrent.futures stops accepting work (it registers the same way, earlier,
+    and these hooks run last-registered first), so in-flight checkpoints finish.
+    """
+    for core in list(_open_cores):
+        if core.closed or not isinstance(core.runtime, MonitorLoop):
+            continue
+        try:
+            core.runtime.run_sync(core.pipeline.drain())
+        except Exception:  # exiting anyway; the next open cleans up
+            logger.exception("aiockpt: could not finish checkpoints at exit")
+        finally:
+            core.close_resources()
+
+
+# The hook concurrent.futures itself uses to run before executors shut down; plain atexit
+# would run after, when the writer threads no longer take work.
+_register_shutdown_hook = getattr(threading, "_register_atexit", atexit.register)
+_register_shutdown_hook(_finish_at_exit)
 
 
 def _aligned_total(flat: FlatState) -> int:

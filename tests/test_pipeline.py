@@ -554,3 +554,33 @@ def test_handle_metrics_are_filled_in(tmp_path: Path, caplog: pytest.LogCaptureF
     record = m.to_dict()
     assert record["nbytes"] == nbytes and record["chunks"] == m.chunks
     assert "step 1" in m.summary()
+
+
+def test_interpreter_exit_finishes_checkpoints_in_flight(tmp_path):
+    """A script that checkpoints and exits without close() still commits the checkpoint."""
+    import subprocess
+    import sys
+    import textwrap
+
+    directory = tmp_path / "ckpt"
+    script = textwrap.dedent(
+        f"""
+        import torch, aiockpt
+        class Big:
+            def __init__(self): self.t = {{"w": torch.arange(4_000_000, dtype=torch.float64)}}
+            def state_dict(self): return self.t
+            def load_state_dict(self, s): self.t = s
+        ckpt = aiockpt.SyncCheckpointer(aiockpt.Config(directory={str(directory)!r},
+                                        chunk_size_mb=1), big=Big())
+        handle = ckpt.checkpoint(7)
+        print("in flight" if not handle.done() else "already done", flush=True)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert [info.step for info in aiockpt.list_checkpoints(directory)] == [7]
+    state = aiockpt.load(directory / "step-7")
+    assert torch.equal(state["big"]["w"], torch.arange(4_000_000, dtype=torch.float64))
+    assert not [p for p in directory.iterdir() if p.name.startswith(".tmp-")]
