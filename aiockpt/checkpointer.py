@@ -455,6 +455,13 @@ async def _checkpoint(
     started = time.perf_counter()
     core.check_can_checkpoint(step)
     metrics = CheckpointMetrics(step)
+    block = core.config.on_backpressure == "block" if block is None else block
+    if not block and core.capturer is not None:
+        # A request that will be skipped must not pay for state_dict() and flattening.
+        capturer = core.capturer
+        room = core.memory.would_admit(capturer.gpu_devices, len(capturer.host_captured_chunks))
+        if not await bridge(room):
+            return _skip(core, metrics), None
     flat = core.flatten()
     metrics.state_dict_ms = (time.perf_counter() - started) * 1e3
     if core.needs_new_layout(flat):
@@ -463,20 +470,23 @@ async def _checkpoint(
         core.build_layout(flat)
     assert core.capturer is not None
     wait_start = time.perf_counter()
-    block = core.config.on_backpressure == "block" if block is None else block
     admitted = await bridge(core.pipeline.admit(core.capturer, block=block))
     metrics.queue_wait_ms = (time.perf_counter() - wait_start) * 1e3
     if admitted is None:
-        metrics.skipped = True
-        core.stats.skipped += 1
-        if core.config.verbose:
-            logger.info("aiockpt: %s", metrics.summary())
-        return metrics, None
+        return _skip(core, metrics), None
     job = core.capture(step, flat, admitted, metrics)
     metrics.capture_ms = (time.perf_counter() - started) * 1e3
     future = core.runtime.submit(_start(core.pipeline, job))
     core.started(step, metrics, future)
     return metrics, future
+
+
+def _skip(core: _Core, metrics: CheckpointMetrics) -> CheckpointMetrics:
+    metrics.skipped = True
+    core.stats.skipped += 1
+    if core.config.verbose:
+        logger.info("aiockpt: %s", metrics.summary())
+    return metrics
 
 
 async def _wait(core: _Core, bridge: Bridge) -> None:

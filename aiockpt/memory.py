@@ -121,6 +121,10 @@ class StagingMemory:
             and len(self._free) >= host_chunks
         )
 
+    async def would_admit(self, gpu: set[torch.device], host_chunks: int) -> bool:
+        """Whether an admission would succeed right now (a cheap pre-check for "skip")."""
+        return self._fits(gpu, host_chunks)
+
     async def admit(
         self, gpu: set[torch.device], host_chunks: list[int], *, block: bool
     ) -> Admission | None:
