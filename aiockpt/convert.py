@@ -268,7 +268,7 @@ def _read_dcp(source: Path) -> dict[str, Any]:
     try:
         from torch.distributed.checkpoint._traverse import set_element
     except ImportError:  # pragma: no cover - moved in some torch release
-        set_element = None
+        set_element = None  # type: ignore[assignment]
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
@@ -276,9 +276,9 @@ def _read_dcp(source: Path) -> dict[str, Any]:
                 metadata = _DcpMetadataUnpickler(file).load()
             if not isinstance(metadata, Metadata):
                 raise pickle.UnpicklingError(".metadata does not hold DCP Metadata")
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
+            storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+            storage_meta.load_id = self.load_id
+            metadata.storage_meta = storage_meta
             return metadata
 
     class SafePlanner(_EmptyStateDictLoadPlanner):

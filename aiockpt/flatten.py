@@ -69,7 +69,7 @@ def _alias_key(tensor: torch.Tensor) -> tuple[object, ...]:
     return (tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride())
 
 
-def _plain_keys(mapping: dict[Any, Any]) -> bool:
+def _plain_keys(mapping: Mapping[Any, Any]) -> bool:
     """Whether a dict's keys are all strings without the tag prefix (memoized by key set:
     state_dicts repeat the same keys at every checkpoint)."""
     keys = tuple(mapping)

@@ -173,7 +173,7 @@ def _group_rank(groups: list[str | None] | None):  # type: ignore[no-untyped-def
     for i, group in enumerate(groups):
         if group is not None:
             first_seen.setdefault(group, i)
-    return lambda i: first_seen[groups[i]] if groups[i] is not None else i
+    return lambda i: first_seen.get(groups[i] or "", i)
 
 
 def _device_rank(tensors: list[torch.Tensor]):  # type: ignore[no-untyped-def]

@@ -75,7 +75,7 @@ class Pipeline:
         self._write_slots: asyncio.Semaphore | None = None
         self._write_slot_count = 0
         self._last_commit: asyncio.Future[None] | None = None
-        self._jobs: set[asyncio.Future[object]] = set()
+        self._jobs: set[asyncio.Task[Path]] = set()
 
     # -- admission -----------------------------------------------------------------------
     async def admit(
@@ -104,7 +104,7 @@ class Pipeline:
         return self._write_slots
 
     # -- one checkpoint -------------------------------------------------------------------
-    def start(self, job: _Job) -> asyncio.Future[Path]:
+    def start(self, job: _Job) -> asyncio.Task[Path]:
         task = asyncio.get_running_loop().create_task(self._persist(job))
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)

@@ -45,7 +45,7 @@ def _newest_valid(
     committed: list[CheckpointInfo], threads: int, progress: bool
 ) -> tuple[int | None, list[dict[str, Any]]]:
     """Verify newest first until one is valid; (its step, the corrupt ones passed over)."""
-    corrupt = []
+    corrupt: list[dict[str, Any]] = []
     for info in reversed(committed):
         with byte_progress(0, f"verifying step {info.step}", enabled=progress) as count:
             (verdict,) = verify_checkpoints(
