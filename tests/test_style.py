@@ -1,0 +1,31 @@
+"""The code base stays ruff-clean (lint and format), as the README promises contributors."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ["aiockpt", "tests", "examples"]
+
+
+def _ruff() -> list[str]:
+    if shutil.which("ruff"):
+        return ["ruff"]
+    try:
+        import ruff  # noqa: F401
+    except ImportError:
+        pytest.skip("ruff is not installed (pip install -e '.[test]' brings it)")
+    return [sys.executable, "-m", "ruff"]
+
+
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])
+def test_ruff(command):
+    result = subprocess.run(
+        [*_ruff(), *command, *TARGETS], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
