@@ -7,6 +7,7 @@ moves it GPU -> pinned host memory -> files in the background and commits it ato
 from ._version import __version__
 from .checkpointer import Checkpointer, CheckpointHandle, SyncCheckpointer, SyncCheckpointHandle
 from .config import Config
+from .data import ResumableSampler
 from .errors import (
     AiockptError,
     BackgroundError,
@@ -20,13 +21,27 @@ from .errors import (
     UnsupportedStateError,
 )
 from .metrics import CheckpointMetrics
+from .policy import (
+    AdaptiveOverhead,
+    AnyOf,
+    BasePolicy,
+    EveryNSeconds,
+    EveryNSteps,
+    IntervalPolicy,
+    Never,
+    policy_from_config,
+)
 from .reader import load
 from .stateful import RNGState, Stateful
 from .store import CheckpointInfo, list_checkpoints
+from .trainer import SyncTrainer, Trainer
 
 __all__ = [
+    "AdaptiveOverhead",
     "AiockptError",
+    "AnyOf",
     "BackgroundError",
+    "BasePolicy",
     "CheckpointError",
     "CheckpointHandle",
     "CheckpointInProgressError",
@@ -37,14 +52,22 @@ __all__ = [
     "ConfigError",
     "CorruptCheckpointError",
     "DirectoryLockedError",
+    "EveryNSeconds",
+    "EveryNSteps",
+    "IntervalPolicy",
+    "Never",
     "NoCheckpointError",
     "RNGState",
     "RestoreError",
+    "ResumableSampler",
     "Stateful",
     "SyncCheckpointHandle",
     "SyncCheckpointer",
+    "SyncTrainer",
+    "Trainer",
     "UnsupportedStateError",
     "__version__",
     "list_checkpoints",
     "load",
+    "policy_from_config",
 ]

@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             keep_last=1,
         )
         ckpt = SyncCheckpointer(config, model=model, optimizer=optimizer)
-        first = _timed(lambda ckpt=ckpt: ckpt.checkpoint(0).wait(), device)
+        first = _timed(lambda c=ckpt: c.checkpoint(0).wait(), device)  # type: ignore[misc]
         checkpointers[mode] = ckpt
         results[mode] = {
             "call_ms": [],
@@ -245,6 +245,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         for mode, r in results.items()
     }
+    if args.trainer:
+        from .bench_trainer import run_trainer_matrix
+
+        report["trainer"] = run_trainer_matrix(
+            model,
+            optimizer,
+            preset,
+            device,
+            root,
+            intervals=[int(i) for i in args.trainer_intervals.split(",")],
+            seconds=args.trainer_seconds,
+            rounds=args.trainer_rounds,
+            base={
+                "max_async": args.max_async,
+                "chunk_size_mb": args.chunk_size_mb,
+                "num_threads": args.num_threads,
+            },
+        )
     report["torch_save_seconds"] = [
         _torch_save(state, root / "torch_save.pt", device) for _ in range(args.baseline_repeats)
     ]
@@ -298,6 +316,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-threads", type=int, default=8)
     parser.add_argument("--baseline-repeats", type=int, default=1)
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
+    parser.add_argument(
+        "--trainer", action="store_true", help="also measure Trainer throughput per interval"
+    )
+    parser.add_argument("--trainer-intervals", default="1,10,50")
+    parser.add_argument("--trainer-seconds", type=float, default=15.0)
+    parser.add_argument("--trainer-rounds", type=int, default=1)
     parser.add_argument("--output", help="write the JSON report here")
     parser.add_argument("--json", action="store_true", help="print only the JSON report")
 
@@ -337,6 +361,16 @@ def _table(report: dict[str, Any]) -> str:
             f"{r['restore_seconds']:.2f} (bound {r['restore_bound_seconds']:.2f}) |"
         )
     lines.append(f"torch.save (fsync'd): {_median(report['torch_save_seconds']):.2f} s")
+    if "trainer" in report:
+        lines += [
+            "| Trainer | samples/s | vs none | checkpoints | skipped | achieved interval |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, r in report["trainer"].items():
+            lines.append(
+                f"| {name} | {r['samples_per_second']:.1f} | {r['vs_no_checkpoint']:.3f} | "
+                f"{r['checkpoints']} | {r['skipped']} | {r['achieved_interval']:.1f} |"
+            )
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ import atexit
 import concurrent.futures
 import logging
 import math
+import os
 import re
 import threading
 import time
@@ -190,6 +191,7 @@ class _Core:
         self.capturer: Capturer | None = None
         self.layers: list[str | None] = []
         self.closed = False
+        self.pid = os.getpid()
         _open_cores.add(self)
         self._failures: list[_Failure] = []
         self._lock = threading.Lock()
@@ -401,7 +403,7 @@ def _finish_at_exit() -> None:
     and these hooks run last-registered first), so in-flight checkpoints finish.
     """
     for core in list(_open_cores):
-        if core.closed or not isinstance(core.runtime, MonitorLoop):
+        if core.closed or core.pid != os.getpid() or not isinstance(core.runtime, MonitorLoop):
             continue
         try:
             core.runtime.run_sync(core.pipeline.drain())
@@ -415,6 +417,9 @@ def _finish_at_exit() -> None:
 # would run after, when the writer threads no longer take work.
 _register_shutdown_hook = getattr(threading, "_register_atexit", atexit.register)
 _register_shutdown_hook(_finish_at_exit)
+# A forked child (a DataLoader worker) has none of the parent's threads: it must not try to
+# drain the parent's checkpoints at its exit.
+os.register_at_fork(after_in_child=_open_cores.clear)
 
 
 def _aligned_total(flat: FlatState) -> int:

@@ -24,6 +24,7 @@ import os
 import re
 import secrets
 import shutil
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,23 @@ class CheckpointInfo:
 
     def __str__(self) -> str:
         return f"step {self.step}: {self.path} ({self.nbytes / 2**20:.1f} MiB)"
+
+
+_open_stores: weakref.WeakSet[CheckpointStore] = weakref.WeakSet()
+
+
+def _drop_inherited_locks() -> None:
+    # A forked child shares the parent's lock (flock belongs to the open file). Closing the
+    # child's copy leaves the parent's lock held, and makes the lock go away with the parent
+    # instead of lingering in orphaned children (DataLoader workers) after a crash.
+    for store in list(_open_stores):
+        if store._lock_fd is not None:
+            os.close(store._lock_fd)
+            store._lock_fd = None
+    _open_stores.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def step_dir_name(step: int) -> str:
@@ -114,6 +132,7 @@ class CheckpointStore:
                 ) from exc
             raise
         self._lock_fd = fd
+        _open_stores.add(self)
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)  # ENOSPC on a full disk
@@ -123,6 +142,7 @@ class CheckpointStore:
             raise
 
     def close(self) -> None:
+        _open_stores.discard(self)
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing releases the flock
             self._lock_fd = None
