@@ -386,6 +386,8 @@ class _Core:
         _open_cores.discard(self)
         self.closed = True
         self.pipeline.close()
+        self.capturer = None  # its cached views would keep the buffers alive
+        self.memory.release()
         self.guard.remove()
         self.store.close()
         self.runtime.close()

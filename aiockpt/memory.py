@@ -108,6 +108,12 @@ class StagingMemory:
     def drop_gpu_buffers(self) -> None:
         self._gpu.clear()
 
+    def release(self) -> None:
+        """Drop every buffer (at close, with nothing in flight)."""
+        self._buffers.clear()
+        self._free.clear()
+        self._gpu.clear()
+
     # -- admission and release (on the pipeline's event loop) ------------------------
     def _condition(self) -> asyncio.Condition:
         if self._changed is None:
