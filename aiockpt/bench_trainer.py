@@ -64,7 +64,7 @@ def run_trainer_matrix(
     device: torch.device,
     root: Path,
     *,
-    intervals: list[int],
+    intervals: list[tuple[int, str]],
     seconds: float,
     rounds: int,
     base: dict[str, Any],
