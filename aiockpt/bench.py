@@ -254,7 +254,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             preset,
             device,
             root,
-            intervals=[int(i) for i in args.trainer_intervals.split(",")],
+            intervals=[
+                (int(interval), policy)
+                for interval in args.trainer_intervals.split(",")
+                for policy in args.trainer_policies.split(",")
+            ],
             seconds=args.trainer_seconds,
             rounds=args.trainer_rounds,
             base={
@@ -320,6 +324,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--trainer", action="store_true", help="also measure Trainer throughput per interval"
     )
     parser.add_argument("--trainer-intervals", default="1,10,50")
+    parser.add_argument("--trainer-policies", default="block,skip", help="on_backpressure values")
     parser.add_argument("--trainer-seconds", type=float, default=15.0)
     parser.add_argument("--trainer-rounds", type=int, default=1)
     parser.add_argument("--output", help="write the JSON report here")
