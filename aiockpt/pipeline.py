@@ -19,6 +19,7 @@ are the only bound on concurrent I/O.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from .staging import Capturer, Snapshot
 from .store import CheckpointStore
 
 __all__ = ["Pipeline"]
+
+logger = logging.getLogger("aiockpt")
 
 
 async def wait_cuda_event(event: torch.cuda.Event, waiter: ThreadPoolExecutor) -> None:
@@ -170,7 +173,13 @@ class Pipeline:
             temporary = None
             metrics.commit_ms = (time.perf_counter() - commit_start) * 1e3
             metrics.persist_seconds = time.perf_counter() - started + metrics.capture_ms / 1e3
-            await loop.run_in_executor(self.writers, self.store.retain, self.config.keep_last)
+            try:
+                await loop.run_in_executor(self.writers, self.store.retain, self.config.keep_last)
+            except OSError as exc:
+                # This checkpoint is committed and durable already; failing to delete older
+                # ones must not report it as failed. What was renamed to trash stays there
+                # for the next open(); the next commit's retention tries again.
+                logger.warning("aiockpt: %s is committed, but retention failed: %s", final, exc)
             return final
         finally:
             if temporary is not None:
@@ -223,6 +232,7 @@ class Pipeline:
                         buffer.view(chunk.nbytes),
                         ranges,
                         durable=self.config.durable,
+                        room=buffer.view(buffer.data.numel()),
                     ),
                 )
                 write_spans.append((write_start, time.perf_counter()))
