@@ -279,7 +279,9 @@ class _Core:
         capturer = Capturer(layout, self.memory, modes)
         largest = max((c.nbytes for c in layout.chunks), default=0)
         buffer_bytes = max(-(-largest // 4096) * 4096, 4096)
-        wanted = math.ceil(self.config.pinned_ratio * layout.stream_nbytes / buffer_bytes)
+        # Whole chunks: pinned_ratio = 2 must hold two whole checkpoints, even when the
+        # last chunk is small.
+        wanted = math.ceil(self.config.pinned_ratio * len(layout.chunks))
         floor = len(capturer.host_captured_chunks) + (1 if capturer.gpu_devices else 0)
         pin = any(d.type == "cuda" for d in layout.devices)
         self.memory.resize_host(buffer_bytes, max(wanted, floor, 1), pin=pin)

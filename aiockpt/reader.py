@@ -34,9 +34,13 @@ TensorFilter = Callable[[TensorRecord], bool]
 
 
 def _open_regular(path: Path) -> tuple[int, int]:
-    """Open ``path`` read-only without following links; (fd, size)."""
+    """Open ``path`` read-only without following links; (fd, size).
+
+    O_NONBLOCK: a FIFO planted under a data file's name would otherwise block open()
+    forever; this way it is opened at once and refused as not a regular file.
+    """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         raise CorruptCheckpointError(f"{path}: file is missing") from exc
     except OSError as exc:
@@ -62,6 +66,8 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
         read_exact(fd, memoryview(raw), 0)
     except EOFError as exc:
         raise CorruptCheckpointError(f"{path}: {exc}") from exc
+    except OSError as exc:  # EIO from a bad sector: this checkpoint is unreadable
+        raise CorruptCheckpointError(f"{path}: cannot be read ({exc.strerror})") from exc
     finally:
         os.close(fd)
     return Manifest.parse(bytes(raw), str(path))
@@ -210,6 +216,10 @@ def _read_tensor(
             read_exact(fds[piece.file], part, piece.offset)
         except EOFError as exc:
             raise CorruptCheckpointError(f"{path / piece.file}: {exc}") from exc
+        except OSError as exc:  # restore() then falls back to an older checkpoint
+            raise CorruptCheckpointError(
+                f"{path / piece.file}: cannot be read ({exc.strerror})"
+            ) from exc
         if verify and checksum(part) != piece.checksum:
             raise CorruptCheckpointError(
                 f"{path / piece.file}: bytes {piece.offset}..{piece.offset + piece.length} "

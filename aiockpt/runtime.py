@@ -64,6 +64,8 @@ class MonitorLoop(Runtime):
             self.loop.run_forever()
         finally:
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            # restore() reads on the default executor: its threads end with the loop.
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
             self.loop.close()
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
@@ -136,4 +138,5 @@ class PrivateLoop(Runtime):
 
     def close(self) -> None:
         if not self.loop.is_closed():
+            self.loop.run_until_complete(self.loop.shutdown_default_executor())
             self.loop.close()

@@ -197,7 +197,14 @@ class CheckpointStore:
             os.rename(final, replaced)
         os.rename(temporary, final)
         if self.durable:
-            fsync_directory(str(self.root))
+            try:
+                fsync_directory(str(self.root))
+            except OSError:
+                # Not known durable, so not committed: take it back out of sight (the
+                # caller deletes the temporary), or a checkpoint reported as failed would
+                # be the one restore() picks.
+                self._unpublish(final, temporary, replaced)
+                raise
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
         try:
@@ -209,6 +216,14 @@ class CheckpointStore:
                 "aiockpt: %s is committed, but %s was not updated: %s", final, LATEST_NAME, exc
             )
         return final
+
+    def _unpublish(self, final: Path, temporary: Path, replaced: Path | None) -> None:
+        try:
+            os.rename(final, temporary)
+            if replaced is not None:
+                os.rename(replaced, final)
+        except OSError as exc:  # the disk is failing; the next open() sorts it out
+            logger.warning("aiockpt: could not take back %s after a failed fsync: %s", final, exc)
 
     def point_latest(self, name: str) -> None:
         current = self.latest_name()

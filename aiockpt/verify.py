@@ -191,7 +191,8 @@ def _check_file(job: _FileJob, count: Callable[[int], None]) -> tuple[list[Probl
     """Stream one data file; the problems found and the bytes read."""
     name = job.record.name
     try:
-        fd = os.open(job.path / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO planted as a data file must be refused, not block forever.
+        fd = os.open(job.path / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return [Problem("file is missing", file=name)], 0
     except OSError as exc:
