@@ -316,7 +316,45 @@ class _Engine:
 
 
 class _TrainerBase:
-    _engine: _Engine
+    """What Trainer and SyncTrainer share: construction and the read-only properties."""
+
+    _checkpointer_class: type[Checkpointer] | type[SyncCheckpointer]
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        loss_fn: LossFn | None = None,
+        *,
+        config: Config | str | os.PathLike[str] | None = None,
+        optimizer_class: type[torch.optim.Optimizer] | None = None,
+        optimizer_kwargs: Mapping[str, Any] | None = None,
+        scheduler: Any = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        amp: bool | torch.dtype = False,
+        grad_accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+        policy: IntervalPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        **stateful: Any,
+    ) -> None:
+        self._engine = _Engine(
+            model,
+            optimizer,
+            loss_fn,
+            config=config,
+            optimizer_class=optimizer_class,
+            optimizer_kwargs=optimizer_kwargs,
+            scheduler=scheduler,
+            grad_scaler=grad_scaler,
+            amp=amp,
+            grad_accumulation_steps=grad_accumulation_steps,
+            max_grad_norm=max_grad_norm,
+            policy=policy,
+            clock=clock,
+            stateful=stateful,
+        )
+        self.checkpointer = self._checkpointer_class(self._engine.config, **self._engine.objects)
 
     @property
     def step(self) -> int:
@@ -386,42 +424,8 @@ class Trainer(_TrainerBase):
     """
 
     __doc__ = (__doc__ or "") + _INIT_DOC
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
-        loss_fn: LossFn | None = None,
-        *,
-        config: Config | str | os.PathLike[str] | None = None,
-        optimizer_class: type[torch.optim.Optimizer] | None = None,
-        optimizer_kwargs: Mapping[str, Any] | None = None,
-        scheduler: Any = None,
-        grad_scaler: torch.amp.GradScaler | None = None,
-        amp: bool | torch.dtype = False,
-        grad_accumulation_steps: int = 1,
-        max_grad_norm: float | None = None,
-        policy: IntervalPolicy | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        **stateful: Any,
-    ) -> None:
-        self._engine = _Engine(
-            model,
-            optimizer,
-            loss_fn,
-            config=config,
-            optimizer_class=optimizer_class,
-            optimizer_kwargs=optimizer_kwargs,
-            scheduler=scheduler,
-            grad_scaler=grad_scaler,
-            amp=amp,
-            grad_accumulation_steps=grad_accumulation_steps,
-            max_grad_norm=max_grad_norm,
-            policy=policy,
-            clock=clock,
-            stateful=stateful,
-        )
-        self.checkpointer = Checkpointer(self._engine.config, **self._engine.objects)
+    _checkpointer_class = Checkpointer
+    checkpointer: Checkpointer
 
     async def train_step(self, batch: Any, enable_checkpoint: bool | None = None) -> torch.Tensor:
         """Forward, backward, (every k-th call) the optimizer step and maybe a checkpoint.
@@ -499,42 +503,8 @@ class SyncTrainer(_TrainerBase):
     """
 
     __doc__ = (__doc__ or "") + _INIT_DOC
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
-        loss_fn: LossFn | None = None,
-        *,
-        config: Config | str | os.PathLike[str] | None = None,
-        optimizer_class: type[torch.optim.Optimizer] | None = None,
-        optimizer_kwargs: Mapping[str, Any] | None = None,
-        scheduler: Any = None,
-        grad_scaler: torch.amp.GradScaler | None = None,
-        amp: bool | torch.dtype = False,
-        grad_accumulation_steps: int = 1,
-        max_grad_norm: float | None = None,
-        policy: IntervalPolicy | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        **stateful: Any,
-    ) -> None:
-        self._engine = _Engine(
-            model,
-            optimizer,
-            loss_fn,
-            config=config,
-            optimizer_class=optimizer_class,
-            optimizer_kwargs=optimizer_kwargs,
-            scheduler=scheduler,
-            grad_scaler=grad_scaler,
-            amp=amp,
-            grad_accumulation_steps=grad_accumulation_steps,
-            max_grad_norm=max_grad_norm,
-            policy=policy,
-            clock=clock,
-            stateful=stateful,
-        )
-        self.checkpointer = SyncCheckpointer(self._engine.config, **self._engine.objects)
+    _checkpointer_class = SyncCheckpointer
+    checkpointer: SyncCheckpointer
 
     def train_step(self, batch: Any, enable_checkpoint: bool | None = None) -> torch.Tensor:
         """Forward, backward, (every k-th call) the optimizer step and maybe a checkpoint."""

@@ -1,4 +1,4 @@
-"""The code base stays ruff-clean (lint and format), as the README promises contributors."""
+"""The code base stays ruff-clean (lint and format) and type-checks with mypy."""
 
 from __future__ import annotations
 
@@ -27,5 +27,20 @@ def _ruff() -> list[str]:
 def test_ruff(command):
     result = subprocess.run(
         [*_ruff(), *command, *TARGETS], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy():
+    try:
+        import mypy  # noqa: F401
+    except ImportError:
+        pytest.skip("mypy is not installed (pip install -e '.[test]' brings it)")
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "aiockpt", "--ignore-missing-imports"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
