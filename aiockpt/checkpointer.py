@@ -118,6 +118,11 @@ class _HandleBase:
     def _outcome(self) -> CheckpointInfo | None:
         if self._future is None:
             return None
+        if self._future.cancelled():
+            raise CheckpointError(
+                f"checkpoint of step {self.step} was cancelled (close(cancel=True)) and "
+                "never became visible"
+            )
         try:
             path = self._future.result()
         except BaseException as exc:
@@ -527,11 +532,11 @@ async def _restore(
     return None
 
 
-async def _close(core: _Core, bridge: Bridge) -> None:
+async def _close(core: _Core, bridge: Bridge, cancel: bool) -> None:
     if core.closed:
         return
     try:
-        await bridge(core.pipeline.drain())
+        await bridge(core.pipeline.drain(cancel=cancel))
     finally:
         core.close_resources()
     core.raise_failures()
@@ -603,9 +608,13 @@ class Checkpointer(_FrontEnd):
         """
         return await _restore(self._core, step, only, layers, self._core.runtime.run)
 
-    async def close(self) -> None:
-        """Drain what is in flight, release memory, threads and the directory lock."""
-        await _close(self._core, self._core.runtime.run)
+    async def close(self, *, cancel: bool = False) -> None:
+        """Drain what is in flight, release memory, threads and the directory lock.
+
+        ``cancel=True`` abandons checkpoints in flight instead of finishing them: none of
+        them becomes visible, and their handles raise CheckpointError.
+        """
+        await _close(self._core, self._core.runtime.run, cancel)
 
     async def __aenter__(self) -> Checkpointer:
         return self
@@ -649,8 +658,8 @@ class SyncCheckpointer(_FrontEnd):
     ) -> int | None:
         return _drive(_restore(self._core, step, only, layers, self._bridge))
 
-    def close(self) -> None:
-        _drive(_close(self._core, self._bridge))
+    def close(self, *, cancel: bool = False) -> None:
+        _drive(_close(self._core, self._bridge, cancel))
 
     def __enter__(self) -> SyncCheckpointer:
         return self

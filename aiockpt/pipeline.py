@@ -94,8 +94,15 @@ class Pipeline:
         self._last_commit = committed
         return admission, previous, committed
 
-    async def drain(self) -> None:
-        """Wait until nothing is in flight (errors stay with their handles)."""
+    async def drain(self, *, cancel: bool = False) -> None:
+        """Wait until nothing is in flight (errors stay with their handles).
+
+        With ``cancel``, checkpoints in flight are abandoned instead: each removes its
+        temporary directory and gives its memory back, and nothing of it becomes visible.
+        """
+        if cancel:
+            for job in list(self._jobs):
+                job.cancel()
         while self._jobs:
             await asyncio.wait(list(self._jobs))
 
@@ -167,14 +174,22 @@ class Pipeline:
             if job.previous_commit is not None:
                 await asyncio.wait([job.previous_commit])
             commit_start = time.perf_counter()
-            final = await loop.run_in_executor(
+            commit = loop.run_in_executor(
                 self.writers, self.store.commit, temporary, snapshot.step, payload
             )
+            try:
+                final = await asyncio.shield(commit)
+            except asyncio.CancelledError:
+                # A commit under way is not interrupted: the rename may already have made
+                # the checkpoint visible, so it completes and counts as done.
+                final = await commit
             temporary = None
             metrics.commit_ms = (time.perf_counter() - commit_start) * 1e3
             metrics.persist_seconds = time.perf_counter() - started + metrics.capture_ms / 1e3
             try:
                 await loop.run_in_executor(self.writers, self.store.retain, self.config.keep_last)
+            except asyncio.CancelledError:
+                pass  # committed; the next commit's retention does this one's work
             except OSError as exc:
                 # This checkpoint is committed and durable already; failing to delete older
                 # ones must not report it as failed. What was renamed to trash stays there

@@ -409,3 +409,47 @@ def test_state_dict_exception_keeps_its_traceback(tmp_path: Path, front: str) ->
     assert_user_frame(caught.value)
     assert [i.step for i in aiockpt.list_checkpoints(cfg.directory)] == [1]
     assert leftovers(cfg.directory) == []
+
+
+def test_close_cancel_abandons_checkpoints_in_flight(tmp_path: Path, monkeypatch) -> None:
+    """close(cancel=True) with writes held mid-flight: nothing becomes visible, the
+    previous checkpoint stays, the handle says it was cancelled."""
+    import aiockpt.pipeline as pipeline_module
+
+    release = threading.Event()
+    real_write = pipeline_module.write_pieces
+
+    def held_write(*args: Any, **kwargs: Any) -> Any:
+        release.wait(5)  # a disk that stalls until the test lets it go
+        return real_write(*args, **kwargs)
+
+    class Holder:
+        def __init__(self, value: float) -> None:
+            self.state = {"w": torch.full((256, 256), value)}
+
+        def state_dict(self) -> dict[str, Any]:
+            return self.state
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            self.state = state
+
+    config = aiockpt.Config(directory=tmp_path / "ckpt", chunk_size_mb=0.05, keep_last=None)
+    holder = Holder(1.0)
+    ckpt = aiockpt.SyncCheckpointer(config, holder=holder)
+    ckpt.checkpoint(1).wait()
+    monkeypatch.setattr(pipeline_module, "write_pieces", held_write)
+    holder.state = {"w": torch.full((256, 256), 2.0)}
+    handle = ckpt.checkpoint(2)
+    assert not handle.done()
+    timer = threading.Timer(0.5, release.set)  # the held writes end after cancel has run
+    timer.start()
+    ckpt.close(cancel=True)
+    timer.join()
+    with pytest.raises(aiockpt.CheckpointError, match="cancelled"):
+        handle.wait()
+    assert [info.step for info in aiockpt.list_checkpoints(config.directory)] == [1]
+    state = aiockpt.load(Path(config.directory) / "step-1")
+    assert torch.equal(state["holder"]["w"], torch.full((256, 256), 1.0))
+    with aiockpt.SyncCheckpointer(config, holder=Holder(0.0)):  # next open clears leftovers
+        pass
+    assert not [p for p in Path(config.directory).iterdir() if p.name.startswith(".tmp-")]
