@@ -28,6 +28,7 @@ import torch
 
 from ._version import __version__
 from .config import Config
+from .distributed import is_rank_zero
 from .errors import (
     BackgroundError,
     CheckpointError,
@@ -235,7 +236,7 @@ class _Core:
         error = future.exception()
         if error is None:
             self.stats.committed += 1
-            if self.config.verbose:
+            if self.config.verbose and is_rank_zero():
                 logger.info("aiockpt: %s", metrics.summary())
             return
         self.stats.failed += 1
@@ -294,7 +295,7 @@ class _Core:
             self.guard.install(self.objects.values())
         self.capturer = capturer
         self.layers = layers
-        if self.config.verbose:
+        if self.config.verbose and is_rank_zero():
             logger.info("aiockpt: layout %s; staging %s", describe(layout), modes)
             for warning in self.config.queueing_warnings(len(layout.chunks)):
                 logger.warning("aiockpt: %s", warning)
@@ -498,7 +499,7 @@ async def _checkpoint(
 def _skip(core: _Core, metrics: CheckpointMetrics) -> CheckpointMetrics:
     metrics.skipped = True
     core.stats.skipped += 1
-    if core.config.verbose:
+    if core.config.verbose and is_rank_zero():
         logger.info("aiockpt: %s", metrics.summary())
     return metrics
 

@@ -26,10 +26,11 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-import sys
 from collections import deque
 from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
+
+from .distributed import is_rank_zero
 
 __all__ = [
     "AdaptiveOverhead",
@@ -66,18 +67,6 @@ class IntervalPolicy(Protocol):
     def record_step(self, seconds: float) -> None: ...
 
     def record_checkpoint(self, stall_seconds: float, persist_seconds: float) -> None: ...
-
-
-def _is_rank_zero() -> bool:
-    # Look torch.distributed up without importing it: if nobody imported it, no process
-    # group exists, and this module stays free of torch.
-    dist = sys.modules.get("torch.distributed")
-    if dist is None:
-        return True
-    try:
-        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    except Exception:  # a half-torn-down process group: logging must not crash training
-        return True
 
 
 def _median(values: Iterable[float]) -> float | None:
@@ -174,7 +163,7 @@ class BasePolicy:
         if interval is None or persist is None or persist <= interval * overlap:
             return
         self.warned = True
-        if _is_rank_zero():
+        if is_rank_zero():
             logger.warning(
                 "aiockpt: checkpoints are requested every %s (%s) but each takes %s to "
                 "persist, longer than %d interval(s) (max_async = %d may overlap), so they "

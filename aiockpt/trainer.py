@@ -34,8 +34,9 @@ from .checkpointer import (
     SyncCheckpointHandle,
 )
 from .config import Config
+from .distributed import is_rank_zero
 from .errors import BackgroundError, CheckpointError
-from .policy import BasePolicy, IntervalPolicy, _is_rank_zero, policy_from_config
+from .policy import BasePolicy, IntervalPolicy, policy_from_config
 from .stateful import RNGState
 
 __all__ = ["SyncTrainer", "Trainer"]
@@ -298,12 +299,12 @@ class _Engine:
         reset = getattr(self.policy, "reset", None)
         if reset is not None:
             reset(self.step, self.clock())
-        if step is not None and self.config.verbose and _is_rank_zero():
+        if step is not None and self.config.verbose and is_rank_zero():
             logger.info("aiockpt: resumed at step %d from %s", step, self.config.directory)
         return self.step
 
     def log_summary(self) -> None:
-        if not (self.config.verbose and self.stalls and _is_rank_zero()):
+        if not (self.config.verbose and self.stalls and is_rank_zero()):
             return
         ms = sorted(s * 1e3 for s in self.stalls)
         logger.info(
