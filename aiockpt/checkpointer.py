@@ -14,7 +14,6 @@ import concurrent.futures
 import logging
 import math
 import os
-import re
 import threading
 import time
 import weakref
@@ -40,11 +39,10 @@ from .errors import (
 from .flatten import FlatState, flatten_state
 from .layers import tensor_layers
 from .layout import ALIGNMENT, describe, layout_signature, plan_layout, plan_layout_for_count
-from .manifest import TensorRecord
 from .memory import StagingMemory
 from .metrics import CheckpointerStats, CheckpointMetrics
 from .pipeline import Pipeline, _Job
-from .reader import TensorFilter, read_checkpoint, read_manifest, tensor_filter
+from .reader import TensorFilter, read_checkpoint, tensor_filter
 from .runtime import CallerLoop, MonitorLoop, PrivateLoop, Runtime
 from .staging import CaptureGuard, Capturer, Snapshot, choose_staging
 from .stateful import Stateful
@@ -84,20 +82,8 @@ class _RestoreRequest:
     layers: str | None
 
     def select(self) -> TensorFilter | None:
-        if self.layers is None:
-            return tensor_filter(self.names, None)
-        pattern = re.compile(self.layers)
-        names = set(self.names)
-
-        def accept(record: TensorRecord) -> bool:
-            key = record.name.split("/", 1)[0]
-            if key not in names:
-                return False
-            if key not in self.partial or record.layer is None:
-                return True  # non-module objects are restored whole
-            return pattern.search(record.layer) is not None
-
-        return accept
+        # Non-module objects are restored whole, whatever the layer pattern.
+        return tensor_filter(self.names, self.layers, layered=self.partial)
 
 
 class _HandleBase:
@@ -352,16 +338,17 @@ class _Core:
         return await loop.run_in_executor(None, self._read_state, info, request)
 
     def _read_state(self, info: CheckpointInfo, request: _RestoreRequest) -> dict[str, Any]:
-        manifest = read_manifest(info.path)
-        missing = [name for name in request.names if name not in manifest.state]
-        if missing:
-            raise RestoreError(
-                f"{info.path} has no state for {missing} (it holds "
-                f"{sorted(manifest.state)}); pass the same keyword names that saved it"
-            )
+        # The manifest is read once, inside read_checkpoint; a missing key reads nothing
+        # for that key, so checking after the read costs no extra I/O.
         loaded = read_checkpoint(
             info.path, select=request.select(), threads=self.config.num_threads
         )
+        missing = [name for name in request.names if name not in loaded.manifest.state]
+        if missing:
+            raise RestoreError(
+                f"{info.path} has no state for {missing} (it holds "
+                f"{sorted(loaded.manifest.state)}); pass the same keyword names that saved it"
+            )
         self.stats.last_restore_bytes = loaded.bytes_read
         return loaded.state("cpu", keys=request.names)
 

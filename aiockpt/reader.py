@@ -138,21 +138,29 @@ def _without_unread(node: Any) -> Any:
 
 
 def tensor_filter(
-    keys: Iterable[str] | None = None, layers: str | None = None
+    keys: Iterable[str] | None = None,
+    layers: str | None = None,
+    *,
+    layered: Iterable[str] | None = None,
 ) -> TensorFilter | None:
     """Select tensors by top-level key and by a regular expression on their layer.
 
-    Tensors without a layer (non-module state) are kept when their key is selected.
+    Tensors without a layer (non-module state) are kept when their key is selected, and
+    so are all tensors of keys outside ``layered`` (when given): those are taken whole.
     """
     if keys is None and layers is None:
         return None
     wanted = None if keys is None else set(keys)
     pattern = None if layers is None else re.compile(layers)
+    by_layer = None if layered is None else set(layered)
 
     def accept(record: TensorRecord) -> bool:
-        if wanted is not None and record.name.split("/", 1)[0] not in wanted:
+        key = record.name.split("/", 1)[0]
+        if wanted is not None and key not in wanted:
             return False
         if pattern is None or record.layer is None:
+            return True
+        if by_layer is not None and key not in by_layer:
             return True
         return pattern.search(record.layer) is not None
 
