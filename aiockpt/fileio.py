@@ -21,6 +21,7 @@ __all__ = [
     "fsync_directory",
     "read_exact",
     "write_file_atomically",
+    "write_all",
     "write_pieces",
 ]
 
@@ -63,7 +64,7 @@ def write_pieces(
                 raise
     fd = os.open(path, flags, 0o644)
     try:
-        _write_all(fd, data)
+        write_all(fd, data)
         if durable:
             os.fsync(fd)
     finally:
@@ -80,7 +81,7 @@ def _aligned(view: memoryview) -> bool:
     return bool(_O_DIRECT) and address % _DIRECT_BLOCK == 0
 
 
-def _write_all(fd: int, data: memoryview) -> None:
+def write_all(fd: int, data: memoryview) -> None:
     written = 0
     while written < len(data):
         written += os.pwrite(fd, data[written : written + _MAX_IO], written)
@@ -91,7 +92,7 @@ def _write_direct(path: str, padded: memoryview, size: int, flags: int) -> None:
     # back to buffered writes, which truncate the file again.
     fd = os.open(path, flags | _O_DIRECT, 0o644)
     try:
-        _write_all(fd, padded)
+        write_all(fd, padded)
         os.ftruncate(fd, size)  # drop the padding up to the block boundary
         os.fsync(fd)
     finally:

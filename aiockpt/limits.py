@@ -11,12 +11,14 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from .fileio import read_exact, write_all
 from .memory import byte_view
 
 __all__ = ["Limits", "measure_limits"]
@@ -77,22 +79,24 @@ def measure_copies(nbytes: int, limits: Limits) -> None:
     torch.cuda.empty_cache()
 
 
+def _parallel_seconds(work: Callable[[int], None], files: int) -> float:
+    start = time.perf_counter()
+    with ThreadPoolExecutor(files) as pool:
+        list(pool.map(work, range(files)))
+    return time.perf_counter() - start
+
+
 def _write_files(directory: Path, data: memoryview, files: int, *, fsync: bool) -> float:
     def write_one(i: int) -> None:
         fd = os.open(directory / f"limit-{i}.bin", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            done = 0
-            while done < len(data):
-                done += os.pwrite(fd, data[done:], done)
+            write_all(fd, data)
             if fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(files) as pool:
-        list(pool.map(write_one, range(files)))
-    return time.perf_counter() - start
+    return _parallel_seconds(write_one, files)
 
 
 def _read_files(directory: Path, into: memoryview, files: int) -> float:
@@ -100,16 +104,11 @@ def _read_files(directory: Path, into: memoryview, files: int) -> float:
         fd = os.open(directory / f"limit-{i}.bin", os.O_RDONLY)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # read from disk, not cache
-            done = 0
-            while done < len(into):
-                done += os.preadv(fd, [into[done:]], done)
+            read_exact(fd, into, 0)
         finally:
             os.close(fd)
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(files) as pool:
-        list(pool.map(read_one, range(files)))
-    return time.perf_counter() - start
+    return _parallel_seconds(read_one, files)
 
 
 def measure_disk(
