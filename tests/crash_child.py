@@ -30,10 +30,12 @@ import functools
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -195,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_forked(argv: list[str], log: str) -> None:
-    """In a freshly forked child: own log, no stdin, run main(), never return."""
+def run_in_forked_child(log: str, body: Callable[[], int]) -> NoReturn:
+    """In a freshly forked child: own log, no stdin, run ``body``, never return.
+
+    Shared by this script's fork server and tests/kill_harness.py's.
+    """
     code = 1
     try:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -207,7 +212,7 @@ def _run_forked(argv: list[str], log: str) -> None:
         os.dup2(null, 0)
         os.close(null)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-        code = main(argv)
+        code = body()
     except BaseException:
         import traceback
 
@@ -216,6 +221,41 @@ def _run_forked(argv: list[str], log: str) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+
+
+class ForkServer:
+    """The parent's end of a ``SCRIPT --serve`` fork server: one request line, one reply.
+
+    The server imports torch once and forks one child per kill, which saves the import
+    (seconds) per child; each child is still a real process, really SIGKILLed.
+    """
+
+    def __init__(self, script: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+
+    def ask(self, line: str) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline().strip()
+        if not reply or reply.startswith("error"):
+            raise RuntimeError(f"fork server answered {reply!r} to {line[:200]!r}")
+        return reply
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()  # the server kills and reaps any child still running
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def serve() -> int:
@@ -229,7 +269,9 @@ def serve() -> int:
                 sys.stdout.flush()
                 pid = os.fork()
                 if pid == 0:
-                    _run_forked(request["argv"], request["log"])
+                    run_in_forked_child(
+                        request["log"], lambda request=request: main(request["argv"])
+                    )
                 children.add(pid)
                 reply = str(pid)
             elif command == "reap":

@@ -51,7 +51,6 @@ import random
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -425,29 +424,6 @@ def child_main(plan: Plan, argv: list[str], cuda: bool) -> int:
     return int(crash_child.main(argv))
 
 
-def _run_forked(request: dict[str, Any]) -> None:
-    """In a freshly forked child: own log, no stdin, run child_main(), never return."""
-    code = 1
-    try:
-        fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.close(null)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        code = child_main(Plan(**request["plan"]), request["argv"], request["cuda"])
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-
-
 def serve() -> int:
     """Fork server: pays for ``import torch`` once, forks one child per kill.
 
@@ -459,7 +435,7 @@ def serve() -> int:
 
     import aiockpt  # noqa: F401
 
-    _load_crash_child()
+    crash_child = _load_crash_child()
     children: set[int] = set()
     try:
         for line in sys.stdin:
@@ -468,7 +444,13 @@ def serve() -> int:
                 sys.stdout.flush()
                 pid = os.fork()
                 if pid == 0:
-                    _run_forked(json.loads(rest))
+                    request = json.loads(rest)
+                    crash_child.run_in_forked_child(
+                        request["log"],
+                        lambda request=request: child_main(
+                            Plan(**request["plan"]), request["argv"], request["cuda"]
+                        ),
+                    )
                 children.add(pid)
                 reply = str(pid)
             elif command == "wait":
@@ -499,35 +481,6 @@ def serve() -> int:
 
 
 # -- the parent's side --------------------------------------------------------------------
-class ForkServer:
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
-
-    def ask(self, line: str) -> str:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        reply = self.proc.stdout.readline().strip()
-        if not reply or reply.startswith("error"):
-            raise RuntimeError(f"fork server answered {reply!r} to {line[:200]!r}")
-        return reply
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @dataclasses.dataclass
 class Outcome:
     """What one kill did and what the restarted job found."""
@@ -672,7 +625,7 @@ def check_recovery(
     return restored, problems
 
 
-def run_kill(server: ForkServer, workdir: Path, plan: Plan, cuda: bool = False) -> Outcome:
+def run_kill(server: Any, workdir: Path, plan: Plan, cuda: bool = False) -> Outcome:
     started = time.monotonic()
     run_dir = workdir / f"kill-{plan.index:04d}"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -716,8 +669,10 @@ def run_kill(server: ForkServer, workdir: Path, plan: Plan, cuda: bool = False) 
 
 
 @contextlib.contextmanager
-def fork_server() -> Iterator[ForkServer]:
-    server = ForkServer()
+def fork_server() -> Iterator[Any]:
+    server = (sys.modules.get("crash_child") or _load_crash_child()).ForkServer(
+        Path(__file__).resolve()
+    )
     try:
         yield server
     finally:

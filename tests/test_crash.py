@@ -51,40 +51,10 @@ def _import_child() -> object:
 
 
 crash_child = _import_child()
+ForkServer = crash_child.ForkServer  # type: ignore[attr-defined]
 
 
 # -- child processes -----------------------------------------------------------------------
-class ForkServer:
-    """``crash_child.py --serve``: imports torch once and forks one child per kill."""
-
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(CHILD), "--serve"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            bufsize=1,
-        )
-
-    def ask(self, line: str) -> str:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        reply = self.proc.stdout.readline().strip()
-        if not reply or reply.startswith("error"):
-            raise RuntimeError(f"fork server answered {reply!r} to {line!r}")
-        return reply
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()  # the server kills and reaps any child still running
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @dataclass
 class Child:
     """A running crash_child: a forked one (``server``) or a plain subprocess (``proc``)."""
@@ -278,7 +248,7 @@ def check_recovery(kill: Kill, keep_last: int) -> int:
 # -- tests --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fork_server() -> Iterator[ForkServer]:
-    server = ForkServer()
+    server = ForkServer(CHILD)
     try:
         yield server
     finally:
