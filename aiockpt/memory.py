@@ -77,10 +77,6 @@ class StagingMemory:
     def host_nbytes(self) -> int:
         return len(self._buffers) * self.buffer_bytes
 
-    @property
-    def gpu_nbytes(self) -> int:
-        return sum(buf.numel() for buf in self._gpu.values())
-
     def resize_host(self, buffer_bytes: int, count: int, *, pin: bool) -> None:
         """Grow the pool to ``count`` buffers of ``buffer_bytes`` (never shrinks a fit pool)."""
         if buffer_bytes != self.buffer_bytes or pin != self.pinned:

@@ -53,7 +53,6 @@ class Snapshot:
     host_ready: dict[torch.device, torch.cuda.Event] = field(default_factory=dict)
     # Devices whose chunks wait in the GPU staging buffer, recorded after the capture copy.
     gpu_ready: dict[torch.device, torch.cuda.Event] = field(default_factory=dict)
-    capture_seconds: float = 0.0
 
 
 class CaptureGuard:

@@ -159,11 +159,6 @@ class CheckpointStore:
                 shutil.rmtree(entry.path, ignore_errors=True)
         (self.root / f"{LATEST_NAME}.tmp").unlink(missing_ok=True)
 
-    def leftovers(self) -> list[Path]:
-        return [
-            Path(e.path) for e in os.scandir(self.root) if e.name.startswith(_TEMPORARY_PREFIXES)
-        ]
-
     # -- writing one checkpoint -------------------------------------------------------
     def begin(self, step: int) -> Path:
         """A fresh temporary directory for the files of ``step``."""
