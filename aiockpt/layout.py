@@ -12,6 +12,7 @@ host buffers hold one chunk each, and a data file is a chunk's bytes verbatim.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +87,22 @@ class Layout:
         """Stream range [start, end) of the chunks on ``device``."""
         chunks = [c for c in self.chunks if c.device == device]
         return chunks[0].stream_offset, chunks[-1].stream_offset + chunks[-1].nbytes
+
+    @functools.cached_property
+    def chunk_pieces(self) -> dict[int, tuple[list[tuple[int, int]], list[tuple[int, int]]]]:
+        """Per chunk: the (offset, length) of each tensor piece in it, and its
+        (tensor index, piece number); computed once per layout, used at every write."""
+        found: dict[int, tuple[list[tuple[int, int]], list[tuple[int, int]]]] = {
+            chunk.index: ([], []) for chunk in self.chunks
+        }
+        for chunk in self.chunks:
+            ranges, keys = found[chunk.index]
+            for index in chunk.tensors:
+                for number, piece in enumerate(self.tensors[index].pieces):
+                    if piece.chunk == chunk.index:
+                        ranges.append((piece.offset, piece.length))
+                        keys.append((index, number))
+        return found
 
     @property
     def devices(self) -> list[torch.device]:

@@ -237,7 +237,7 @@ class Pipeline:
                 job.gpu_chunks_left[chunk.device] -= 1
                 if job.gpu_chunks_left[chunk.device] == 0:
                     await self.memory.give_back(gpu=[chunk.device])
-            ranges, keys = _piece_ranges(job, chunk)
+            ranges, keys = snapshot.layout.chunk_pieces[chunk.index]
             async with slots:
                 write_start = time.perf_counter()
                 sums = await asyncio.get_running_loop().run_in_executor(
@@ -258,16 +258,6 @@ class Pipeline:
     def close(self) -> None:
         self.writers.shutdown(wait=True)
         self.event_waiter.shutdown(wait=True)
-
-
-def _piece_ranges(job: _Job, chunk: Chunk) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    ranges, keys = [], []
-    for index in chunk.tensors:
-        for number, piece in enumerate(job.snapshot.layout.tensors[index].pieces):
-            if piece.chunk == chunk.index:
-                ranges.append((piece.offset, piece.length))
-                keys.append((index, number))
-    return ranges, keys
 
 
 def _span(spans: list[tuple[float, float]]) -> float:

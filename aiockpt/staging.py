@@ -103,19 +103,13 @@ class Capturer:
         self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._gpu_views: dict[torch.device, list[torch.Tensor]] | None = None
         self._host_views: dict[tuple[int, int], list[tuple[TensorPlacement, torch.Tensor]]] = {}
+        # What admission must reserve, the same for every checkpoint of this layout.
+        self.gpu_devices = {d for d, mode in modes.items() if mode == "gpu"}
+        self.host_captured_chunks = [c.index for c in layout.chunks if modes[c.device] != "gpu"]
         self._indices_on = {
             device: [t.index for t in layout.tensors if t.device == device]
             for device in layout.devices
         }
-
-    # -- what admission must reserve -----------------------------------------------
-    @property
-    def gpu_devices(self) -> set[torch.device]:
-        return {d for d, mode in self.modes.items() if mode == "gpu"}
-
-    @property
-    def host_captured_chunks(self) -> list[int]:
-        return [c.index for c in self.layout.chunks if self.modes[c.device] != "gpu"]
 
     def copy_stream(self, device: torch.device) -> torch.cuda.Stream:
         stream = self._copy_streams.get(device)
