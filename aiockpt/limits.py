@@ -21,7 +21,7 @@ import torch
 from .fileio import read_exact, write_all
 from .memory import byte_view
 
-__all__ = ["Limits", "measure_limits"]
+__all__ = ["Limits", "measure_fsync_writes", "measure_limits"]
 
 
 @dataclass
@@ -126,6 +126,23 @@ def measure_disk(
         limits.pagecache_write_gbps = total / _write_files(scratch, data, threads, fsync=False)
         limits.fsync_write_gbps = total / _write_files(scratch, data, threads, fsync=True)
         limits.read_gbps = total / _read_files(scratch, data, threads)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def measure_fsync_writes(directory: str | os.PathLike[str], per_file: int, writers: int) -> float:
+    """GB/s of ``writers`` threads each writing and fsyncing a file of ``per_file`` bytes.
+
+    One writer against several shows how many writer threads the disk needs before it
+    stops going faster.
+    """
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".limits-", dir=root))
+    buffer = torch.randint(0, 255, (max(per_file, 1),), dtype=torch.uint8)
+    try:
+        seconds = _write_files(scratch, byte_view(buffer), writers, fsync=True)
+        return buffer.numel() * writers / 1e9 / seconds
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
