@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .console import CliError, json_number, note
 from .diagnose_advice import analyze, format_bytes
 from .diagnose_data import Analysis, Measurements, Thresholds
+
+if TYPE_CHECKING:
+    import torch
+
+    from .diagnose_measure import Workload
 
 __all__ = ["add_arguments", "report", "run"]
 
@@ -129,6 +134,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for name, value in (("--num-steps", args.num_steps), ("--rounds", args.rounds)):
         if value < 1:
             raise CliError(f"{name} {value} must be at least 1", hint="e.g. 50 steps, 3 rounds")
+    if not args.max_seconds > 0:
+        raise CliError(f"--max-seconds {args.max_seconds:g} must be positive", hint="e.g. 120")
     if args.checkpoint_interval is not None and args.checkpoint_interval < 1:
         raise CliError(
             f"--checkpoint-interval {args.checkpoint_interval} must be at least 1",
@@ -136,13 +143,13 @@ def _check_args(args: argparse.Namespace) -> None:
         )
 
 
-def _device(args: argparse.Namespace) -> Any:
+def _device(args: argparse.Namespace) -> torch.device:
     import torch
 
     return torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
 
 
-def _workload(args: argparse.Namespace, device: Any) -> Any:
+def _workload(args: argparse.Namespace, device: torch.device) -> Workload:
     from .diagnose_measure import host_memory_available, preset_workload, synthetic_workload
 
     if args.preset is not None:
@@ -152,14 +159,16 @@ def _workload(args: argparse.Namespace, device: Any) -> Any:
         import torch
 
         free, _ = torch.cuda.mem_get_info(device)
-        room, where = free, "free GPU memory"
+        # The state itself must fit; where its staging copy goes is what "auto" decides.
+        need, room, where = nbytes, 0.9 * free, "free GPU memory (less 10%)"
     else:
-        room, where = host_memory_available() or nbytes * 4, "available host memory"
-    # The state, and a staging copy of it, must fit with room to spare.
-    if 2 * nbytes > room:
+        # The state and the host pool that CPU checkpoints are copied into.
+        need, where = 2 * nbytes, "available host memory"
+        room = host_memory_available() or float(need)
+    if need > room:
         raise CliError(
-            f"--state-gb {args.state_gb:g} needs twice that ({2 * nbytes / 1e9:.3g} GB, the "
-            f"state and its staging copy), more than the {room / 1e9:.3g} GB of {where}",
+            f"--state-gb {args.state_gb:g} needs {need / 1e9:.3g} GB here, more than the "
+            f"{room / 1e9:.3g} GB of {where}",
             hint="diagnose a smaller state, or on the machine that trains",
         )
     return synthetic_workload(args.step_ms, nbytes, device)
@@ -206,7 +215,8 @@ def render(label: str, measurements: Measurements, analysis: Analysis) -> None:
         f"[bold]{escape(label)}[/bold] on {escape(setup.device)}: "
         f"{format_bytes(setup.state_bytes)} of state in {setup.chunks} chunk"
         f"{'s' * (setup.chunks != 1)}, {measurements.timings.step_ms:.3g} ms steps, "
-        f"checkpoint every {setup.interval_steps} steps ({escape(setup.interval_source)})"
+        f"checkpoint every {setup.interval_steps} step{'s' * (setup.interval_steps != 1)} "
+        f"({escape(setup.interval_source)})"
     )
     for section, title in SECTIONS.items():
         console.print(f"\n[bold]{title}[/bold]")

@@ -131,7 +131,7 @@ class Frequency:
     interval_seconds: float
     persist_seconds: float
     pipeline_seconds: float  # between completions, sustained
-    disk_seconds: float  # the state at the parallel fsync bandwidth
+    disk_seconds: float  # the state at the parallel write bandwidth
     in_flight_wanted: float  # checkpoints that would persist at once, unbounded
     backlog: bool
     fills_after: int | None  # checkpoints until max_async places are all taken
@@ -159,7 +159,7 @@ def pipeline_seconds(m: Measurements) -> float:
 
 
 def _disk_seconds(m: Measurements) -> float:
-    gbps = m.disk.fsync_write_gbps
+    gbps = m.disk.parallel_write_gbps
     return m.setup.state_bytes / (gbps * 1e9) if gbps > 0 else 0.0
 
 
@@ -227,7 +227,7 @@ def _measured_run(run: IntervalRun) -> str:
 
 def _backlog(m: Measurements, f: Frequency) -> Finding:
     config, t = m.setup.config, m.timings
-    every = f"every {f.interval_steps} steps x {_ms(t.step_ms)}"
+    every = f"every {_plural(f.interval_steps, 'step')} x {_ms(t.step_ms)}"
     numbers = _pick(f, "persist_seconds", "interval_seconds", "pipeline_seconds", "backlog")
     if not config.use_monitor:
         message = (
@@ -285,7 +285,7 @@ def _overhead(m: Measurements, th: Thresholds, f: Frequency) -> Finding:
     every = f.effective_interval_steps
     message = (
         f"each checkpoint costs training ~{_ms(f.cost_ms)} ({' + '.join(parts)}); every "
-        f"{every} steps that is {_ms(f.cost_ms)} x {100 / every:.3g} checkpoints = "
+        f"{_plural(every, 'step')} that is {_ms(f.cost_ms)} x {100 / every:.3g} checkpoints = "
         f"{_ms(f.overhead_ms_per_100_steps)} per 100 steps of "
         f"{_ms(f.training_ms_per_100_steps)} training ({f.overhead_fraction:.1%})"
     )
@@ -328,11 +328,11 @@ class Queueing:
     chunk_write_ms: float | None
     single_writer_gbps: float
     parallel_writers: int
-    parallel_fsync_gbps: float
+    parallel_write_gbps: float
     writers_needed: int
     writers_used: int
     write_gbps: float
-    write_efficiency: float  # of the parallel fsync bandwidth
+    write_efficiency: float  # of the parallel write bandwidth
     queue_wait_ms: float | None  # for an in-flight place, in the interval run
 
 
@@ -340,13 +340,13 @@ def writers_needed(disk: Disk) -> int:
     """Writer threads the disk takes before it stops going faster."""
     if disk.single_writer_gbps <= 0:
         return 1
-    return min(disk.writers, _ceil(disk.fsync_write_gbps / disk.single_writer_gbps))
+    return min(disk.writers, _ceil(disk.parallel_write_gbps / disk.single_writer_gbps))
 
 
 def queueing_figures(m: Measurements) -> Queueing:
     config, t, chunks = m.setup.config, m.timings, m.setup.chunks
     write_gbps = m.setup.state_bytes / t.write_seconds / 1e9 if t.write_seconds > 0 else 0.0
-    limit = m.disk.fsync_write_gbps
+    limit = m.disk.parallel_write_gbps
     return Queueing(
         chunks=chunks,
         write_slots=config.write_slots(chunks),
@@ -358,7 +358,7 @@ def queueing_figures(m: Measurements) -> Queueing:
         chunk_write_ms=t.chunk_write_ms,
         single_writer_gbps=m.disk.single_writer_gbps,
         parallel_writers=m.disk.writers,
-        parallel_fsync_gbps=limit,
+        parallel_write_gbps=limit,
         writers_needed=writers_needed(m.disk),
         writers_used=min(config.num_threads, chunks),
         write_gbps=write_gbps,
@@ -397,12 +397,23 @@ def _queueing(m: Measurements, th: Thresholds, q: Queueing, pressing: bool) -> l
         )
     numbers = _pick(q, "chunks", "num_threads", "waves", "chunk_wait_ms", "chunk_wait_ms_max")
     warnings = config.queueing_warnings(q.chunks)
-    if warnings:
+    # Chunks waiting for a thread cost nothing when the threads there are already write
+    # as fast as the disk goes: more of them would only compete with training.
+    saturated = q.num_threads >= q.writers_needed and q.write_efficiency >= th.write_efficiency
+    waves = (
+        f"{_plural(q.chunks, 'chunk')} per checkpoint on num_threads = {q.num_threads} "
+        f"writer threads are written in {q.waves} waves{measured}"
+    )
+    advise_threads = bool(warnings) and not saturated
+    if advise_threads:
+        found.append(Finding("queueing", "writer_threads", waves, numbers, warnings[0]))
+    elif warnings:
         message = (
-            f"{_plural(q.chunks, 'chunk')} per checkpoint on num_threads = {q.num_threads} "
-            f"writer threads are written in {q.waves} waves{measured}"
+            f"{waves}; but {q.num_threads} threads are the ~{q.writers_needed} writers the disk "
+            f"takes, and they write at {q.write_efficiency:.0%} of its parallel figure: more "
+            "would not persist faster"
         )
-        found.append(Finding("queueing", "writer_threads", message, numbers, warnings[0]))
+        found.append(Finding("queueing", "writer_threads_ok", message, numbers))
     else:
         message = (
             f"num_threads = {q.num_threads} >= {_plural(q.chunks, 'chunk')} per checkpoint: "
@@ -413,21 +424,22 @@ def _queueing(m: Measurements, th: Thresholds, q: Queueing, pressing: bool) -> l
         q,
         "single_writer_gbps",
         "parallel_writers",
-        "parallel_fsync_gbps",
+        "parallel_write_gbps",
         "writers_needed",
         "writers_used",
         "write_gbps",
         "write_efficiency",
     )
     message = (
-        f"one writer does {q.single_writer_gbps:.2f} GB/s, {q.parallel_writers} writers "
-        f"{q.parallel_fsync_gbps:.2f} GB/s: the disk takes ~{_plural(q.writers_needed, 'writer')}"
+        f"writing chunk-sized files as checkpoints do (checksums, write, fsync), one writer "
+        f"does {q.single_writer_gbps:.2f} GB/s, {q.parallel_writers} writers "
+        f"{q.parallel_write_gbps:.2f} GB/s: the disk takes ~{_plural(q.writers_needed, 'writer')}"
         f"; checkpoints use {q.writers_used} (num_threads = {q.num_threads}, "
         f"{_plural(q.chunks, 'chunk')}) and write at {q.write_gbps:.2f} GB/s "
         f"({q.write_efficiency:.0%} of the parallel figure)"
     )
     short = q.writers_used < q.writers_needed and q.write_efficiency < th.write_efficiency
-    if not (short and pressing):
+    if not (short and pressing) or advise_threads:  # the thread advice says it already
         found.append(Finding("queueing", "disk_parallelism_ok", message, numbers))
         return found
     changes = []

@@ -87,7 +87,8 @@ class Timings:
 
 @dataclass
 class Disk:
-    fsync_write_gbps: float  # ``writers`` threads writing and fsyncing at once
+    # Chunk-sized files written as the pipeline writes chunks, ``writers`` threads at once.
+    parallel_write_gbps: float
     writers: int
     single_writer_gbps: float
     d2h_pinned_gbps: float | None = None

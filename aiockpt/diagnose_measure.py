@@ -37,7 +37,7 @@ from .checkpointer import SyncCheckpointer, SyncCheckpointHandle
 from .config import Config
 from .diagnose_advice import checkpoint_interval, format_bytes
 from .diagnose_data import Disk, IntervalRun, Measurements, Memory, Setup, Timings
-from .limits import Limits, measure_copies, measure_fsync_writes
+from .limits import Limits, measure_chunk_writes, measure_copies
 from .staging import GPU_HEADROOM_FRACTION, choose_staging
 
 __all__ = [
@@ -52,7 +52,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 WARMUP_STEPS = 3
-PLAIN_STEPS = 5
+PLAIN_STEPS = 3
 # Plain steps after each isolated checkpoint: the baseline for the persisting steps.
 PLAIN_AFTER = 3
 # Disk probes: enough writers to find where the disk stops scaling, files large enough
@@ -352,9 +352,12 @@ def _interval_run(
 
 def _measure_disk(directory: Path, workload: Workload, config: Config) -> Disk:
     writers = min(max(config.num_threads, PROBE_WRITERS), PROBE_MAX_WRITERS)
-    per_file = min(max(workload.state_bytes // writers, PROBE_FILE_MIN), PROBE_FILE_MAX)
-    single = measure_fsync_writes(directory, per_file, 1)
-    parallel = measure_fsync_writes(directory, per_file, writers)
+    # Files the size of one chunk, as each writer thread writes them.
+    chunk = min(config.chunk_bytes(workload.state_bytes), workload.state_bytes)
+    per_file = min(max(chunk, PROBE_FILE_MIN), PROBE_FILE_MAX)
+    pinned = workload.device.type == "cuda"  # the pool is pinned for GPU state
+    single = measure_chunk_writes(directory, per_file, 1, pinned=pinned)
+    parallel = measure_chunk_writes(directory, per_file, writers, pinned=pinned)
     limits = Limits()
     if workload.device.type == "cuda":
         measure_copies(min(workload.state_bytes, COPY_PROBE_MAX), limits)

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
-from .fileio import read_exact, write_all
+from .fileio import read_exact, write_all, write_pieces
 from .memory import byte_view
 
-__all__ = ["Limits", "measure_fsync_writes", "measure_limits"]
+_BLOCK = 4096
+
+__all__ = ["Limits", "measure_chunk_writes", "measure_limits"]
 
 
 @dataclass
@@ -130,19 +132,32 @@ def measure_disk(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def measure_fsync_writes(directory: str | os.PathLike[str], per_file: int, writers: int) -> float:
-    """GB/s of ``writers`` threads each writing and fsyncing a file of ``per_file`` bytes.
+def measure_chunk_writes(
+    directory: str | os.PathLike[str], per_file: int, writers: int, *, pinned: bool = False
+) -> float:
+    """GB/s of ``writers`` threads each writing a file of ``per_file`` bytes the way the
+    pipeline writes a chunk: from a buffer allocated like its staging pool (``pinned``
+    when GPU state is saved), checksummed, around the page cache where the buffer and the
+    filesystem allow it, fsync'd.
 
-    One writer against several shows how many writer threads the disk needs before it
+    One writer against several shows how many writer threads the disk takes before it
     stops going faster.
     """
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".limits-", dir=root))
-    buffer = torch.randint(0, 255, (max(per_file, 1),), dtype=torch.uint8)
+    size = max(per_file, 1)
+    padded = -(-size // _BLOCK) * _BLOCK  # the pool's buffers are whole blocks too
+    buffer = torch.empty(padded, dtype=torch.uint8, pin_memory=pinned)
+    buffer.random_(0, 256)
+    room = byte_view(buffer)
+
+    def write_one(i: int) -> None:
+        path = str(scratch / f"limit-{i}.bin")
+        write_pieces(path, room[:size], [(0, size)], durable=True, room=room)
+
     try:
-        seconds = _write_files(scratch, byte_view(buffer), writers, fsync=True)
-        return buffer.numel() * writers / 1e9 / seconds
+        return size * writers / 1e9 / _parallel_seconds(write_one, writers)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
