@@ -35,6 +35,7 @@ from .errors import (
     CorruptCheckpointError,
     NoCheckpointError,
     RestoreError,
+    WorldSizeError,
 )
 from .flatten import FlatState, flatten_state
 from .layers import tensor_layers
@@ -43,6 +44,7 @@ from .memory import StagingMemory
 from .metrics import CheckpointerStats, CheckpointMetrics
 from .pipeline import Pipeline, _Job
 from .reader import TensorFilter, read_checkpoint, tensor_filter
+from .reshard import RankSelection, place_shards
 from .runtime import CallerLoop, MonitorLoop, PrivateLoop, Runtime
 from .sharding import RankShare, Replicated, object_kinds
 from .staging import CaptureGuard, Capturer, Snapshot, choose_staging
@@ -395,6 +397,44 @@ class _Core:
             )
         return chosen
 
+    async def agreed_candidates(self, step: int | None) -> list[CheckpointInfo]:
+        """The checkpoints to try, newest first: rank 0's list, on every rank."""
+        if self.ranks is None:
+            return self.candidates(step)
+        ranks = self.ranks
+        loop = asyncio.get_running_loop()
+        mine: list[CheckpointInfo] | BaseException
+        try:
+            mine = self.candidates(step)
+        except NoCheckpointError as exc:
+            mine = exc
+        chosen = await loop.run_in_executor(self.pipeline.coordinator, ranks.broadcast, mine)
+        if isinstance(chosen, BaseException):
+            raise chosen
+        return [
+            info
+            if isinstance(mine, BaseException)
+            else next((m for m in mine if m.step == info.step), info)
+            for info in chosen
+        ]
+
+    async def agree_on_read(
+        self, info: CheckpointInfo, error: BaseException | None
+    ) -> BaseException | None:
+        """This rank's read error, or the first other rank's; None when all read well."""
+        if self.ranks is None:
+            return error
+        loop = asyncio.get_running_loop()
+        vote = None if error is None else (type(error).__name__, str(error))
+        votes = await loop.run_in_executor(self.pipeline.coordinator, self.ranks.all_gather, vote)
+        if error is not None:
+            return error
+        for rank, other in enumerate(votes):
+            if other is not None:
+                kind = WorldSizeError if other[0] == "WorldSizeError" else CorruptCheckpointError
+                return kind(f"rank {rank} could not read {info.path}: {other[1]}")
+        return None
+
     async def read(self, info: CheckpointInfo, request: _RestoreRequest) -> dict[str, Any]:
         """Read, verify and decode one checkpoint off the loop; corrupt ones raise here."""
         loop = asyncio.get_running_loop()
@@ -403,8 +443,13 @@ class _Core:
     def _read_state(self, info: CheckpointInfo, request: _RestoreRequest) -> dict[str, Any]:
         # The manifest is read once, inside read_checkpoint; a missing key reads nothing
         # for that key, so checking after the read costs no extra I/O.
+        rank = 0 if self.ranks is None else self.ranks.rank
+        selection = RankSelection({n: self.objects[n] for n in request.names}, rank)
         loaded = read_checkpoint(
-            info.path, select=request.select(), threads=self.config.num_threads
+            info.path,
+            select=request.select(),
+            threads=self.config.num_threads,
+            rank_select=selection.filter,
         )
         missing = [name for name in request.names if name not in loaded.manifest.state]
         if missing:
@@ -413,7 +458,9 @@ class _Core:
                 f"{sorted(loaded.manifest.state)}); pass the same keyword names that saved it"
             )
         self.stats.last_restore_bytes = loaded.bytes_read
-        return loaded.state("cpu", keys=request.names)
+        state = loaded.state("cpu", keys=request.names, rank=rank, dtensor=lambda saved: saved)
+        # DTensors come back sharded as the live objects shard them now.
+        return {name: place_shards(state[name], self.objects[name]) for name in state}
 
     def request(self, only: Iterable[str] | None, layers: str | None) -> _RestoreRequest:
         names = list(self.objects) if only is None else list(only)
@@ -576,14 +623,22 @@ async def _restore(
     request = core.request(only, layers)
     await bridge(core.pipeline.drain())
     tried: list[str] = []
-    for info in core.candidates(step):
+    for info in await bridge(core.agreed_candidates(step)):
+        error: BaseException | None = None
         try:
             state = await bridge(core.read(info, request))
-        except CorruptCheckpointError as error:
+        except (CorruptCheckpointError, WorldSizeError) as exc:
+            error = exc
+        # Ranks load the same step or none: each rank reads only its own bytes, so a
+        # corrupt file is seen by some ranks alone.
+        error = await bridge(core.agree_on_read(info, error))
+        if isinstance(error, CorruptCheckpointError):
             if step is not None:
-                raise
+                raise error
             core.corrupt(info, error, tried)
             continue
+        if error is not None:
+            raise error
         core.apply(state, request)
         return info.step
     if tried:

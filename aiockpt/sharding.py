@@ -65,7 +65,7 @@ class Replicated:
         return self.wrapped.load_state_dict(state_dict, *args, **kwargs)
 
 
-def dtensor_type() -> type | None:
+def dtensor_type() -> Any:
     """torch's DTensor class, or None where this torch has none."""
     try:
         from torch.distributed.tensor import DTensor
@@ -82,7 +82,7 @@ def object_kinds(objects: Mapping[str, Any]) -> dict[str, str]:
     ddp_params: set[int] = set()
     kinds = {}
     for name, obj in objects.items():
-        if isinstance(obj, Replicated) or _is_ddp(obj) or _holds_dtensors(obj):
+        if isinstance(obj, Replicated) or _is_ddp(obj) or holds_dtensors(obj):
             kinds[name] = REPLICATED
             if _is_ddp(obj):
                 ddp_params.update(id(p) for p in obj.parameters())
@@ -100,7 +100,8 @@ def _is_ddp(obj: Any) -> bool:
     return isinstance(obj, torch.nn.parallel.DistributedDataParallel)
 
 
-def _holds_dtensors(obj: Any) -> bool:
+def holds_dtensors(obj: Any) -> bool:
+    """Whether a module's parameters or an optimizer's are DTensors."""
     dtensor = dtensor_type()
     if dtensor is None:
         return False
