@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-__all__ = ["RankGroup", "is_rank_zero"]
+__all__ = ["RankGroup", "is_rank_zero", "world_size"]
 
 
 def is_rank_zero() -> bool:
@@ -34,6 +34,12 @@ def is_rank_zero() -> bool:
         return dist.get_rank() == 0  # type: ignore[no-any-return]
     except Exception:  # a half-torn-down process group: logging must not crash training
         return True
+
+
+def world_size() -> int:
+    """The number of ranks of the running process group (1 without one)."""
+    dist = _dist_if_initialized()
+    return 1 if dist is None else int(dist.get_world_size())
 
 
 def _dist_if_initialized() -> Any:

@@ -11,6 +11,8 @@ the CPU with gloo. Scenarios:
   write what was restored, train 2 steps the same way, write the result too.
 - ``kill``: like save, but this rank SIGKILLs itself while writing step 4's data when
   KILL_RANK names it.
+- ``trainer``: a SyncTrainer checkpointing every 2 steps resumes (if it can) and trains
+  up to step 4; also checks that a wall-clock policy is refused on several ranks.
 
 MODEL is ``ddp`` (DistributedDataParallel: replicated state) or ``fsdp`` (fully_shard:
 DTensor state).
@@ -80,10 +82,37 @@ def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, An
     }
 
 
+def run_trainer(kind: str, directory: str) -> dict[str, Any]:
+    model, optimizer = build(kind, seed=0)
+
+    def loss_fn(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return model(batch).square().mean()
+
+    result: dict[str, Any] = {}
+    try:
+        clock = aiockpt.Config(directory=directory, interval_seconds=1.0)
+        aiockpt.SyncTrainer(model, optimizer, loss_fn, config=clock)
+    except aiockpt.ConfigError as exc:
+        result["clock_refused"] = str(exc)
+    config = aiockpt.Config(directory=directory, interval_steps=2, keep_last=None)
+    with aiockpt.SyncTrainer(model, optimizer, loss_fn, config=config) as trainer:
+        result["start"] = trainer.resume()
+        for step in range(result["start"] + 1, 5):
+            data = torch.Generator().manual_seed(1000 * step + dist.get_rank())
+            trainer.train_step(torch.randn(8, 16, generator=data))
+        trainer.wait()
+        result["at_4"] = snapshot(model, optimizer)
+    return result
+
+
 def main() -> None:
     scenario, kind, directory, out = sys.argv[1:5]
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    if scenario == "trainer":
+        torch.save(run_trainer(kind, directory), Path(out) / f"rank{rank}.pt")
+        dist.destroy_process_group()
+        return
     config = aiockpt.Config(directory=directory, keep_last=None, chunk_size_mb=0.004)
     model, optimizer = build(kind, seed=0 if scenario != "restore" else 123)
     ckpt = aiockpt.SyncCheckpointer(
