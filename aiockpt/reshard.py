@@ -108,6 +108,13 @@ def _optimizer_params(obj: Any) -> list[Any]:
 def _place(node: Any, live: Any, path: str, params: list[Any]) -> Any:
     if isinstance(node, SavedShards):
         return _as_live(node, live, path, params)
+    if (
+        isinstance(node, torch.Tensor)
+        and _dtensor_target(live, path, params, node.shape) is not None
+    ):
+        # A whole tensor (saved by one process, or imported) restored into a DTensor.
+        whole = SavedShards(tuple(node.shape), [((0,) * node.dim(), node)])
+        return _as_live(whole, live, path, params)
     if isinstance(node, dict):
         for key in list(node):  # in place: keeps OrderedDict and its _metadata
             inner = live.get(key) if isinstance(live, Mapping) else None
@@ -121,15 +128,25 @@ def _place(node: Any, live: Any, path: str, params: list[Any]) -> Any:
     return node
 
 
+def _dtensor_target(live: Any, path: str, params: list[Any], shape: Any) -> Any:
+    """The live DTensor a saved value at ``path`` goes into, or None for a plain tensor:
+    the live value itself, or for optimizer state not created yet, its parameter."""
+    dtensor = dtensor_type()
+    if dtensor is None:
+        return None
+    if isinstance(live, dtensor):
+        return live
+    match = _OPTIMIZER_STATE.fullmatch(path)
+    if live is None and match and int(match["index"]) < len(params):
+        param = params[int(match["index"])]
+        if isinstance(param, dtensor) and tuple(param.shape) == tuple(shape):
+            return param
+    return None
+
+
 def _as_live(saved: SavedShards, live: Any, path: str, params: list[Any]) -> Any:
     dtensor = dtensor_type()
-    target = live if dtensor is not None and isinstance(live, dtensor) else None
-    if target is None:
-        match = _OPTIMIZER_STATE.fullmatch(path)
-        if match and int(match["index"]) < len(params):
-            param = params[int(match["index"])]
-            if dtensor is not None and isinstance(param, dtensor) and param.shape == saved.shape:
-                target = param
+    target = _dtensor_target(live, path, params, saved.shape)
     if target is None:
         return saved.assemble()
     if tuple(target.shape) != saved.shape:

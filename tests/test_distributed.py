@@ -178,3 +178,22 @@ def test_trainer_under_several_ranks_checkpoints_and_resumes(tmp_path):
         again = _load(tmp_path / "again", rank)
         assert again["start"] == 4  # resumed at the newest checkpoint: nothing left to train
         _assert_equal(_load(tmp_path / "first", rank)["at_4"], again["at_4"], f"rank {rank}")
+
+
+def test_sharded_checkpoint_through_dcp_and_back(tmp_path):
+    """Export a 2-rank FSDP checkpoint to torch.distributed.checkpoint's format, import it
+    back (whole tensors now), and restore it into the sharded model on 2 ranks."""
+    from aiockpt.convert import export_checkpoint, import_checkpoint
+
+    directory = tmp_path / "ckpt"
+    _ok(run_ranks(2, "save", "fsdp", directory, tmp_path / "saved"))
+    export_checkpoint(directory / "step-4", "dcp", tmp_path / "dcp")
+    imported = tmp_path / "imported"
+    import_checkpoint(tmp_path / "dcp", "dcp", 4, imported)
+    _ok(run_ranks(2, "restore", "fsdp", imported, tmp_path / "restored"))
+    saved = _load(tmp_path / "saved", 0)
+    for rank in range(2):
+        restored = _load(tmp_path / "restored", rank)
+        assert restored["restored_step"] == 4
+        _assert_equal(saved["at_4"]["model"], restored["at_4"]["model"], "model")
+        _assert_equal(saved["at_4"]["optimizer"], restored["at_4"]["optimizer"], "optimizer")
