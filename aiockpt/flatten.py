@@ -264,14 +264,11 @@ class SavedShards:
     shape: tuple[int, ...]
     shards: list[tuple[tuple[int, ...], Any]]
 
-    def assemble(self) -> Any:
-        """The whole tensor (a tensor not read in a partial read stays unread)."""
-        tensors = [t for _, t in self.shards]
-        if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
-            return tensors[0] if tensors else torch.empty(self.shape)
-        whole = torch.empty(self.shape, dtype=tensors[0].dtype, device=tensors[0].device)
-        covered = 0
+    def check(self) -> SavedShards:
+        """Raise ValueError unless every shard read lies inside the tensor."""
         for offset, tensor in self.shards:
+            if not isinstance(tensor, torch.Tensor):
+                continue  # not read (a partial read)
             ends = zip(offset, tensor.shape, self.shape, strict=False)
             fits = len(offset) == len(self.shape) == tensor.dim() and all(
                 o >= 0 and o + n <= d for o, n, d in ends
@@ -281,6 +278,16 @@ class SavedShards:
                     f"a shard of shape {list(tensor.shape)} at {list(offset)} lies outside "
                     f"its tensor of shape {list(self.shape)}"
                 )
+        return self
+
+    def assemble(self) -> Any:
+        """The whole tensor (a tensor not read in a partial read stays unread)."""
+        tensors = [t for _, t in self.shards]
+        if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+            return tensors[0] if tensors else torch.empty(self.shape)
+        whole = torch.empty(self.shape, dtype=tensors[0].dtype, device=tensors[0].device)
+        covered = 0
+        for offset, tensor in self.shards:
             box = tuple(slice(o, o + n) for o, n in zip(offset, tensor.shape, strict=True))
             whole[box].copy_(tensor)
             covered += tensor.numel()
@@ -341,7 +348,8 @@ def _decode_tagged(node: dict[str, Any], how: _Decoding) -> Any:
         shards = [
             (tuple(int(o) for o in s["offset"]), _decode(s["data"], how)) for s in payload["shards"]
         ]
-        return how.dtensor(SavedShards(tuple(int(d) for d in payload["shape"]), shards))
+        saved = SavedShards(tuple(int(d) for d in payload["shape"]), shards)
+        return how.dtensor(saved.check())
     if tag == "$tuple":
         return tuple(_decode(v, how) for v in payload)
     if tag == "$dict":
