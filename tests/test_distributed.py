@@ -6,6 +6,7 @@ ranks saved and restored, bit for bit.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -62,7 +63,9 @@ def run_ranks(
             for other in processes:
                 other.kill()
             stdout, stderr = process.communicate()
-        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+        results.append(
+            subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+        )
     return results
 
 
@@ -197,3 +200,25 @@ def test_sharded_checkpoint_through_dcp_and_back(tmp_path):
         assert restored["restored_step"] == 4
         _assert_equal(saved["at_4"]["model"], restored["at_4"]["model"], "model")
         _assert_equal(saved["at_4"]["optimizer"], restored["at_4"]["optimizer"], "optimizer")
+
+
+def test_bench_ranks_reports_every_figure(tmp_path):
+    """`python -m aiockpt.bench_ranks` under torchrun, tiny preset on gloo: the structure of
+    its report (timings mean something only on GPUs)."""
+    output = tmp_path / "ranks.json"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--master-port", str(_free_port()), "-m", "aiockpt.bench_ranks", "--preset", "tiny",
+        "--wrap", "fsdp", "--rounds", "1", "--steps", "4", "--interval", "2",
+        "--directory", str(tmp_path / "run"), "--output", str(output), "--cpu",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(output.read_text())
+    assert report["world_size"] == 2 and report["wrap"] == "fsdp"
+    assert report["restore_bit_exact_all_ranks"] is True
+    assert report["raw_fsync_write_gbps_all_ranks"] > 0 and report["persist_gbps_all_ranks"] > 0
+    assert report["throughput_vs_no_checkpoint"] > 0 and report["stall_ms_median"] > 0
+    assert [r["rank"] for r in report["ranks"]] == [0, 1]
+    assert not (tmp_path / "run").exists()
