@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .errors import UnsupportedStateError, WorldSizeError
-from .sharding import ShardInfo, dtensor_type, shard_info
+from .sharding import ShardInfo, dtensor_type, local_shard, shard_info
 
 __all__ = ["FlatState", "flatten_state", "unflatten_state", "dtype_from_name", "dtype_name"]
 
@@ -134,7 +134,7 @@ class _Flattener:
             info = shard_info(tensor)
         except ValueError as exc:
             raise UnsupportedStateError(f"{path}: {exc}") from None
-        ref = self.tensor_ref(tensor.to_local(), path)  # type: ignore[attr-defined]
+        ref = self.tensor_ref(local_shard(tensor), path)
         self.shards[ref[TENSOR_TAG]] = info
         shard = {"offset": list(info.offset), "data": ref}
         return {DTENSOR_TAG: {"shape": list(info.global_shape), "shards": [shard]}}
