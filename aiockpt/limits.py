@@ -23,7 +23,7 @@ from .memory import byte_view
 
 _BLOCK = 4096
 
-__all__ = ["Limits", "measure_chunk_writes", "measure_limits"]
+__all__ = ["Limits", "fsync_write_seconds", "measure_chunk_writes", "measure_limits"]
 
 
 @dataclass
@@ -167,3 +167,17 @@ def measure_limits(directory: str | os.PathLike[str], nbytes: int, threads: int 
     measure_copies(min(nbytes, 4 << 30), limits)
     measure_disk(directory, nbytes, threads, limits)
     return limits
+
+
+def fsync_write_seconds(directory: str | os.PathLike[str], nbytes: int, threads: int) -> float:
+    """Seconds to write ``nbytes`` as ``threads`` parallel fsync'd files under ``directory``
+    (for several ranks writing at once, each timing its own part)."""
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".limits-", dir=root))
+    per_file = max(nbytes // threads, 1 << 20)
+    buffer = torch.randint(0, 255, (per_file,), dtype=torch.uint8)
+    try:
+        return _write_files(scratch, byte_view(buffer), threads, fsync=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
