@@ -125,7 +125,9 @@ def main() -> None:
         for step in range(1, 5):
             train_step(model, optimizer, step)
             if step in (2, 4):
-                ckpt.checkpoint(step)
+                handle = ckpt.checkpoint(step)
+                if scenario == "kill" and step == 2:
+                    handle.wait()  # step 2 committed before step 4's writes begin
         try:
             ckpt.wait()
         except aiockpt.CheckpointError as exc:
