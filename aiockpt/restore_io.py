@@ -256,18 +256,19 @@ class SegmentReader:
         if self.failed.is_set():
             return
         try:
+            targets = [self._target(span) for span in segment.spans]
             views: list[memoryview] = []
             gap = memoryview(bytearray(MAX_GAP))
             position = segment.offset
-            for span in segment.spans:
+            for span, target in zip(segment.spans, targets, strict=True):
                 if span.offset > position:
                     views.extend(_gap_views(gap, span.offset - position))
-                views.append(self._target(span))
+                views.append(target)
                 position = max(position, span.offset + span.length)
             self._guard_read(segment.file, read_scatter, views, segment.offset)
             if self.verify:
-                for span in segment.spans:
-                    self._check(span, checksum(self._target(span)))
+                for span, target in zip(segment.spans, targets, strict=True):
+                    self._check(span, checksum(target))
         except BaseException:
             self.failed.set()
             raise
