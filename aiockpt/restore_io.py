@@ -35,6 +35,7 @@ from .manifest import TensorRecord
 from .memory import byte_view
 
 __all__ = [
+    "MAX_GAP",
     "SEGMENT_BYTES",
     "SLOT_BYTES",
     "CudaTransfer",
