@@ -35,15 +35,17 @@ from .errors import (
     CorruptCheckpointError,
     NoCheckpointError,
     RestoreError,
+    UnsupportedStateError,
     WorldSizeError,
 )
 from .flatten import FlatState, flatten_state
 from .layers import tensor_layers
 from .layout import ALIGNMENT, describe, layout_signature, plan_layout, plan_layout_for_count
+from .manifest import TensorRecord
 from .memory import StagingMemory
 from .metrics import CheckpointerStats, CheckpointMetrics
 from .pipeline import Pipeline, _Job
-from .reader import TensorFilter, read_checkpoint, tensor_filter
+from .reader import Placement, TensorFilter, read_checkpoint, tensor_filter
 from .reshard import RankSelection, place_shards
 from .runtime import CallerLoop, MonitorLoop, PrivateLoop, Runtime
 from .sharding import RankShare, Replicated, object_kinds
@@ -435,12 +437,32 @@ class _Core:
                 return kind(f"rank {rank} could not read {info.path}: {other[1]}")
         return None
 
-    async def read(self, info: CheckpointInfo, request: _RestoreRequest) -> dict[str, Any]:
+    async def read(
+        self, info: CheckpointInfo, request: _RestoreRequest, place: Placement | None
+    ) -> dict[str, Any]:
         """Read, verify and decode one checkpoint off the loop; corrupt ones raise here."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, self._read_state, info, request)
+        # With nothing in flight (restore drained) the staging pool's pinned buffers are
+        # idle: reads to the GPU borrow them instead of pinning a ring of their own.
+        lent = self.memory.lend_pinned() if place is not None else []
+        work = loop.run_in_executor(
+            None, self._read_state, info, request, place, [b.data for b in lent]
+        )
+        try:
+            return await asyncio.shield(work)
+        finally:
+            if lent:
+                # A cancelled restore's reads still run: the buffers go back when they end.
+                await asyncio.wait([work])
+                await self.memory.give_back(lent)
 
-    def _read_state(self, info: CheckpointInfo, request: _RestoreRequest) -> dict[str, Any]:
+    def _read_state(
+        self,
+        info: CheckpointInfo,
+        request: _RestoreRequest,
+        place: Placement | None,
+        pinned: list[torch.Tensor],
+    ) -> dict[str, Any]:
         # The manifest is read once, inside read_checkpoint; a missing key reads nothing
         # for that key, so checking after the read costs no extra I/O.
         rank = 0 if self.ranks is None else self.ranks.rank
@@ -450,6 +472,8 @@ class _Core:
             select=request.select(),
             threads=self.config.num_threads,
             rank_select=selection.filter,
+            place=place,
+            pinned=pinned,
         )
         missing = [name for name in request.names if name not in loaded.manifest.state]
         if missing:
@@ -458,9 +482,48 @@ class _Core:
                 f"{sorted(loaded.manifest.state)}); pass the same keyword names that saved it"
             )
         self.stats.last_restore_bytes = loaded.bytes_read
-        state = loaded.state("cpu", keys=request.names, rank=rank, dtensor=lambda saved: saved)
+        state = loaded.state(None, keys=request.names, rank=rank, dtensor=lambda saved: saved)
         # DTensors come back sharded as the live objects shard them now.
         return {name: place_shards(state[name], self.objects[name]) for name in state}
+
+    def placement(self, request: _RestoreRequest) -> Placement | None:
+        """Where each restored tensor should be read to (None: all to host memory).
+
+        A tensor goes where the object keeps the tensor of the same name now: modules'
+        parameters and buffers on their device, so load_state_dict copies device to
+        device. Optimizer state an optimizer does not hold yet follows its parameter,
+        where load_state_dict would move it anyway (all but "step", which stays where it
+        is loaded, as torch keeps it).
+        """
+        if not torch.cuda.is_available():
+            return None
+        devices: dict[str, torch.device] = {}
+        for name in request.names:
+            obj = self.objects[name]
+            try:
+                flat = flatten_state({name: obj.state_dict()})
+            except UnsupportedStateError:  # restore never needed to save it: read to host
+                continue
+            devices.update(
+                (n, t.device) for n, t in zip(flat.names, flat.tensors, strict=True) if t.is_cuda
+            )
+            if isinstance(obj, torch.optim.Optimizer):
+                params = [p for group in obj.param_groups for p in group["params"]]
+                devices.update(
+                    (f"{name}/state/{i}", p.device) for i, p in enumerate(params) if p.is_cuda
+                )
+        if not devices:
+            return None
+        cpu = torch.device("cpu")
+
+        def place(record: TensorRecord) -> torch.device:
+            device = devices.get(record.name)
+            if device is None:
+                owner, _, key = record.name.rpartition("/")
+                device = devices.get(owner) if key != "step" else None
+            return device or cpu
+
+        return place
 
     def request(self, only: Iterable[str] | None, layers: str | None) -> _RestoreRequest:
         names = list(self.objects) if only is None else list(only)
@@ -623,10 +686,11 @@ async def _restore(
     request = core.request(only, layers)
     await bridge(core.pipeline.drain())
     tried: list[str] = []
+    place = core.placement(request)  # on the caller's thread, like checkpoint()'s state_dict()
     for info in await bridge(core.agreed_candidates(step)):
         error: BaseException | None = None
         try:
-            state = await bridge(core.read(info, request))
+            state = await bridge(core.read(info, request, place))
         except (CorruptCheckpointError, WorldSizeError) as exc:
             error = exc
         # Ranks load the same step or none: each rank reads only its own bytes, so a

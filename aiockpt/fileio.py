@@ -20,6 +20,7 @@ __all__ = [
     "checksum",
     "fsync_directory",
     "read_exact",
+    "read_scatter",
     "write_file_atomically",
     "write_all",
     "write_pieces",
@@ -32,8 +33,9 @@ CHECKSUM_ALGORITHM = "crc32c"
 _MAX_IO = 1 << 30
 
 
-def checksum(data: memoryview | bytes) -> int:
-    return crc32c.crc32c(data)
+def checksum(data: memoryview | bytes, running: int = 0) -> int:
+    """crc32c of ``data``; ``running`` continues the checksum of the bytes before it."""
+    return crc32c.crc32c(data, running)
 
 
 def write_pieces(
@@ -107,6 +109,34 @@ def read_exact(fd: int, into: memoryview, offset: int) -> None:
         if got == 0:
             raise EOFError(f"file ends {len(into) - done} bytes early")
         done += got
+
+
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+
+
+def read_scatter(fd: int, views: Sequence[memoryview], offset: int) -> None:
+    """Fill ``views`` back to back from ``fd`` starting at ``offset``: one preadv call reads
+    a run of many buffers (e.g. the tensors of one file) at once. A short file is an
+    EOFError."""
+    pending = [v for v in views if len(v)]
+    first = 0
+    while first < len(pending):
+        batch = pending[first : first + _IOV_MAX]
+        got = os.preadv(fd, batch, offset)
+        if got == 0:
+            missing = sum(len(v) for v in pending[first:])
+            raise EOFError(f"file ends {missing} bytes early")
+        offset += got
+        # A short read (signals, the kernel's per-call cap) stops inside some buffer:
+        # resume from there.
+        while got:
+            size = len(pending[first])
+            if got >= size:
+                got -= size
+                first += 1
+            else:
+                pending[first] = pending[first][got:]
+                got = 0
 
 
 def fsync_directory(path: str) -> None:

@@ -147,6 +147,14 @@ class StagingMemory:
             await self._condition().wait_for(lambda: bool(self._free))
             return self._free.pop()
 
+    def lend_pinned(self) -> list[HostBuffer]:
+        """Take every free pinned buffer for another use (restore's reads); on the loop,
+        with give_back() to return them. Admissions wait for them meanwhile."""
+        if not self.pinned:
+            return []
+        lent, self._free = self._free, []
+        return lent
+
     async def give_back(
         self,
         buffers: Iterable[HostBuffer] = (),

@@ -9,10 +9,11 @@ directory nor make the reader allocate more than the files hold.
 from __future__ import annotations
 
 import binascii
+import functools
 import os
 import re
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,16 +22,26 @@ from typing import Any
 import torch
 
 from .errors import CorruptCheckpointError, NoCheckpointError
-from .fileio import checksum, read_exact
+from .fileio import read_exact
 from .flatten import SavedShards, unflatten_state
 from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, TensorRecord
-from .memory import byte_view
+from .restore_io import (
+    SLOT_BYTES,
+    CudaTransfer,
+    PinnedRing,
+    Segment,
+    SegmentReader,
+    gpu_room,
+    plan_segments,
+)
 from .store import parse_step_dir
 
-__all__ = ["LoadedCheckpoint", "load", "read_checkpoint", "read_manifest"]
+__all__ = ["LoadedCheckpoint", "Placement", "load", "read_checkpoint", "read_manifest"]
 
 MapLocation = str | torch.device | None
 TensorFilter = Callable[[TensorRecord], bool]
+# Which device a tensor should be read onto (restore: where the object being loaded keeps it).
+Placement = Callable[[TensorRecord], str | torch.device]
 
 
 def _open_regular(path: Path) -> tuple[int, int]:
@@ -91,22 +102,25 @@ class LoadedCheckpoint:
         rank: int = 0,
         dtensor: Callable[[SavedShards], Any] = SavedShards.assemble,
     ) -> dict[str, Any]:
-        """The nested state, tensors on ``map_location``; aliases stay one tensor.
+        """The nested state, tensors on ``map_location`` (None: where they were read);
+        aliases stay one tensor.
 
         Tensors that were not read (a partial read) are left out of their dicts. State
         saved per rank comes back as ``rank`` saved it; DTensors as ``dtensor`` makes them
         (whole tensors by default).
         """
-        device = torch.device(map_location or "cpu")
+        device = None if map_location is None else torch.device(map_location)
 
         def tensor_at(index: int) -> Any:
+            if index not in self.tensors:
+                if not 0 <= index < len(self.manifest.tensors):
+                    raise IndexError(f"tensor index {index} out of range")
+                return _NOT_READ
+            if device is None:
+                return self.tensors[index]
             key = (index, str(device))
             tensor = self.placed.get(key)
             if tensor is None:
-                if index not in self.tensors:
-                    if not 0 <= index < len(self.manifest.tensors):
-                        raise IndexError(f"tensor index {index} out of range")
-                    return _NOT_READ
                 tensor = self.tensors[index].to(device)
                 self.placed[key] = tensor
             return tensor
@@ -184,12 +198,19 @@ def read_checkpoint(
     threads: int = 8,
     verify: bool = True,
     rank_select: Callable[[Manifest, TensorFilter | None], TensorFilter] | None = None,
+    place: Placement | None = None,
+    pinned: Sequence[torch.Tensor] = (),
 ) -> LoadedCheckpoint:
-    """Read (and verify) the tensors of a checkpoint into CPU memory.
+    """Read (and verify) the tensors of a checkpoint, into CPU memory unless ``place``
+    puts a tensor on a CUDA device.
 
     With ``select``, only the tensors it accepts are read: their byte ranges alone.
     ``rank_select`` narrows ``select`` further once the manifest is known (what one rank
     of a run needs).
+    ``place(record)`` names the device each tensor should land on; CUDA tensors are read
+    through a ring of pinned buffers (``pinned``: buffers to borrow for it, else a small
+    ring is pinned for this read). A tensor for which the device lacks free memory is read
+    into CPU memory instead.
     """
     path = Path(directory)
     manifest = read_manifest(path)
@@ -212,44 +233,105 @@ def read_checkpoint(
                     f"{path / record.name}: file holds {size} bytes, the manifest says "
                     f"{record.nbytes} (truncated or overwritten)"
                 )
-        with ThreadPoolExecutor(
-            max_workers=max(1, threads), thread_name_prefix="aiockpt-read"
-        ) as pool:
-            results = pool.map(
-                lambda i: _read_tensor(path, manifest.tensors[i], fds, verify), wanted
-            )
-            for index, (tensor, nbytes) in zip(wanted, results, strict=True):
-                loaded.tensors[index] = tensor
-                loaded.bytes_read += nbytes
+        destinations = _allocate(manifest.tensors, _devices(manifest.tensors, wanted, place))
+        reader = SegmentReader(path, manifest.tensors, fds, destinations, verify)
+        _read_segments(reader, threads, pinned)
     finally:
         for fd in fds.values():
             os.close(fd)
+    for index in wanted:
+        tensor = manifest.tensors[index]
+        loaded.tensors[index] = destinations[index].view(tensor.dtype).view(tensor.shape)
+        loaded.bytes_read += tensor.nbytes
     return loaded
 
 
-def _read_tensor(
-    path: Path, record: TensorRecord, fds: dict[str, int], verify: bool
-) -> tuple[torch.Tensor, int]:
-    data = torch.empty(record.nbytes, dtype=torch.uint8)
-    view = byte_view(data)
-    done = 0
-    for piece in record.pieces:
-        part = view[done : done + piece.length]
+def _devices(
+    records: Sequence[TensorRecord], wanted: list[int], place: Placement | None
+) -> dict[int, torch.device]:
+    """Where each wanted tensor is read to: its placement while the device has room."""
+    cpu = torch.device("cpu")
+    if place is None or not torch.cuda.is_available():
+        return dict.fromkeys(wanted, cpu)
+    devices: dict[int, torch.device] = {}
+    room: dict[torch.device, int] = {}
+    for index in wanted:
+        device = torch.device(place(records[index]))
+        if device.type != "cuda":  # other accelerators: host memory, load_state_dict moves it
+            devices[index] = cpu
+            continue
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in room:
+            room[device] = gpu_room(device)
+        size = -(-records[index].nbytes // 512) * 512  # the caching allocator's rounding
+        if size > room[device]:
+            device = cpu  # no room for a temporary: load_state_dict copies from host
+        else:
+            room[device] -= size
+        devices[index] = device
+    return devices
+
+
+def _allocate(
+    records: Sequence[TensorRecord], devices: dict[int, torch.device]
+) -> dict[int, torch.Tensor]:
+    destinations: dict[int, torch.Tensor] = {}
+    for index, device in devices.items():
+        nbytes = records[index].nbytes
         try:
-            read_exact(fds[piece.file], part, piece.offset)
-        except EOFError as exc:
-            raise CorruptCheckpointError(f"{path / piece.file}: {exc}") from exc
-        except OSError as exc:  # restore() then falls back to an older checkpoint
-            raise CorruptCheckpointError(
-                f"{path / piece.file}: cannot be read ({exc.strerror})"
-            ) from exc
-        if verify and checksum(part) != piece.checksum:
-            raise CorruptCheckpointError(
-                f"{path / piece.file}: bytes {piece.offset}..{piece.offset + piece.length} "
-                f"(tensor {record.name!r}) fail their crc32c checksum"
-            )
-        done += piece.length
-    return data.view(record.dtype).view(record.shape), record.nbytes
+            destinations[index] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        except torch.cuda.OutOfMemoryError:  # fragmentation beat the estimate
+            devices[index] = torch.device("cpu")
+            destinations[index] = torch.empty(nbytes, dtype=torch.uint8)
+    return destinations
+
+
+def _read_segments(reader: SegmentReader, threads: int, pinned: Sequence[torch.Tensor]) -> None:
+    """Read every destination's bytes on ``threads`` threads; the first failure raises."""
+    by_device: dict[torch.device, list[tuple[int, TensorRecord]]] = {}
+    for index, data in reader.destinations.items():
+        by_device.setdefault(data.device, []).append((index, reader.records[index]))
+    jobs: list[Callable[[], None]] = []
+    staged: dict[torch.device, list[Segment]] = {}
+    for device, records in by_device.items():
+        segments = plan_segments(records)
+        if device.type == "cpu":
+            jobs += [functools.partial(reader.direct, s) for s in segments]
+        else:
+            staged[device] = segments
+    ring = _ring(staged, threads, pinned) if staged else None
+    transfers = {device: CudaTransfer(device) for device in staged}
+    try:
+        for device, segments in staged.items():
+            assert ring is not None
+            jobs += [functools.partial(reader.staged, s, ring, transfers[device]) for s in segments]
+        with ThreadPoolExecutor(
+            max_workers=max(1, threads), thread_name_prefix="aiockpt-read"
+        ) as pool:
+            for future in [pool.submit(job) for job in jobs]:
+                future.result()
+    finally:
+        if ring is not None:
+            ring.settle()
+        for transfer in transfers.values():
+            transfer.finish()
+
+
+def _ring(
+    staged: dict[torch.device, list[Segment]], threads: int, pinned: Sequence[torch.Tensor]
+) -> PinnedRing:
+    """Enough pinned slots for every reader thread and one copy in flight, never more
+    than the reads need; borrowed from ``pinned`` when it has room for a few."""
+    lengths = [s.length for segments in staged.values() for s in segments]
+    slot = min(SLOT_BYTES, -(-max(lengths, default=1) // 4096) * 4096)
+    windows = sum(-(-n // slot) for n in lengths)
+    count = max(1, min(max(1, threads) + 2, windows))
+    borrowed = PinnedRing.carve(pinned, count, slot)
+    if len(borrowed) >= min(count, 2):
+        return PinnedRing(borrowed)
+    ring = torch.empty(count * slot, dtype=torch.uint8, pin_memory=True)
+    return PinnedRing(PinnedRing.carve([ring], count, slot))
 
 
 def load(
@@ -269,8 +351,14 @@ def load(
     state (RNG, ...) of ``rank``.
     """
     wanted = None if keys is None else list(keys)
-    loaded = read_checkpoint(path, select=tensor_filter(wanted, layers), verify=verify)
+    device = torch.device(map_location or "cpu")
+    loaded = read_checkpoint(
+        path,
+        select=tensor_filter(wanted, layers),
+        verify=verify,
+        place=(lambda record: device) if device.type == "cuda" else None,
+    )
     absent = [k for k in wanted or () if k not in loaded.manifest.state]
     if absent:
         raise KeyError(f"{path} has no entry {absent}; it holds {sorted(loaded.manifest.state)}")
-    return loaded.state(map_location, keys=wanted, rank=rank)
+    return loaded.state(device, keys=wanted, rank=rank)

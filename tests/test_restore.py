@@ -12,7 +12,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import MixedModel, assert_state_equal, clone_state, make_config, run
+from conftest import (
+    Bag,
+    MixedModel,
+    assert_state_equal,
+    clone_state,
+    make_config,
+    run,
+    tensor_bytes,
+)
 
 import aiockpt
 
@@ -290,3 +298,236 @@ def test_saving_a_step_again_replaces_it(tmp_path: Path) -> None:
         "latest",
         "step-7",
     ]
+
+
+# -- the read path: planned sequential reads, a pinned ring for device copies ----------------
+
+
+def save_many(tmp_path: Path, count: int = 300, chunk_mb: float = 1.0) -> tuple[Path, dict]:
+    """A checkpoint of ``count`` tensors of assorted sizes and dtypes in a few data files."""
+    generator = torch.Generator().manual_seed(7)
+    tensors: dict[str, torch.Tensor] = {}
+    for i in range(count):
+        size = [3, 17, 1000, 4096, 33_333][i % 5]
+        value = torch.randn(size, generator=generator)
+        tensors[f"t{i:04d}"] = value.to([torch.float32, torch.bfloat16, torch.float64][i % 3])
+    tensors["empty"] = torch.empty(0, 4)
+    tensors["big"] = torch.randn(600_000, generator=generator)  # larger than a chunk: split
+    config = make_config(tmp_path, chunk_size_mb=chunk_mb)
+    with aiockpt.SyncCheckpointer(config, bag=Bag(tensors)) as ckpt:
+        ckpt.checkpoint(1).wait()
+    return config.directory / "step-1", tensors
+
+
+def test_plan_segments_reads_whole_runs_and_only_wanted_ranges(tmp_path: Path) -> None:
+    from aiockpt.reader import read_manifest, tensor_filter
+    from aiockpt.restore_io import MAX_GAP, plan_segments
+
+    step_dir, _ = save_many(tmp_path)
+    manifest = read_manifest(step_dir)
+    records = list(enumerate(manifest.tensors))
+    everything = plan_segments(records, limit=1 << 30)
+    # A whole checkpoint: each data file's pieces form one run, read in one segment.
+    assert len(everything) == len({p.file for _, r in records for p in r.pieces})
+    assert sum(len(s.spans) for s in everything) == sum(len(r.pieces) for _, r in records)
+
+    small = plan_segments(records, limit=64 << 10)
+    assert len(small) > len(everything)
+    for segment in small:
+        assert segment.length <= 64 << 10 or len(segment.spans) == 1
+
+    # Every fifth tensor only: the segments cover those pieces and at most small gaps.
+    pick = tensor_filter(layers=None, keys=["bag"])
+    assert pick is not None
+    wanted = [(i, r) for i, r in records if i % 5 == 4 and pick(r)]
+    partial = plan_segments(wanted)
+    wanted_bytes = sum(r.nbytes for _, r in wanted)
+    assert wanted_bytes <= sum(s.length for s in partial) < wanted_bytes + len(partial) * MAX_GAP
+    for segment in partial:
+        covered = sum(s.length for s in segment.spans)
+        assert segment.length - covered <= MAX_GAP * len(segment.spans)
+
+
+def test_whole_checkpoint_is_read_in_few_large_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiockpt.reader import read_checkpoint
+
+    step_dir, tensors = save_many(tmp_path)
+    calls: list[int] = []
+    preadv = os.preadv
+
+    def counting(fd: int, buffers: list, offset: int) -> int:
+        calls.append(len(buffers))
+        return preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", counting)
+    loaded = read_checkpoint(step_dir, threads=2)
+    state = loaded.state()["bag"]
+    assert_state_equal(state, tensors)
+    assert loaded.bytes_read == sum(t.numel() * t.element_size() for t in tensors.values())
+    # 302 tensors (one split over several files) in a few calls; the manifest is one more.
+    assert len(calls) * 10 < len(tensors)
+    assert max(calls) >= 20  # one call scatters into many tensors (and padding between them)
+
+
+def test_scattered_read_survives_short_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiockpt.fileio import read_scatter
+
+    data = bytes(random.Random(3).randbytes(50_000))
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    preadv = os.preadv
+
+    def stingy(fd: int, buffers: list, offset: int) -> int:
+        # At most 1000 bytes and two buffers per call: reads stop inside buffers.
+        room = 1000
+        trimmed = []
+        for buffer in buffers[:2]:
+            trimmed.append(buffer[: min(len(buffer), room)])
+            room -= len(trimmed[-1])
+            if not room:
+                break
+        return preadv(fd, trimmed, offset)
+
+    monkeypatch.setattr(os, "preadv", stingy)
+    sizes = [1, 0, 700, 2500, 3, 1200 * 3, 17_000]
+    buffers = [bytearray(n) for n in sizes]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        read_scatter(fd, [memoryview(b) for b in buffers], 123)
+        assert b"".join(buffers) == data[123 : 123 + sum(sizes)]
+        with pytest.raises(EOFError, match="early"):
+            read_scatter(fd, [memoryview(bytearray(10))], len(data) - 4)
+    finally:
+        os.close(fd)
+
+
+def flip_in_middle_of_a_file(step_dir: Path) -> str:
+    """Flip a byte of a tensor in the middle of the largest data file; the tensor's name."""
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    largest = max(manifest["files"], key=lambda f: f["nbytes"])["name"]
+    inside = [
+        (p["offset"], t["name"], p)
+        for t in manifest["tensors"]
+        for p in t["pieces"]
+        if p["file"] == largest and p["length"] > 0
+    ]
+    inside.sort(key=lambda x: x[0])
+    _, name, piece = inside[len(inside) // 2]
+    flip_byte(step_dir / largest, piece["offset"] + piece["length"] - 1)
+    return name.split("/", 1)[1]
+
+
+def test_corruption_in_the_middle_of_a_sequential_read_is_caught(tmp_path: Path) -> None:
+    from aiockpt.reader import read_checkpoint
+
+    step_dir, _ = save_many(tmp_path)
+    name = flip_in_middle_of_a_file(step_dir)
+    with pytest.raises(aiockpt.CorruptCheckpointError, match=f"tensor 'bag/{name}'.*crc32c"):
+        read_checkpoint(step_dir, threads=2)
+    read_checkpoint(step_dir, verify=False)  # the sizes are right: only checksums catch it
+
+
+class DeferredCopies:
+    """A transfer whose copies land only when their fence is waited on, like a DMA that
+    is still running: a ring that refills a buffer too early delivers the wrong bytes."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.fences = 0
+        self.lock = __import__("threading").Lock()
+
+    def copy(self, destination: torch.Tensor, source: torch.Tensor) -> None:
+        with self.lock:
+            self.pending.append((destination, source))
+
+    def fence(self) -> Any:
+        with self.lock:
+            batch, self.pending = self.pending, []
+            self.fences += 1
+
+        class Fence:
+            def synchronize(self) -> None:
+                for destination, source in batch:
+                    destination.copy_(source)
+
+        return Fence()
+
+    def finish(self) -> None:
+        assert not self.pending
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_pinned_ring_reuses_a_buffer_only_after_its_copy(tmp_path: Path, threads: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from aiockpt.reader import _open_regular, read_manifest
+    from aiockpt.restore_io import PinnedRing, SegmentReader, plan_segments
+
+    step_dir, tensors = save_many(tmp_path, count=120)
+    manifest = read_manifest(step_dir)
+    fds = {f.name: _open_regular(step_dir / f.name)[0] for f in manifest.files}
+    try:
+        destinations = {
+            i: torch.full((r.nbytes,), 0xAB, dtype=torch.uint8)
+            for i, r in enumerate(manifest.tensors)
+        }
+        reader = SegmentReader(step_dir, manifest.tensors, fds, destinations)
+        # Slots far smaller than the segments: every segment streams through many windows,
+        # and the big tensor's pieces cross window boundaries.
+        ring = PinnedRing(PinnedRing.carve([torch.empty(3 * 5000, dtype=torch.uint8)], 3, 5000))
+        transfer = DeferredCopies()
+        segments = plan_segments(enumerate(manifest.tensors), limit=40_000)
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda s: reader.staged(s, ring, transfer), segments))
+        ring.settle()
+        transfer.finish()
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    assert len(ring) == 3 and transfer.fences > 3 * len(segments)
+    for i, record in enumerate(manifest.tensors):
+        value = destinations[i].view(record.dtype).view(record.shape)
+        assert torch.equal(tensor_bytes(value), tensor_bytes(tensors[record.name.split("/")[1]]))
+
+
+def test_staged_read_verifies_pieces_split_across_windows(tmp_path: Path) -> None:
+    from aiockpt.reader import _open_regular, read_manifest
+    from aiockpt.restore_io import HostTransfer, PinnedRing, SegmentReader, plan_segments
+
+    step_dir, _ = save_many(tmp_path, count=20)
+    manifest = read_manifest(step_dir)
+    big = next(i for i, r in enumerate(manifest.tensors) if r.name == "bag/big")
+    piece = manifest.tensors[big].pieces[0]
+    flip_byte(step_dir / piece.file, piece.offset + piece.length // 2)
+    fds = {f.name: _open_regular(step_dir / f.name)[0] for f in manifest.files}
+    try:
+        record = manifest.tensors[big]
+        destinations = {big: torch.empty(record.nbytes, dtype=torch.uint8)}
+        reader = SegmentReader(step_dir, manifest.tensors, fds, destinations)
+        ring = PinnedRing(PinnedRing.carve([torch.empty(8192, dtype=torch.uint8)], 2, 4096))
+        (segment, *rest) = plan_segments([(big, record)])
+        assert segment.length > 10 * 4096
+        with pytest.raises(aiockpt.CorruptCheckpointError, match=r"'bag/big'.*crc32c"):
+            reader.staged(segment, ring, HostTransfer())
+        assert reader.failed.is_set()
+        for other in rest:  # after a failure the remaining segments are skipped
+            reader.staged(other, ring, HostTransfer())
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def test_restore_without_a_cuda_placement_reads_to_host(tmp_path: Path) -> None:
+    model, opt = setup()
+    train(model, opt, 1)
+    config = make_config(tmp_path)
+    with aiockpt.SyncCheckpointer(config, model=model, optimizer=opt) as ckpt:
+        ckpt.checkpoint(1).wait()
+        request = ckpt._core.request(None, None)
+        if not torch.cuda.is_available():
+            assert ckpt._core.placement(request) is None
+        assert ckpt.restore() == 1
