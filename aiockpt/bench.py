@@ -42,6 +42,7 @@ from .bench_models import (
     DEFAULT_ROUNDS,
     DEFAULT_STEPS,
     PRESETS,
+    Preset,
     Workload,
     build_preset,
     load_workload,
@@ -66,7 +67,7 @@ from .console import CliError, TaskProgress, iso_time, task_progress
 from .errors import ConfigError
 from .limits import measure_limits
 
-__all__ = ["PRESETS", "build_preset", "main", "make_step"]
+__all__ = ["PRESETS", "Preset", "build_preset", "main", "make_step"]
 
 SYSTEMS = ("none", "torch.save", "dcp", "aiockpt")
 STAGINGS = ("gpu", "host", "auto", "cpu")

@@ -82,16 +82,19 @@ def _main_table(systems: dict[str, Any]) -> list[str]:
     lines = [
         "| system | samples/s (vs none) | stall ms p50 / p99 | next step slower by ms "
         "p50 / p99 | persist GB/s (vs fsync'd write) | achieved interval | restore s "
-        "(vs bound) | host memory | staging memory |",
+        "(vs bound) | host memory | staging memory kept |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, system in systems.items():
         s = system["summary"]
         vs_none = 1.0 if name == "none" else s["vs"].get("none", {}).get("samples_per_second")
         limits = s["vs_limits"]
-        staging = _gb(s["staging_bytes"])
         if s["staging_bytes"] is not None:
-            staging += " pinned" if s["staging_pinned"] else " pageable"
+            staging = _gb(s["staging_bytes"]) + (" pinned" if s["staging_pinned"] else "")
+        elif s["pinned_held_bytes"]:  # pinned by torch's own allocator, e.g. for copies
+            staging = _gb(s["pinned_held_bytes"]) + " pinned"
+        else:
+            staging = _MISSING
         interval = _num(s["achieved_interval"], ".1f")
         if s["checkpoints_skipped"]:
             interval += f" ({s['checkpoints_skipped']} skipped)"
@@ -129,8 +132,8 @@ def _aiockpt_table(systems: dict[str, Any]) -> list[str]:
     lines = [
         "| system | state_dict + flatten ms | copies issued ms | queue wait ms | stall vs "
         "capture bound | steps while persisting vs quiet ms | copy / write GB/s | first "
-        "checkpoint ms (durable s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "checkpoint ms (durable s) | GPU memory kept |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, system in systems.items():
         s = system["summary"]
@@ -143,7 +146,8 @@ def _aiockpt_table(systems: dict[str, Any]) -> list[str]:
             f"| {_num(s['persisting_step_ms_median'], '.1f')} vs "
             f"{_num(s['quiet_step_ms_median'], '.1f')} "
             f"| {_num(s.get('copy_gbps_median'))} / {_num(s.get('write_gbps_median'))} "
-            f"| {_num(s['first_checkpoint_ms'], '.0f')} ({_num(s['first_durable_s'])}) |"
+            f"| {_num(s['first_checkpoint_ms'], '.0f')} ({_num(s['first_durable_s'])}) "
+            f"| {_gb(s['gpu_held_bytes'])} |"
         )
     return lines if len(lines) > 2 else []
 
@@ -165,7 +169,7 @@ def markdown(report: dict[str, Any]) -> str:
         "of its round. Persist: state bytes / time from the call to durable. Restore: from "
         "disk with the page cache dropped; its bound is bytes / cold read + bytes / "
         "host-to-device. Host memory: resident memory the system keeps plus its peak "
-        "growth during a round.",
+        "growth during a round; staging memory kept: its host buffers between checkpoints.",
         "",
         f"Phases: {phases}.",
     ]

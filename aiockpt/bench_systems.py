@@ -345,7 +345,8 @@ class AiockptSystem(System):
         return [p for info in list_checkpoints(self.directory) for p in info.path.iterdir()]
 
     def restore(self) -> None:
-        self.ckpt.restore()
+        if self.ckpt.restore() is None:
+            raise RuntimeError(f"{self.name}: no committed checkpoint in {self.directory}")
 
     def staging_bytes(self) -> tuple[int, bool] | None:
         # The checkpointer does not publish its pool size; read it where it lives.

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from aiockpt import bench, bench_report
-from aiockpt.bench_models import PRESETS, preset_parameters
+from aiockpt.bench_models import PRESETS, load_workload, preset_parameters
 from aiockpt.bench_summary import p99, summarise
 
 SYSTEMS = ["none", "torch.save", "dcp", "aiockpt-cpu"]
@@ -234,6 +234,17 @@ def test_user_model_is_measured(user_module: str, tmp_path: Path):
     assert report["model"]["state_bytes"] == 2 * 4 * report["model"]["parameters"]
     assert list(report["systems"]) == ["none", "aiockpt-cpu"]
     assert report["systems"]["aiockpt-cpu"]["summary"]["checkpoints_taken"] == 2
+
+
+def test_the_shipped_example_follows_the_protocol(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    workload = load_workload("examples.bench_model:workload", torch.device("cpu"))
+    assert workload.name == "examples.bench_model:workload" and workload.samples_per_step == 64
+    before = [p.detach().clone() for p in workload.model.parameters()]
+    workload.step()
+    assert workload.optimizer.state  # the step reached the optimizer
+    after = list(workload.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
 @pytest.mark.parametrize(
