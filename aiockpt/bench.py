@@ -83,7 +83,8 @@ torch.device and returns (model, optimizer, step_fn) or (model, optimizer, step_
 samples_per_step), where step_fn() runs one whole training step.
 
 Defaults per preset (--steps / --checkpoint-interval / --rounds): tiny 20/5/2,
-350m 200/50/3 (about 6 minutes on one H100), 1.3b 100/100/2, --model 200/50/3.
+350m 200/50/3 (sized for about 6 minutes on one H100), 1.3b 100/100/2,
+--model 200/50/3.
 
 examples:
   aiockpt bench                                  350m on a GPU, tiny on the CPU
