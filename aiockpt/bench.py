@@ -21,6 +21,7 @@ persist GB/s, the checkpoint interval achieved, restore time, host and staging m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -28,8 +29,10 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -277,11 +280,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with task_progress(units, enabled=not args.json) as progress:
             _measure(args, workload, device, systems, report, phases, progress)
     finally:
-        for system in systems:
-            system.close()
+        for system in systems:  # closed already, unless the run was cut short
+            with contextlib.suppress(Exception):
+                system.close()
         shutil.rmtree(root, ignore_errors=True)
         if created:
-            shutil.rmtree(base, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                base.rmdir()
     report["phases_s"] = {**phases.seconds, "total": phases.elapsed()}
     summarise(report)
     return report
@@ -315,6 +320,7 @@ def _report(
         "settings": _settings(args, systems),
         "limits": limits,
         "systems": {s.name: {"warm_up": None, "rounds": [], "restore_s": None} for s in systems},
+        "failed": {},
     }
 
 
@@ -328,39 +334,63 @@ def _measure(
     progress: TaskProgress,
 ) -> None:
     results = report["systems"]
+    active = list(systems)
+
+    def attempt(system: System, what: str, work: Callable[[], None]) -> None:
+        # One system failing (a torch API that differs, a full disk) must not cost the
+        # figures of the others: it is reported and left out of the rounds to come.
+        try:
+            work()
+        except Exception as exc:
+            report["failed"][system.name] = {
+                "during": what,
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=-8),
+            }
+            _log(args, f"{system.name} failed during {what}: {type(exc).__name__}: {exc}")
+            active.remove(system)
+            with contextlib.suppress(Exception):
+                system.close()
+
+    def first(system: System) -> None:
+        results[system.name]["warm_up"] = warm_up(system, device)
+        record = results[system.name]["warm_up"]["first_checkpoint"]
+        if record:
+            _log(args, f"warm-up {system.name}: first checkpoint {record['stall_s']:.2f} s")
+
+    def train(system: System, index: int) -> None:
+        with phases("rounds", log=False):
+            result = train_round(
+                system, workload, steps=args.steps, interval=args.checkpoint_interval, device=device
+            )
+        results[system.name]["rounds"].append(result)
+        _log(args, f"round {index + 1} {system.name}: {_brief(result)}")
+
+    def restore(system: System) -> None:
+        with phases("restore", log=False):
+            seconds = restore_timed(system, device)
+        results[system.name]["restore_s"] = seconds
+        _log(args, f"restore {system.name}: {seconds:.2f} s")
+
     with phases("warm-up"):
-        for system in systems:
+        for system in list(active):
             progress.show(f"warm-up: {system.name}")
-            results[system.name]["warm_up"] = warm_up(system, device)
-            first = results[system.name]["warm_up"]["first_checkpoint"]
-            if first:
-                _log(args, f"warm-up {system.name}: first checkpoint {first['stall_s']:.2f} s")
+            attempt(system, "warm-up", partial(first, system))
             progress.advance()
     for index in range(args.rounds):
         last = index == args.rounds - 1
         start = time.perf_counter()
-        for system in systems:
+        for system in list(active):
             progress.show(f"round {index + 1}/{args.rounds}: {system.name}")
-            with phases("rounds", log=False):
-                result = train_round(
-                    system,
-                    workload,
-                    steps=args.steps,
-                    interval=args.checkpoint_interval,
-                    device=device,
-                )
-            results[system.name]["rounds"].append(result)
-            _log(args, f"round {index + 1} {system.name}: {_brief(result)}")
+            attempt(system, f"round {index + 1}", partial(train, system, index))
             progress.advance()
-            if last and system.checkpoints:
+            if last and system.checkpoints and system in active:
                 progress.show(f"restore: {system.name}")
-                with phases("restore", log=False):
-                    seconds = restore_timed(system, device)
-                results[system.name]["restore_s"] = seconds
-                _log(args, f"restore {system.name}: {seconds:.2f} s")
+                attempt(system, "restore", partial(restore, system))
                 progress.advance()
-            system.discard()
-            if last:
+            if system in active:
+                attempt(system, "cleanup", system.discard)
+            if last and system in active:
                 system.close()  # its memory goes back before the next system's round
         spent = time.perf_counter() - start
         left = args.rounds - 1 - index
@@ -368,6 +398,8 @@ def _measure(
             f"round {index + 1}/{args.rounds}: {spent:.1f} s"
             + (f", about {spent * left:.0f} s to go" if left else "")
         )
+    for name in report["failed"]:
+        del results[name]
 
 
 def _limits_line(limits: dict[str, Any]) -> str:
@@ -439,7 +471,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--from-json", metavar="FILE", help="render a saved report instead of running")
 
 
-def _write(report: dict[str, Any], args: argparse.Namespace) -> int:
+def _write(report: dict[str, Any], args: argparse.Namespace) -> None:
     text = markdown(report)
     if args.markdown:
         Path(args.markdown).write_text(text)
@@ -456,7 +488,6 @@ def _write(report: dict[str, Any], args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, allow_nan=False))
     else:
         print(text, end="")
-    return 0
 
 
 def _load(path: str) -> dict[str, Any]:
@@ -484,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.from_json:
-            return _write(_load(args.from_json), args)
+            _write(_load(args.from_json), args)
+            return 0
         if args.plot and not plot_available():
             print(
                 "aiockpt bench: matplotlib is not installed: the run goes on, but --plot will "
@@ -494,12 +526,19 @@ def main(argv: list[str] | None = None) -> int:
         report = run(args)
         if args.output:
             Path(args.output).write_text(json.dumps(report, indent=2, allow_nan=False))
-        return _write(report, args)
+        _write(report, args)
     except CliError as exc:
         print(f"aiockpt bench: error: {exc}", file=sys.stderr)
         if exc.hint:
             print(f"  hint: {exc.hint}", file=sys.stderr)
         return exc.code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    for name, failure in report["failed"].items():
+        note = f"aiockpt bench: {name} failed during {failure['during']}, left out of the report"
+        print(f"{note}:\n{failure['traceback']}", file=sys.stderr)
+    return 1 if report["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -161,6 +161,10 @@ def markdown(report: dict[str, Any]) -> str:
     breakdown = _aiockpt_table(systems)
     if breakdown:
         parts += ["", "aiockpt's stall and background stages (medians):", "", *breakdown]
+    failed = report.get("failed") or {}
+    if failed:
+        parts += ["", "Failed, and left out of the tables:", ""]
+        parts += [f"- {name}, during {f['during']}: {f['error']}" for name, f in failed.items()]
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in report["phases_s"].items())
     parts += [
         "",

@@ -236,6 +236,32 @@ def test_user_model_is_measured(user_module: str, tmp_path: Path):
     assert report["systems"]["aiockpt-cpu"]["summary"]["checkpoints_taken"] == 2
 
 
+def test_a_failing_system_is_reported_and_the_others_measured(
+    user_module: str, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+):
+    def broken(self, at):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("aiockpt.bench_systems.DcpSystem.checkpoint", broken)
+    output, md = tmp_path / "r.json", tmp_path / "r.md"
+    argv = [
+        "--model", f"{user_module}:build", "--cpu", "--systems", "none,dcp,aiockpt",
+        "--steps", "2", "--checkpoint-interval", "1", "--rounds", "2",
+        "--directory", str(tmp_path / "run"), "--output", str(output), "--markdown", str(md),
+    ]  # fmt: skip
+    assert bench.main(argv) == 1  # everything written, but the run is not a success
+    report = json.loads(output.read_text())
+    assert list(report["systems"]) == ["none", "aiockpt-cpu"]
+    failure = report["failed"]["dcp"]
+    assert failure["during"] == "warm-up" and "No space left on device" in failure["error"]
+    assert "in broken" in failure["traceback"]  # where it failed, for the bug report
+    assert set(report["systems"]["aiockpt-cpu"]["summary"]["vs"]) == {"none"}
+    assert len(report["systems"]["aiockpt-cpu"]["rounds"]) == 2
+    assert "- dcp, during warm-up: OSError" in md.read_text()
+    assert "dcp failed during warm-up" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_shipped_example_follows_the_protocol(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     workload = load_workload("examples.bench_model:workload", torch.device("cpu"))
