@@ -98,9 +98,8 @@ class System:
         """Whether a checkpoint is still on its way to disk."""
         return False
 
-    def drain(self) -> list[CheckpointRecord]:
-        """Wait until everything in flight is durable; the records that completed."""
-        return []
+    def drain(self) -> None:
+        """Wait until everything in flight is durable, and complete its records."""
 
     def files(self) -> list[Path]:
         return [p for p in self.directory.rglob("*") if p.is_file()]
@@ -237,10 +236,10 @@ class DcpSystem(System):
     def _mark_finished(self, _: Future[Any]) -> None:
         self._finished = time.perf_counter()
 
-    def _settle(self) -> CheckpointRecord | None:
-        """Wait for the save in flight and complete its record; None if there was none."""
+    def _settle(self) -> None:
+        """Wait for the save in flight, if any, and complete its record."""
         if self._future is None:
-            return None
+            return
         self._future.result()
         record, self._future = self._record, None
         assert record is not None
@@ -251,14 +250,12 @@ class DcpSystem(System):
             time.sleep(1e-4)
         record.persist_s = (self._finished or time.perf_counter()) - self._started
         self.last = self._slot
-        return record
 
     def busy(self) -> bool:
         return self._future is not None and not self._future.done()
 
-    def drain(self) -> list[CheckpointRecord]:
-        record = self._settle()
-        return [record] if record is not None else []
+    def drain(self) -> None:
+        self._settle()
 
     def discard(self) -> None:
         for slot in self.slots:
@@ -321,9 +318,8 @@ class AiockptSystem(System):
     def busy(self) -> bool:
         return any(not handle.done() for handle, _ in self._pending)
 
-    def drain(self) -> list[CheckpointRecord]:
+    def drain(self) -> None:
         self.ckpt.wait()
-        done = []
         for handle, record in self._pending:
             handle.wait()  # raises what went wrong in the background, if anything did
             m = handle.metrics
@@ -331,9 +327,7 @@ class AiockptSystem(System):
             record.detail["write_gbps"] = m.write_gbps
             if m.copy_seconds:  # CPU state has no separate copy stage
                 record.detail["copy_gbps"] = m.copy_gbps
-            done.append(record)
         self._pending.clear()
-        return done
 
     def discard(self) -> None:
         # Retention lists the directory afresh each time, so removing committed
