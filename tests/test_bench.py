@@ -416,3 +416,27 @@ def _minimal_report() -> dict[str, Any]:
     }
     summarise(report)
     return report
+
+
+@pytest.mark.gpu
+def test_every_system_on_the_gpu(tmp_path: Path):
+    """The tiny preset on CUDA: both staging modes, DCP's pinned cache, GPU limits."""
+    output = tmp_path / "r.json"
+    command = [
+        sys.executable, "-m", "aiockpt", "bench", "--preset", "tiny",
+        "--steps", "6", "--checkpoint-interval", "3", "--rounds", "2",
+        "--directory", str(tmp_path / "run"), "--output", str(output), "--json",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(output.read_text())
+    names = ["none", "torch.save", "dcp", "aiockpt-gpu", "aiockpt-host"]
+    assert list(report["systems"]) == names and report["failed"] == {}
+    assert report["environment"]["device"] != "cpu"
+    assert report["limits"]["d2d_gbps"] > 0 and report["limits"]["h2d_pinned_gbps"] > 0
+    assert report["settings"]["per_system"]["dcp"]["cache_staged_state_dict"] is True
+    systems = {name: report["systems"][name]["summary"] for name in names}
+    for name in names[2:]:
+        assert systems[name]["staging_pinned"] is True, name
+        assert systems[name]["checkpoints_taken"] == 4 and systems[name]["restore_s"] > 0
+    assert systems["aiockpt-gpu"]["gpu_held_bytes"] >= report["model"]["state_bytes"]
