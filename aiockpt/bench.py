@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sync(device)
         state_bytes = _state_bytes(workload)
     parameters = sum(p.numel() for p in workload.model.parameters())
-    _log(args, f"{workload.name}: {parameters / 1e6:.1f}M parameters, {state_bytes / 1e9:.2f} GB")
+    _log(args, f"{workload.name}: {parameters:,} parameters, {state_bytes / 1e6:,.1f} MB of state")
     base = Path(args.directory)
     created = not base.exists()
     base.mkdir(parents=True, exist_ok=True)
