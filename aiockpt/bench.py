@@ -428,20 +428,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
     run_group = parser.add_argument_group("how to measure")
     run_group.add_argument(
-        "--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}"
+        "--systems",
+        default=",".join(SYSTEMS),
+        metavar="LIST",
+        help=f"comma-separated, of {', '.join(SYSTEMS)}",
     )
-    run_group.add_argument("--steps", type=int, help="training steps per system and round")
-    run_group.add_argument("--checkpoint-interval", type=int, help="a checkpoint every N steps")
-    run_group.add_argument("--rounds", type=int, help="rounds, systems interleaved in each")
     run_group.add_argument(
-        "--warmup-steps", type=int, default=3, help="steps before anything is measured"
+        "--steps", type=int, metavar="N", help="training steps per system and round"
     )
-    run_group.add_argument("--directory", default="bench-checkpoints", help="where files go")
+    run_group.add_argument(
+        "--checkpoint-interval", type=int, metavar="N", help="a checkpoint every N steps"
+    )
+    run_group.add_argument(
+        "--rounds", type=int, metavar="N", help="rounds, systems interleaved in each"
+    )
+    run_group.add_argument(
+        "--warmup-steps", type=int, default=3, metavar="N", help="steps before anything is measured"
+    )
+    run_group.add_argument(
+        "--directory", default="bench-checkpoints", metavar="DIR", help="where files go"
+    )
     knobs = parser.add_argument_group("aiockpt settings (Config keys of the same names)")
     knobs.add_argument(
-        "--staging", help="comma-separated aiockpt systems: gpu, host, auto (default gpu,host), "
-        "or cpu on the CPU"
-    )  # fmt: skip
+        "--staging",
+        metavar="LIST",
+        help="comma-separated aiockpt systems: gpu, host, auto (default gpu,host), or cpu on "
+        "the CPU",
+    )
     knobs.add_argument(
         "--use-monitor",
         action=argparse.BooleanOptionalAction,
@@ -450,13 +463,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "until durable",
     )
     chunks = knobs.add_mutually_exclusive_group()
-    chunks.add_argument("--chunk-size-mb", type=float, help="chunk size (default 256)")
-    chunks.add_argument("--chunk-count", type=int, help="or the number of chunks")
-    knobs.add_argument("--max-async", type=int, default=2, help="checkpoints in flight")
-    knobs.add_argument(
-        "--num-threads", type=int, default=8, help="writer threads (dcp's thread_count too)"
+    chunks.add_argument(
+        "--chunk-size-mb", type=float, metavar="MB", help="chunk size (default 256)"
     )
-    knobs.add_argument("--pinned-ratio", type=float, default=1.0, help="host pool / state size")
+    chunks.add_argument("--chunk-count", type=int, metavar="N", help="or the number of chunks")
+    knobs.add_argument(
+        "--max-async", type=int, default=2, metavar="N", help="checkpoints in flight"
+    )
+    knobs.add_argument(
+        "--num-threads",
+        type=int,
+        default=8,
+        metavar="N",
+        help="writer threads (dcp's thread_count too)",
+    )
+    knobs.add_argument(
+        "--pinned-ratio", type=float, default=1.0, metavar="R", help="host pool / state size"
+    )
     knobs.add_argument(
         "--on-backpressure",
         choices=("block", "skip"),
@@ -507,7 +530,8 @@ def _load(path: str) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="aiockpt bench",
-        description=(__doc__ or "").split("\n")[0],
+        description="aiockpt, torch.save and DCP side by side in a training run, against "
+        "this machine's limits.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

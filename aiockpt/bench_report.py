@@ -53,9 +53,8 @@ def _pair(a: float | None, b: float | None, fmt: str = ".1f") -> str:
 
 
 def _header(report: dict[str, Any]) -> list[str]:
-    env, model, settings, limits = (
-        report["environment"], report["model"], report["settings"], report["limits"]
-    )  # fmt: skip
+    env, model = report["environment"], report["model"]
+    settings, limits = report["settings"], report["limits"]
     lines = [
         f"# aiockpt bench: {model['name']} on {env['device']}",
         "",

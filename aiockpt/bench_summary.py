@@ -79,10 +79,9 @@ def _system(raw: dict[str, Any], state_bytes: int, limits: dict[str, Any]) -> di
     memory = warm["memory"]
     growth = [r["memory"]["rss_peak_growth"] for r in rounds]
     peak_growth = max(growth) if growth and None not in growth else None
-    host_memory = (
-        None if memory["rss_held"] is None or peak_growth is None
-        else max(memory["rss_held"], 0) + max(peak_growth, 0)
-    )  # fmt: skip
+    host_memory = None
+    if memory["rss_held"] is not None and peak_growth is not None:
+        host_memory = max(memory["rss_held"], 0) + max(peak_growth, 0)
     restore_s = raw.get("restore_s")
     restore_bound = restore_bound_seconds(state_bytes, limits) if restore_s is not None else None
     summary: dict[str, Any] = {
