@@ -19,6 +19,7 @@ from .errors import (
     NoCheckpointError,
     RestoreError,
     UnsupportedStateError,
+    WorldSizeError,
 )
 from .metrics import CheckpointMetrics
 from .policy import (
@@ -32,6 +33,7 @@ from .policy import (
     policy_from_config,
 )
 from .reader import load
+from .sharding import Replicated
 from .stateful import RNGState, Stateful
 from .store import CheckpointInfo, list_checkpoints
 from .trainer import SyncTrainer, Trainer
@@ -58,6 +60,7 @@ __all__ = [
     "Never",
     "NoCheckpointError",
     "RNGState",
+    "Replicated",
     "RestoreError",
     "ResumableSampler",
     "Stateful",
@@ -66,6 +69,7 @@ __all__ = [
     "SyncTrainer",
     "Trainer",
     "UnsupportedStateError",
+    "WorldSizeError",
     "__version__",
     "list_checkpoints",
     "load",

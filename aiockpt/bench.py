@@ -46,6 +46,7 @@ from .bench_models import (
     DEFAULT_STEPS,
     PRESETS,
     Preset,
+    TinyGPT,
     Workload,
     build_preset,
     load_workload,
@@ -70,7 +71,8 @@ from .console import CliError, TaskProgress, iso_time, task_progress
 from .errors import ConfigError
 from .limits import measure_limits
 
-__all__ = ["PRESETS", "Preset", "build_preset", "main", "make_step"]
+# The presets' names stay importable from here: diagnose and bench_ranks build on them.
+__all__ = ["PRESETS", "Preset", "TinyGPT", "build_preset", "main", "make_step"]
 
 SYSTEMS = ("none", "torch.save", "dcp", "aiockpt")
 STAGINGS = ("gpu", "host", "auto", "cpu")

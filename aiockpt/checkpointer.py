@@ -27,7 +27,7 @@ import torch
 
 from ._version import __version__
 from .config import Config
-from .distributed import is_rank_zero
+from .distributed import RankGroup, is_rank_zero
 from .errors import (
     BackgroundError,
     CheckpointError,
@@ -35,6 +35,7 @@ from .errors import (
     CorruptCheckpointError,
     NoCheckpointError,
     RestoreError,
+    WorldSizeError,
 )
 from .flatten import FlatState, flatten_state
 from .layers import tensor_layers
@@ -43,7 +44,9 @@ from .memory import StagingMemory
 from .metrics import CheckpointerStats, CheckpointMetrics
 from .pipeline import Pipeline, _Job
 from .reader import TensorFilter, read_checkpoint, tensor_filter
+from .reshard import RankSelection, place_shards
 from .runtime import CallerLoop, MonitorLoop, PrivateLoop, Runtime
+from .sharding import RankShare, Replicated, object_kinds
 from .staging import CaptureGuard, Capturer, Snapshot, choose_staging
 from .stateful import Stateful
 from .store import CheckpointInfo, CheckpointStore, list_checkpoints
@@ -52,7 +55,7 @@ __all__ = ["CheckpointHandle", "Checkpointer", "SyncCheckpointHandle", "SyncChec
 
 logger = logging.getLogger("aiockpt")
 
-AnyFuture = concurrent.futures.Future[Path] | asyncio.Future[Path]
+AnyFuture = concurrent.futures.Future[Path | None] | asyncio.Future[Path | None]
 T = TypeVar("T")
 
 
@@ -114,6 +117,8 @@ class _HandleBase:
             path = self._future.result()
         except BaseException as exc:
             raise self._core.failure_for(self.step, exc).as_error() from exc
+        if path is None:  # another rank skipped it: nothing was committed
+            return None
         return CheckpointInfo(self.step, path, self.metrics.nbytes, time.time())
 
     def __repr__(self) -> str:
@@ -171,12 +176,23 @@ class _Core:
                     "modules, optimizers, schedulers, aiockpt.RNGState() or your own Stateful"
                 )
         self.config = config
-        self.objects = dict(stateful)
+        self.kinds = object_kinds(stateful)
+        self.objects = {
+            name: obj.wrapped if isinstance(obj, Replicated) else obj
+            for name, obj in stateful.items()
+        }
         self.runtime = runtime
-        self.store = CheckpointStore(config.directory, durable=config.durable)
-        self.store.open()
+        self.ranks = RankGroup.current(config.rank_timeout_s)
+        self.store = CheckpointStore(
+            config.directory,
+            durable=config.durable,
+            lead=self.ranks is None or self.ranks.is_zero,
+        )
+        self._open_store()
         self.memory = StagingMemory(max_async=config.max_async)
-        self.pipeline = Pipeline(config, self.store, self.memory)
+        self.pipeline = Pipeline(config, self.store, self.memory, self.ranks)
+        self.sequence = 0  # checkpoint() calls so far: the same count on every rank
+        self._shares: dict[tuple[object, ...], RankShare] = {}
         self.guard = CaptureGuard()
         self.stats = CheckpointerStats()
         self.versions = {"aiockpt": __version__, "torch": torch.__version__}
@@ -188,6 +204,25 @@ class _Core:
         self._failures: list[_Failure] = []
         self._lock = threading.Lock()
         self._in_flight: dict[int, AnyFuture] = {}
+
+    def _open_store(self) -> None:
+        if self.ranks is None:
+            self.store.open()
+            return
+        # Rank 0 takes the lock and clears a dead run's leftovers before any rank writes;
+        # every rank learns whether that worked, so none is left waiting for the others.
+        problem = None
+        try:
+            self.store.open()
+        except Exception as exc:
+            problem = exc
+        problems = self.ranks.all_gather(None if problem is None else str(problem))
+        if problem is not None:
+            raise problem
+        failed = [f"rank {rank}: {p}" for rank, p in enumerate(problems) if p is not None]
+        if failed:
+            self.store.close()
+            raise CheckpointError(f"another rank could not open {self.config.directory}: {failed}")
 
     # -- failures --------------------------------------------------------------------------
     def failure_for(self, step: int, exc: BaseException) -> _Failure:
@@ -220,6 +255,9 @@ class _Core:
         if future.cancelled():
             return
         error = future.exception()
+        if error is None and future.result() is None:  # another rank skipped it
+            self.stats.skipped += 1
+            return
         if error is None:
             self.stats.committed += 1
             if self.config.verbose and is_rank_zero():
@@ -246,6 +284,27 @@ class _Core:
 
     def flatten(self) -> FlatState:
         return flatten_state({name: obj.state_dict() for name, obj in self.objects.items()})
+
+    def next_shared_directory(self) -> str | None:
+        """The suffix of the temporary directory all ranks write this checkpoint into."""
+        self.sequence += 1
+        return None if self.ranks is None else f"{self.ranks.token}n{self.sequence}"
+
+    def share(self, flat: FlatState) -> tuple[FlatState, RankShare | None]:
+        """The part of ``flat`` that this rank writes (all of it for one process)."""
+        if self.ranks is None:
+            return flat, None
+        key = (tuple(flat.names), *(t.shape for t in flat.tensors))
+        share = self._shares.get(key)
+        if share is None:
+            share = RankShare.plan(flat.tensors, flat.names, flat.shards, self.kinds, self.ranks)
+            self._shares = {key: share}
+        mine = FlatState(
+            [flat.tensors[i] for i in share.written],
+            [flat.names[i] for i in share.written],
+            flat.skeleton,
+        )
+        return mine, share
 
     def needs_new_layout(self, flat: FlatState) -> bool:
         if self.capturer is None:
@@ -292,6 +351,8 @@ class _Core:
         flat: FlatState,
         admitted: tuple[Any, asyncio.Future[None] | None, asyncio.Future[None]],
         metrics: CheckpointMetrics,
+        share: dict[str, Any] | None = None,
+        shared_directory: str | None = None,
     ) -> _Job:
         assert self.capturer is not None
         admission, previous, committed = admitted
@@ -311,6 +372,10 @@ class _Core:
             versions=self.versions,
             previous_commit=previous,
             committed=committed,
+            rank=0 if self.ranks is None else self.ranks.rank,
+            shared_directory=shared_directory,
+            share=share or {},
+            kinds=self.kinds,
         )
 
     def started(self, step: int, metrics: CheckpointMetrics, future: AnyFuture) -> None:
@@ -332,6 +397,44 @@ class _Core:
             )
         return chosen
 
+    async def agreed_candidates(self, step: int | None) -> list[CheckpointInfo]:
+        """The checkpoints to try, newest first: rank 0's list, on every rank."""
+        if self.ranks is None:
+            return self.candidates(step)
+        ranks = self.ranks
+        loop = asyncio.get_running_loop()
+        mine: list[CheckpointInfo] | BaseException
+        try:
+            mine = self.candidates(step)
+        except NoCheckpointError as exc:
+            mine = exc
+        chosen = await loop.run_in_executor(self.pipeline.coordinator, ranks.broadcast, mine)
+        if isinstance(chosen, BaseException):
+            raise chosen
+        return [
+            info
+            if isinstance(mine, BaseException)
+            else next((m for m in mine if m.step == info.step), info)
+            for info in chosen
+        ]
+
+    async def agree_on_read(
+        self, info: CheckpointInfo, error: BaseException | None
+    ) -> BaseException | None:
+        """This rank's read error, or the first other rank's; None when all read well."""
+        if self.ranks is None:
+            return error
+        loop = asyncio.get_running_loop()
+        vote = None if error is None else (type(error).__name__, str(error))
+        votes = await loop.run_in_executor(self.pipeline.coordinator, self.ranks.all_gather, vote)
+        if error is not None:
+            return error
+        for rank, other in enumerate(votes):
+            if other is not None:
+                kind = WorldSizeError if other[0] == "WorldSizeError" else CorruptCheckpointError
+                return kind(f"rank {rank} could not read {info.path}: {other[1]}")
+        return None
+
     async def read(self, info: CheckpointInfo, request: _RestoreRequest) -> dict[str, Any]:
         """Read, verify and decode one checkpoint off the loop; corrupt ones raise here."""
         loop = asyncio.get_running_loop()
@@ -340,8 +443,13 @@ class _Core:
     def _read_state(self, info: CheckpointInfo, request: _RestoreRequest) -> dict[str, Any]:
         # The manifest is read once, inside read_checkpoint; a missing key reads nothing
         # for that key, so checking after the read costs no extra I/O.
+        rank = 0 if self.ranks is None else self.ranks.rank
+        selection = RankSelection({n: self.objects[n] for n in request.names}, rank)
         loaded = read_checkpoint(
-            info.path, select=request.select(), threads=self.config.num_threads
+            info.path,
+            select=request.select(),
+            threads=self.config.num_threads,
+            rank_select=selection.filter,
         )
         missing = [name for name in request.names if name not in loaded.manifest.state]
         if missing:
@@ -350,7 +458,9 @@ class _Core:
                 f"{sorted(loaded.manifest.state)}); pass the same keyword names that saved it"
             )
         self.stats.last_restore_bytes = loaded.bytes_read
-        return loaded.state("cpu", keys=request.names)
+        state = loaded.state("cpu", keys=request.names, rank=rank, dtensor=lambda saved: saved)
+        # DTensors come back sharded as the live objects shard them now.
+        return {name: place_shards(state[name], self.objects[name]) for name in state}
 
     def request(self, only: Iterable[str] | None, layers: str | None) -> _RestoreRequest:
         names = list(self.objects) if only is None else list(only)
@@ -386,6 +496,8 @@ class _Core:
         self.guard.remove()
         self.store.close()
         self.runtime.close()
+        if self.ranks is not None:
+            self.ranks.destroy()
 
 
 _open_cores: weakref.WeakSet[_Core] = weakref.WeakSet()
@@ -457,14 +569,16 @@ async def _checkpoint(
     started = time.perf_counter()
     core.check_can_checkpoint(step)
     metrics = CheckpointMetrics(step)
+    shared_directory = core.next_shared_directory()
     block = core.config.on_backpressure == "block" if block is None else block
     if not block and core.capturer is not None:
         # A request that will be skipped must not pay for state_dict() and flattening.
         capturer = core.capturer
         room = core.memory.would_admit(capturer.gpu_devices, len(capturer.host_captured_chunks))
         if not await bridge(room):
-            return _skip(core, metrics), None
-    flat = core.flatten()
+            return await _skip(core, metrics, shared_directory, bridge), None
+    full = core.flatten()
+    flat, share = core.share(full)
     metrics.state_dict_ms = (time.perf_counter() - started) * 1e3
     if core.needs_new_layout(flat):
         await bridge(core.pipeline.drain())
@@ -475,15 +589,22 @@ async def _checkpoint(
     admitted = await bridge(core.pipeline.admit(core.capturer, block=block))
     metrics.queue_wait_ms = (time.perf_counter() - wait_start) * 1e3
     if admitted is None:
-        return _skip(core, metrics), None
-    job = core.capture(step, flat, admitted, metrics)
+        return await _skip(core, metrics, shared_directory, bridge), None
+    share_fields = None if share is None else share.fields(full.names)
+    job = core.capture(step, flat, admitted, metrics, share_fields, shared_directory)
     metrics.capture_ms = (time.perf_counter() - started) * 1e3
     future = core.runtime.submit(_start(core.pipeline, job))
     core.started(step, metrics, future)
     return metrics, future
 
 
-def _skip(core: _Core, metrics: CheckpointMetrics) -> CheckpointMetrics:
+async def _skip(
+    core: _Core, metrics: CheckpointMetrics, shared_directory: str | None, bridge: Bridge
+) -> CheckpointMetrics:
+    if shared_directory is not None:
+        # The other ranks may have taken this checkpoint: they learn from this rank's
+        # vote that it will not be committed.
+        await bridge(core.pipeline.vote_skipped(metrics.step, shared_directory, core.kinds))
     metrics.skipped = True
     core.stats.skipped += 1
     if core.config.verbose and is_rank_zero():
@@ -502,14 +623,22 @@ async def _restore(
     request = core.request(only, layers)
     await bridge(core.pipeline.drain())
     tried: list[str] = []
-    for info in core.candidates(step):
+    for info in await bridge(core.agreed_candidates(step)):
+        error: BaseException | None = None
         try:
             state = await bridge(core.read(info, request))
-        except CorruptCheckpointError as error:
+        except (CorruptCheckpointError, WorldSizeError) as exc:
+            error = exc
+        # Ranks load the same step or none: each rank reads only its own bytes, so a
+        # corrupt file is seen by some ranks alone.
+        error = await bridge(core.agree_on_read(info, error))
+        if isinstance(error, CorruptCheckpointError):
             if step is not None:
-                raise
+                raise error
             core.corrupt(info, error, tried)
             continue
+        if error is not None:
+            raise error
         core.apply(state, request)
         return info.step
     if tried:
@@ -530,7 +659,7 @@ async def _close(core: _Core, bridge: Bridge, cancel: bool) -> None:
     core.raise_failures()
 
 
-async def _start(pipeline: Pipeline, job: _Job) -> Path:
+async def _start(pipeline: Pipeline, job: _Job) -> Path | None:
     return await pipeline.start(job)
 
 

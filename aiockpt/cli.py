@@ -28,6 +28,8 @@ examples:
   aiockpt verify checkpoints              re-read every byte, check every checksum
   aiockpt export checkpoints/step-100 --to safetensors model.safetensors
   aiockpt prune checkpoints --keep-last 3 --keep-every 1000 --dry-run
+  aiockpt diagnose --config aiockpt.toml --step-ms 60 --state-gb 4.5
+                                          what will slow training down, and what to change
 
 Run `aiockpt COMMAND --help` for each command's options and examples.
 {_EXIT_CODES}"""
@@ -138,6 +140,35 @@ examples:
   aiockpt prune checkpoints --keep-last 3 --dry-run        show the plan, change nothing
   aiockpt prune checkpoints --keep-last 3 --keep-every 1000
   aiockpt prune checkpoints --keep-last 2 --force          a job is running; you are sure
+
+{_EXIT_CODES}"""
+
+
+_DIAGNOSE_EPILOG = f"""\
+One short run in a scratch directory under the checkpoint directory (removed afterwards),
+with a real checkpointer and the settings of --config, AIOCKPT_* variables and the flags:
+
+  frequency   persist time of a checkpoint against the interval (steps x step time): does
+              a backlog build, what `block` and `skip` then do, and what a checkpoint
+              costs per 100 steps at this interval
+  queueing    write slots (max_async x chunks) against chunks in flight; chunks waiting
+              for writer threads (measured per chunk); writer threads against what the
+              disk takes (one writer against several, fsync'd)
+  copy        what checkpoint() costs the step, and how much slower steps run while a
+              checkpoint persists (interleaved with plain steps)
+  memory      the host staging pool against MemAvailable; the GPU staging buffer against
+              free GPU memory, and what staging = "auto" picks
+
+Then advice: one concrete change per line, with the numbers behind it, or "no changes
+needed". The model is a preset of `aiockpt bench` (--preset), or your own figures
+(--step-ms, --state-gb): a state of that size in a few tensors, and steps that keep the
+device busy that long. On a CPU, contention figures are for the CPU alone.
+
+examples:
+  aiockpt diagnose --preset 350m
+  aiockpt diagnose --config aiockpt.toml --step-ms 60 --state-gb 4.5
+  aiockpt diagnose --step-ms 60 --state-gb 4.5 --checkpoint-interval 1 --max-async 2
+  aiockpt diagnose --preset tiny --json | jq '.advice[].code'
 
 {_EXIT_CODES}"""
 
@@ -282,6 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
     _threads(prune)
     _json(prune)
 
+    from .diagnose import add_arguments as diagnose_arguments
+
+    diagnose = commands.add_parser(
+        "diagnose",
+        help="measure what will slow training down under a config, and advise",
+        description="Measure checkpoint costs for a config and a model, and say what to change.",
+        epilog=_DIAGNOSE_EPILOG,
+        formatter_class=raw,
+    )
+    diagnose_arguments(diagnose)
+
     commands.add_parser(
         "bench",
         help="aiockpt, torch.save and DCP side by side in a training run, against this "
@@ -304,6 +346,8 @@ def _handler(command: str) -> Callable[[Any], int]:
         from .convert import run_import as run
     elif command == "prune":
         from .prune import run
+    elif command == "diagnose":
+        from .diagnose import run
     else:  # pragma: no cover - argparse rejects unknown commands first
         raise AssertionError(command)
     return run

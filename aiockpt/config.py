@@ -26,6 +26,8 @@ The knobs:
   ``wait()`` (``"raise"``) or logged as a warning while training goes on (``"warn"``).
 * ``durable`` -- fsync files before a checkpoint is committed.
 * ``verbose`` -- log every checkpoint, not only problems.
+* ``rank_timeout_s`` -- under torch.distributed, how long ranks wait for each other to
+  agree on a commit (or a restore) before the checkpoint is given up.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ _KEYS: dict[str, _Key] = {
     "on_error": _choice("raise", "warn"),
     "durable": _BOOL,
     "verbose": _BOOL,
+    "rank_timeout_s": _float(None),
 }
 
 
@@ -222,6 +225,7 @@ class Config:
     on_error: str = "raise"
     durable: bool = True
     verbose: bool = False
+    rank_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         for key in _KEYS:

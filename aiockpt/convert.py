@@ -302,7 +302,30 @@ def _read_dcp(source: Path) -> dict[str, Any]:
         _load_state_dict(
             state, storage_reader=SafeReader(source), planner=SafePlanner(), no_dist=True
         )
-    return state
+    return _optimizer_keys_as_ints(state)
+
+
+def _optimizer_keys_as_ints(node: Any) -> Any:
+    """Give optimizer state its int parameter keys back.
+
+    DCP names every value by a string path, so an optimizer's ``state`` comes back keyed
+    ``"0", "1", ...``; ``load_state_dict`` matches them against the int ids in
+    ``param_groups`` and would silently keep none of them.
+    """
+    if not isinstance(node, dict):
+        return node
+    groups, per_param = node.get("param_groups"), node.get("state")
+    if isinstance(groups, list) and isinstance(per_param, dict):
+        ids = {p for group in groups if isinstance(group, dict) for p in group.get("params", [])}
+        if ids and all(isinstance(p, int) for p in ids):
+            node["state"] = {
+                int(k) if isinstance(k, str) and k.isdigit() and int(k) in ids else k: v
+                for k, v in per_param.items()
+            }
+        return node
+    for key, value in node.items():
+        node[key] = _optimizer_keys_as_ints(value)
+    return node
 
 
 def _as_groups(obj: Any, key: str | None) -> dict[str, Any]:

@@ -11,7 +11,8 @@
      │    └── DirectoryLockedError        another live process writes to this directory
      ├── RestoreError              loading failed
      │    ├── NoCheckpointError       nothing committed (or not the asked-for step)
-     │    └── CorruptCheckpointError  a file is missing, torn, hostile or fails its checksum
+     │    ├── CorruptCheckpointError  a file is missing, torn, hostile or fails its checksum
+     │    └── WorldSizeError          state saved per rank has nothing for this rank
      └── UnsupportedStateError     a state_dict holds a value aiockpt cannot store safely
 
 Every message names what was wrong and what to do about it.
@@ -30,6 +31,7 @@ __all__ = [
     "NoCheckpointError",
     "RestoreError",
     "UnsupportedStateError",
+    "WorldSizeError",
 ]
 
 
@@ -67,6 +69,10 @@ class NoCheckpointError(RestoreError, FileNotFoundError):
 
 class CorruptCheckpointError(RestoreError):
     """A checkpoint's files are missing, torn, hostile, or fail their checksums."""
+
+
+class WorldSizeError(RestoreError):
+    """State saved per rank by fewer ranks than restore it: a rank has no state of its own."""
 
 
 class UnsupportedStateError(AiockptError, TypeError):

@@ -18,19 +18,36 @@ import base64
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .errors import UnsupportedStateError
+from .errors import UnsupportedStateError, WorldSizeError
+from .sharding import ShardInfo, dtensor_type, local_shard, shard_info
 
 __all__ = ["FlatState", "flatten_state", "unflatten_state", "dtype_from_name", "dtype_name"]
 
 TENSOR_TAG = "$tensor"
+# A DTensor: its global shape and the shards saved of it ({"offset": [...], "data": ref}).
+DTENSOR_TAG = "$dtensor"
+# State that differs by rank: one skeleton per rank of the run that saved it.
+RANKS_TAG = "$ranks"
 _PLAIN_LEAVES = frozenset({str, bool, int, type(None)})
 _TAGS = frozenset(
-    {TENSOR_TAG, "$tuple", "$dict", "$float", "$bytes", "$dtype", "$ndarray", "$npscalar", "$odict"}
+    {
+        TENSOR_TAG,
+        DTENSOR_TAG,
+        RANKS_TAG,
+        "$tuple",
+        "$dict",
+        "$float",
+        "$bytes",
+        "$dtype",
+        "$ndarray",
+        "$npscalar",
+        "$odict",
+    }
 )
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -56,6 +73,8 @@ class FlatState:
     tensors: list[torch.Tensor]
     names: list[str]
     skeleton: dict[str, Any]
+    # DTensor local shards among ``tensors``, by index.
+    shards: dict[int, ShardInfo] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -106,6 +125,19 @@ class _Flattener:
         # which keeps the common case (no aliasing) to one int lookup per tensor.
         self._by_pointer: dict[int, list[int]] = {}
         self._used_names: set[str] = set()
+        self.shards: dict[int, ShardInfo] = {}
+        self._dtensor = dtensor_type()
+
+    def dtensor_ref(self, tensor: torch.Tensor, path: str) -> dict[str, Any]:
+        """A DTensor: its local shard goes to the tensor table, with its global place."""
+        try:
+            info = shard_info(tensor)
+        except ValueError as exc:
+            raise UnsupportedStateError(f"{path}: {exc}") from None
+        ref = self.tensor_ref(local_shard(tensor), path)
+        self.shards[ref[TENSOR_TAG]] = info
+        shard = {"offset": list(info.offset), "data": ref}
+        return {DTENSOR_TAG: {"shape": list(info.global_shape), "shards": [shard]}}
 
     def tensor_ref(self, tensor: torch.Tensor, path: str) -> dict[str, int]:
         pointer = tensor.data_ptr()
@@ -140,6 +172,8 @@ class _Flattener:
         if kind is list:
             return [self.encode(v, f"{path}/{i}") for i, v in enumerate(value)]
         if isinstance(value, torch.Tensor):
+            if self._dtensor is not None and isinstance(value, self._dtensor):
+                return self.dtensor_ref(value, path)
             return self.tensor_ref(value, path)
         # Before the float/str checks: np.float64 and np.str_ subclass them, and would
         # otherwise come back as plain Python values.
@@ -217,36 +251,109 @@ def flatten_state(state: Mapping[str, Any]) -> FlatState:
     """Flatten ``{name: state_dict}`` into tensors, names and a JSON skeleton."""
     flattener = _Flattener()
     skeleton = {key: flattener.encode(value, key) for key, value in state.items()}
-    return FlatState(flattener.tensors, flattener.names, skeleton)
+    return FlatState(flattener.tensors, flattener.names, skeleton, flattener.shards)
 
 
 TensorSource = Callable[[int], torch.Tensor]
 
 
-def unflatten_state(skeleton: Any, tensor_at: TensorSource) -> Any:
-    """Rebuild the nested state from a skeleton; ``tensor_at(i)`` gives tensor ``i``."""
-    return _decode(skeleton, tensor_at)
+@dataclass(frozen=True)
+class SavedShards:
+    """A saved DTensor: its global shape and the (offset, tensor) of each shard on disk."""
+
+    shape: tuple[int, ...]
+    shards: list[tuple[tuple[int, ...], Any]]
+
+    def check(self) -> SavedShards:
+        """Raise ValueError unless every shard read lies inside the tensor."""
+        for offset, tensor in self.shards:
+            if not isinstance(tensor, torch.Tensor):
+                continue  # not read (a partial read)
+            ends = zip(offset, tensor.shape, self.shape, strict=False)
+            fits = len(offset) == len(self.shape) == tensor.dim() and all(
+                o >= 0 and o + n <= d for o, n, d in ends
+            )
+            if not fits:
+                raise ValueError(
+                    f"a shard of shape {list(tensor.shape)} at {list(offset)} lies outside "
+                    f"its tensor of shape {list(self.shape)}"
+                )
+        return self
+
+    def assemble(self) -> Any:
+        """The whole tensor (a tensor not read in a partial read stays unread)."""
+        tensors = [t for _, t in self.shards]
+        if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+            return tensors[0] if tensors else torch.empty(self.shape)
+        whole = torch.empty(self.shape, dtype=tensors[0].dtype, device=tensors[0].device)
+        covered = 0
+        for offset, tensor in self.shards:
+            box = tuple(slice(o, o + n) for o, n in zip(offset, tensor.shape, strict=True))
+            whole[box].copy_(tensor)
+            covered += tensor.numel()
+        if covered != whole.numel():
+            raise ValueError(
+                f"the shards of a tensor of shape {list(self.shape)} cover {covered} of its "
+                f"{whole.numel()} elements"
+            )
+        return whole
 
 
-def _decode(node: Any, tensor_at: TensorSource) -> Any:
+@dataclass(frozen=True)
+class _Decoding:
+    tensor_at: TensorSource
+    rank: int
+    dtensor: Callable[[SavedShards], Any]
+
+
+def unflatten_state(
+    skeleton: Any,
+    tensor_at: TensorSource,
+    *,
+    rank: int = 0,
+    dtensor: Callable[[SavedShards], Any] = SavedShards.assemble,
+) -> Any:
+    """Rebuild the nested state from a skeleton; ``tensor_at(i)`` gives tensor ``i``.
+
+    State saved per rank comes back as ``rank`` had it; a DTensor as ``dtensor(saved)``
+    gives it (by default the whole tensor, assembled from its shards).
+    """
+    return _decode(skeleton, _Decoding(tensor_at, rank, dtensor))
+
+
+def _decode(node: Any, how: _Decoding) -> Any:
     if isinstance(node, list):
-        return [_decode(v, tensor_at) for v in node]
+        return [_decode(v, how) for v in node]
     if not isinstance(node, dict):
         return node
     if len(node) >= 1 and next(iter(node)) in _TAGS:
-        return _decode_tagged(node, tensor_at)
-    return {k: _decode(v, tensor_at) for k, v in node.items()}
+        return _decode_tagged(node, how)
+    return {k: _decode(v, how) for k, v in node.items()}
 
 
-def _decode_tagged(node: dict[str, Any], tensor_at: TensorSource) -> Any:
+def _decode_tagged(node: dict[str, Any], how: _Decoding) -> Any:
     tag = next(iter(node))
     payload = node[tag]
+    tensor_at = how.tensor_at
     if tag == TENSOR_TAG:
         return tensor_at(payload)
+    if tag == RANKS_TAG:
+        if not 0 <= how.rank < len(payload):
+            raise WorldSizeError(
+                f"state saved per rank by {len(payload)} ranks has none for rank {how.rank}; "
+                "restore it with as many ranks as saved it, or leave it out (restore(only=...))"
+            )
+        return _decode(payload[how.rank], how)
+    if tag == DTENSOR_TAG:
+        shards = [
+            (tuple(int(o) for o in s["offset"]), _decode(s["data"], how)) for s in payload["shards"]
+        ]
+        saved = SavedShards(tuple(int(d) for d in payload["shape"]), shards)
+        return how.dtensor(saved.check())
     if tag == "$tuple":
-        return tuple(_decode(v, tensor_at) for v in payload)
+        return tuple(_decode(v, how) for v in payload)
     if tag == "$dict":
-        return {_hashable(_decode(k, tensor_at)): _decode(v, tensor_at) for k, v in payload}
+        return {_hashable(_decode(k, how)): _decode(v, how) for k, v in payload}
     if tag == "$float":
         return float(payload)
     if tag == "$bytes":
@@ -257,16 +364,16 @@ def _decode_tagged(node: dict[str, Any], tensor_at: TensorSource) -> Any:
             raise ValueError(f"unknown dtype {payload!r}")
         return dtype
     if tag == "$odict":
-        items = _decode(payload, tensor_at)
+        items = _decode(payload, how)
         result: OrderedDict[Any, Any] = OrderedDict(items)
-        result._metadata = _decode(node.get("meta"), tensor_at)  # type: ignore[attr-defined]
+        result._metadata = _decode(node.get("meta"), how)  # type: ignore[attr-defined]
         return result
     if tag == "$ndarray":
         return tensor_at(payload).numpy()
     if tag == "$npscalar":
         import numpy as np
 
-        return np.dtype(payload).type(_decode(node["value"], tensor_at))
+        return np.dtype(payload).type(_decode(node["value"], how))
     raise ValueError(f"unknown tag {tag!r}")
 
 
@@ -295,6 +402,12 @@ def tensor_paths(skeleton: Any, prefix: str = "") -> dict[int, list[str]]:
                     walk(v, f"{path}/{k}")
             elif tag == "$odict":
                 walk(node[tag], path)
+            elif tag == RANKS_TAG:
+                for rank_state in node[tag]:
+                    walk(rank_state, path)
+            elif tag == DTENSOR_TAG:
+                for shard in node[tag]["shards"]:
+                    walk(shard["data"], path)
             elif tag not in _TAGS:
                 for k, v in node.items():
                     walk(v, f"{path}/{k}" if path else k)

@@ -18,13 +18,21 @@ from pathlib import Path
 
 import torch
 
-from .fileio import read_exact, write_all
+from .fileio import read_exact, write_all, write_pieces
 from .memory import byte_view
 
-__all__ = ["Limits", "capture_bound_seconds", "measure_limits", "restore_bound_seconds"]
-
+_BLOCK = 4096
 # Host memory copies are timed on at most this much: the rate is flat well below it.
 _HOST_COPY_BYTES = 1 << 30
+
+__all__ = [
+    "Limits",
+    "capture_bound_seconds",
+    "fsync_write_seconds",
+    "measure_chunk_writes",
+    "measure_limits",
+    "restore_bound_seconds",
+]
 
 
 @dataclass
@@ -158,12 +166,56 @@ def measure_disk(
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def measure_chunk_writes(
+    directory: str | os.PathLike[str], per_file: int, writers: int, *, pinned: bool = False
+) -> float:
+    """GB/s of ``writers`` threads each writing a file of ``per_file`` bytes the way the
+    pipeline writes a chunk: from a buffer allocated like its staging pool (``pinned``
+    when GPU state is saved), checksummed, around the page cache where the buffer and the
+    filesystem allow it, fsync'd.
+
+    One writer against several shows how many writer threads the disk takes before it
+    stops going faster.
+    """
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".limits-", dir=root))
+    size = max(per_file, 1)
+    padded = -(-size // _BLOCK) * _BLOCK  # the pool's buffers are whole blocks too
+    buffer = torch.empty(padded, dtype=torch.uint8, pin_memory=pinned)
+    buffer.random_(0, 256)
+    room = byte_view(buffer)
+
+    def write_one(i: int) -> None:
+        path = str(scratch / f"limit-{i}.bin")
+        write_pieces(path, room[:size], [(0, size)], durable=True, room=room)
+
+    try:
+        return size * writers / 1e9 / _parallel_seconds(write_one, writers)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def measure_limits(directory: str | os.PathLike[str], nbytes: int, threads: int = 8) -> Limits:
     limits = Limits()
     measure_copies(min(nbytes, 4 << 30), limits)
     measure_host_copy(nbytes, limits)
     measure_disk(directory, nbytes, threads, limits)
     return limits
+
+
+def fsync_write_seconds(directory: str | os.PathLike[str], nbytes: int, threads: int) -> float:
+    """Seconds to write ``nbytes`` as ``threads`` parallel fsync'd files under ``directory``
+    (for several ranks writing at once, each timing its own part)."""
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".limits-", dir=root))
+    per_file = max(nbytes // threads, 1 << 20)
+    buffer = torch.randint(0, 255, (per_file,), dtype=torch.uint8)
+    try:
+        return _write_files(scratch, byte_view(buffer), threads, fsync=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _seconds(nbytes: int, gbps: float | None) -> float:

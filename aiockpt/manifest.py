@@ -19,7 +19,7 @@ import crc32c
 import torch
 
 from .errors import CorruptCheckpointError
-from .flatten import TENSOR_TAG, dtype_from_name, dtype_name
+from .flatten import DTENSOR_TAG, RANKS_TAG, TENSOR_TAG, dtype_from_name, dtype_name
 
 __all__ = [
     "FORMAT_NAME",
@@ -32,7 +32,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "aiockpt"
-FORMAT_VERSION = 1
+# Version 2 adds what runs of several ranks write ($ranks, $dtensor, world_size > 1); a
+# checkpoint of one rank is still written as version 1, readable by older releases.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 
 # Limits a reader enforces (docs/FORMAT.md lists them too).
@@ -44,7 +46,17 @@ MAX_NAME_CHARS = 4096
 MAX_TENSOR_BYTES = 2**48
 MAX_SKELETON_DEPTH = 512
 DATA_FILE_PATTERN = re.compile(r"data-r\d{5,9}-c\d{5,9}\.bin")
-_SKELETON_TAGS = {"$tuple", "$dict", "$float", "$bytes", "$dtype", "$odict", "$npscalar"}
+_SKELETON_TAGS = {
+    "$tuple",
+    "$dict",
+    "$float",
+    "$bytes",
+    "$dtype",
+    "$odict",
+    "$npscalar",
+    DTENSOR_TAG,
+    RANKS_TAG,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +101,7 @@ class Manifest:
     def to_json(self) -> bytes:
         document = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if self.world_size > 1 else 1,
             "step": self.step,
             "created": self.created,
             "world_size": self.world_size,

@@ -101,6 +101,13 @@ class BasePolicy:
         # persist time overlap without stalling anything.
         self.max_in_flight = 1
 
+    # Whether decisions follow the wall clock: each rank of a run would then decide on its
+    # own, and the ranks must all checkpoint the same steps.
+    uses_clock = False
+
+    def decides_by_clock(self) -> bool:
+        return self.uses_clock
+
     # -- the protocol ----------------------------------------------------------------------
     def should_checkpoint(self, step: int, now: float) -> bool:
         raise NotImplementedError
@@ -233,6 +240,8 @@ class EveryNSteps(BasePolicy):
 class EveryNSeconds(BasePolicy):
     """Checkpoint once ``seconds`` have passed since the last checkpoint (or the start)."""
 
+    uses_clock = True
+
     def __init__(self, seconds: float) -> None:
         super().__init__()
         if not isinstance(seconds, (int, float)) or not (0 < seconds < math.inf):
@@ -265,6 +274,8 @@ class AdaptiveOverhead(BasePolicy):
     and another ``warmup_steps`` later (the first one's stall includes one-time setup),
     never while a probe is still in flight.
     """
+
+    uses_clock = True
 
     def __init__(self, max_overhead: float, *, warmup_steps: int = 10) -> None:
         super().__init__()
@@ -325,6 +336,7 @@ class AnyOf(BasePolicy):
         if not policies:
             raise ValueError("AnyOf() needs at least one policy")
         self.policies = list(policies)
+        self.uses_clock = any(p.decides_by_clock() for p in self.policies)
         for policy in self.policies:
             policy.warn_backlog = False  # one warning, about the shortest interval
 

@@ -22,7 +22,7 @@ import torch
 
 from .errors import CorruptCheckpointError, NoCheckpointError
 from .fileio import checksum, read_exact
-from .flatten import unflatten_state
+from .flatten import SavedShards, unflatten_state
 from .manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, TensorRecord
 from .memory import byte_view
 from .store import parse_step_dir
@@ -84,11 +84,18 @@ class LoadedCheckpoint:
     placed: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
     def state(
-        self, map_location: MapLocation = "cpu", keys: Iterable[str] | None = None
+        self,
+        map_location: MapLocation = "cpu",
+        keys: Iterable[str] | None = None,
+        *,
+        rank: int = 0,
+        dtensor: Callable[[SavedShards], Any] = SavedShards.assemble,
     ) -> dict[str, Any]:
         """The nested state, tensors on ``map_location``; aliases stay one tensor.
 
-        Tensors that were not read (a partial read) are left out of their dicts.
+        Tensors that were not read (a partial read) are left out of their dicts. State
+        saved per rank comes back as ``rank`` saved it; DTensors as ``dtensor`` makes them
+        (whole tensors by default).
         """
         device = torch.device(map_location or "cpu")
 
@@ -106,7 +113,10 @@ class LoadedCheckpoint:
 
         wanted = self.manifest.state.keys() if keys is None else keys
         try:
-            decoded = {k: unflatten_state(self.manifest.state[k], tensor_at) for k in wanted}
+            decoded = {
+                k: unflatten_state(self.manifest.state[k], tensor_at, rank=rank, dtensor=dtensor)
+                for k in wanted
+            }
         except (ValueError, TypeError, KeyError, IndexError, binascii.Error) as exc:
             raise CorruptCheckpointError(
                 f"{self.path / MANIFEST_NAME}: its state cannot be decoded ({exc})"
@@ -173,13 +183,18 @@ def read_checkpoint(
     select: TensorFilter | None = None,
     threads: int = 8,
     verify: bool = True,
+    rank_select: Callable[[Manifest, TensorFilter | None], TensorFilter] | None = None,
 ) -> LoadedCheckpoint:
     """Read (and verify) the tensors of a checkpoint into CPU memory.
 
     With ``select``, only the tensors it accepts are read: their byte ranges alone.
+    ``rank_select`` narrows ``select`` further once the manifest is known (what one rank
+    of a run needs).
     """
     path = Path(directory)
     manifest = read_manifest(path)
+    if rank_select is not None:
+        select = rank_select(manifest, select)
     named_step = parse_step_dir(path.name)
     if named_step is not None and named_step != manifest.step:
         raise CorruptCheckpointError(
@@ -244,15 +259,18 @@ def load(
     keys: Iterable[str] | None = None,
     layers: str | None = None,
     verify: bool = True,
+    rank: int = 0,
 ) -> dict[str, Any]:
     """Load a checkpoint directory as ``{name: state_dict}`` without the original objects.
 
     ``keys`` picks top-level entries (e.g. ``["model"]``); ``layers`` is a regular
     expression on layer names (``"blocks\\.[0-3]\\b"``): only those tensors' bytes are read.
+    A checkpoint of several ranks gives whole tensors for sharded state, and the per-rank
+    state (RNG, ...) of ``rank``.
     """
     wanted = None if keys is None else list(keys)
     loaded = read_checkpoint(path, select=tensor_filter(wanted, layers), verify=verify)
     absent = [k for k in wanted or () if k not in loaded.manifest.state]
     if absent:
         raise KeyError(f"{path} has no entry {absent}; it holds {sorted(loaded.manifest.state)}")
-    return loaded.state(map_location, keys=wanted)
+    return loaded.state(map_location, keys=wanted, rank=rank)

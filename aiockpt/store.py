@@ -110,15 +110,20 @@ def list_checkpoints(directory: str | os.PathLike[str]) -> list[CheckpointInfo]:
 class CheckpointStore:
     """One writer's view of a checkpoint directory (blocking calls; run them off the loop)."""
 
-    def __init__(self, root: str | os.PathLike[str], *, durable: bool) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, durable: bool, lead: bool = True) -> None:
         self.root = Path(root)
         self.durable = durable
+        # In a run of several ranks only rank 0 leads: it holds the lock, clears leftovers,
+        # commits and deletes. The others only write data files into shared temporaries.
+        self.lead = lead
         self._lock_fd: int | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     def open(self) -> None:
         """Create the directory, take the writer lock, and clear a dead writer's leftovers."""
         self.root.mkdir(parents=True, exist_ok=True)
+        if not self.lead:
+            return
         fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -160,10 +165,17 @@ class CheckpointStore:
         (self.root / f"{LATEST_NAME}.tmp").unlink(missing_ok=True)
 
     # -- writing one checkpoint -------------------------------------------------------
-    def begin(self, step: int) -> Path:
-        """A fresh temporary directory for the files of ``step``."""
-        path = self.root / f".tmp-{step_dir_name(step)}-{secrets.token_hex(4)}"
-        path.mkdir()
+    def begin(self, step: int, shared: str | None = None) -> Path:
+        """A fresh temporary directory for the files of ``step``.
+
+        ``shared`` names one that all ranks write into (each creates it if it is first).
+        """
+        if shared is None:
+            path = self.root / f".tmp-{step_dir_name(step)}-{secrets.token_hex(4)}"
+            path.mkdir()
+        else:
+            path = self.root / f".tmp-{step_dir_name(step)}-{shared}"
+            path.mkdir(exist_ok=True)
         return path
 
     def abort(self, temporary: Path) -> None:

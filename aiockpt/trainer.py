@@ -34,8 +34,8 @@ from .checkpointer import (
     SyncCheckpointHandle,
 )
 from .config import Config
-from .distributed import is_rank_zero
-from .errors import BackgroundError, CheckpointError
+from .distributed import is_rank_zero, world_size
+from .errors import BackgroundError, CheckpointError, ConfigError
 from .policy import BasePolicy, IntervalPolicy, policy_from_config
 from .stateful import RNGState
 
@@ -157,6 +157,8 @@ class _Engine:
         self.accumulation = grad_accumulation_steps
         self.max_grad_norm = max_grad_norm
         self.policy: IntervalPolicy = policy or policy_from_config(self.config)
+        if isinstance(self.policy, BasePolicy) and self.policy.decides_by_clock():
+            _check_clock_policy_is_single_rank()
         if isinstance(self.policy, BasePolicy):
             self.policy.max_in_flight = self.config.max_async
         self.clock = clock
@@ -564,3 +566,12 @@ class SyncTrainer(_TrainerBase):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _check_clock_policy_is_single_rank() -> None:
+    if world_size() > 1:
+        raise ConfigError(
+            "interval_seconds and max_overhead decide from each rank's own clock, so the "
+            f"{world_size()} ranks would checkpoint different steps; under torch.distributed "
+            "use interval_steps (or call trainer.checkpoint() at the same step on every rank)"
+        )

@@ -556,8 +556,24 @@ CORPUS: dict[str, Mutation] = {
     "state-tensor-index-negative": _edit(
         _set_state("w", {"$tensor": -1}), r"tensor reference = -1 is not an integer"
     ),
+    "dtensor-shard-outside-its-tensor": _edit(
+        _set_state(
+            "w",
+            {"$dtensor": {"shape": [10], "shards": [{"offset": [5], "data": {"$tensor": 0}}]}},
+        ),
+        r"lies outside its tensor",
+    ),
+    "dtensor-shard-bad-reference": _edit(
+        _set_state(
+            "w",
+            {"$dtensor": {"shape": [10], "shards": [{"offset": [0], "data": {"$tensor": 7}}]}},
+        ),
+        r"tensor reference = 7 is not an integer",
+    ),
+    "dtensor-without-shards": _edit(_set_state("w", {"$dtensor": {"shape": [3]}}), r"decoded"),
+    "ranks-not-a-list": _edit(_set_state("w", {"$ranks": {"0": 1}}), r"decoded"),
     "format-version-from-the-future": _edit(
-        lambda d: d.update(format_version=2), r"format_version 2 is newer.*upgrade"
+        lambda d: d.update(format_version=3), r"format_version 3 is newer.*upgrade"
     ),
     "format-not-aiockpt": _edit(lambda d: d.update(format="pickle"), r"not an aiockpt manifest"),
     "checksum-algorithm-unknown": _edit(
