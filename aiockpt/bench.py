@@ -1,308 +1,102 @@
-"""``aiockpt bench``: stall and persist figures next to the machine's own limits.
+"""``aiockpt bench``: aiockpt, torch.save and DCP side by side, against this machine's limits.
 
 One process, one model, every figure measured in the same run:
 
-- the limits (device-to-device and device-to-host copy rates, parallel fsync'd write and
-  cold read bandwidth of the target directory),
-- per staging mode, the stall of each checkpoint two ways: the time ``checkpoint()``
-  takes to return, and how much longer the training step that follows it takes than a
-  step without a checkpoint (what training really loses, GPU-side waits included),
-- persist bandwidth (bytes / time from capture to durable commit) and restore time,
-- a blocking ``torch.save`` (fsync'd) of the same state as the baseline.
+1. build the model (a preset, or ``--model package.module:function``) and train a few steps;
+2. measure the limits: device-to-device, device-to-host and host-to-device copy rates,
+   host memcpy, parallel fsync'd and page-cache writes and cold reads of the directory;
+3. warm up every system with a first checkpoint (it allocates and pins what later ones
+   reuse), recording what it holds;
+4. rounds: each system trains ``--steps`` steps with a checkpoint every
+   ``--checkpoint-interval`` steps, systems interleaved round by round (A B A B ...) so
+   drift in the machine's speed hits them alike; every step is timed;
+5. in the last round, right after its training, each system restores from disk with the
+   page cache dropped; then its files are deleted and its memory released.
 
-Modes are interleaved round by round (A B A B ...) so drift in the machine's speed hits
-them alike; medians are reported.
+Reported per system, as medians with ratios to every baseline and to the limits:
+samples/s, stall per checkpoint (p50, p99), how much slower the checkpointed step was,
+persist GB/s, the checkpoint interval achieved, restore time, host and staging memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import platform
 import shutil
-import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from .checkpointer import SyncCheckpointer
+from ._version import __version__
+from .bench_memory import tensor_bytes
+from .bench_models import (
+    DEFAULT_INTERVAL,
+    DEFAULT_ROUNDS,
+    DEFAULT_STEPS,
+    PRESETS,
+    Preset,
+    TinyGPT,
+    Workload,
+    build_preset,
+    load_workload,
+    make_step,
+    preset_workload,
+)
+from .bench_report import markdown, plot, plot_available
+from .bench_summary import summarise
+from .bench_systems import (
+    AiockptSystem,
+    DcpSystem,
+    NoCheckpoint,
+    System,
+    TorchSave,
+    restore_timed,
+    sync,
+    train_round,
+    warm_up,
+)
 from .config import Config
+from .console import CliError, TaskProgress, iso_time, task_progress
+from .errors import ConfigError
 from .limits import measure_limits
 
-__all__ = ["PRESETS", "build_preset", "main"]
+# The presets' names stay importable from here: diagnose and bench_ranks build on them.
+__all__ = ["PRESETS", "Preset", "TinyGPT", "build_preset", "main", "make_step"]
 
+SYSTEMS = ("none", "torch.save", "dcp", "aiockpt")
+STAGINGS = ("gpu", "host", "auto", "cpu")
 
-@dataclass(frozen=True)
-class Preset:
-    d_model: int
-    layers: int
-    heads: int
-    vocab: int
-    seq: int
-    batch: int
+_EPILOG = """\
+systems (--systems): none (no checkpoint), torch.save (blocking, fsync'd), dcp
+(torch.distributed.checkpoint.async_save, FileSystemWriter with --num-threads threads and
+cache_staged_state_dict=True, waiting on the previous save), aiockpt (one system per
+--staging mode).
 
+--model package.module:function trains your own model: the function gets the
+torch.device and returns (model, optimizer, step_fn) or (model, optimizer, step_fn,
+samples_per_step), where step_fn() runs one whole training step.
 
-PRESETS = {
-    "tiny": Preset(d_model=64, layers=2, heads=4, vocab=512, seq=32, batch=4),
-    "350m": Preset(d_model=1024, layers=24, heads=16, vocab=50304, seq=512, batch=8),
-    "1.3b": Preset(d_model=2048, layers=24, heads=16, vocab=50304, seq=512, batch=4),
-}
+Defaults per preset (--steps / --checkpoint-interval / --rounds): tiny 20/5/2,
+350m 200/50/3 (sized for about 6 minutes on one H100), 1.3b 100/100/2,
+--model 200/50/3.
 
-
-class TinyGPT(nn.Module):
-    """A decoder-only transformer built from torch's own layers (tied embeddings)."""
-
-    def __init__(self, p: Preset) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(p.vocab, p.d_model)
-        self.position = nn.Parameter(torch.zeros(p.seq, p.d_model))
-        layer = nn.TransformerEncoderLayer(
-            p.d_model, p.heads, 4 * p.d_model, dropout=0.1, batch_first=True, norm_first=True
-        )
-        self.blocks = nn.TransformerEncoder(layer, p.layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(p.d_model)
-        self.head = nn.Linear(p.d_model, p.vocab, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens) + self.position[: tokens.shape[1]]
-        mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], device=tokens.device)
-        return self.head(self.norm(self.blocks(x, mask=mask, is_causal=True)))
-
-
-def build_preset(
-    name: str, device: torch.device
-) -> tuple[nn.Module, torch.optim.Optimizer, Preset]:
-    preset = PRESETS[name]
-    model = TinyGPT(preset).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    return model, optimizer, preset
-
-
-def make_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, p: Preset, device: torch.device
-) -> Callable[[], None]:
-    tokens = torch.randint(0, p.vocab, (p.batch, p.seq + 1), device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def step() -> None:
-        with autocast:
-            logits = model(tokens[:, :-1])
-            loss = nn.functional.cross_entropy(
-                logits.flatten(0, 1).float(), tokens[:, 1:].flatten()
-            )
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
-def _sync(device: torch.device) -> None:
-    # Only the training (current) stream: a real loop syncs there (loss.item()), and
-    # must not be charged for aiockpt's side-stream copies that run concurrently.
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
-
-
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
-def _p99(values: list[float]) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    torch.manual_seed(0)
-    model, optimizer, preset = build_preset(args.preset, device)
-    step = make_step(model, optimizer, preset, device)
-    for _ in range(3):  # materialise optimizer state, warm kernels
-        step()
-    _sync(device)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    state_bytes = sum(
-        t.numel() * t.element_size()
-        for part in (model.state_dict(), *[s for s in optimizer.state.values()])
-        for t in part.values()
-        if isinstance(t, torch.Tensor)
-    )
-    root = Path(args.directory)
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    report: dict[str, Any] = {
-        "preset": args.preset,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "state_bytes": state_bytes,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-    }
-    _log(args, f"{report['parameters'] / 1e6:.0f}M parameters, state {state_bytes / 1e9:.2f} GB")
-    report["limits"] = measure_limits(root / "limits", state_bytes, args.num_threads).to_dict()
-    _log(args, f"limits: {report['limits']}")
-    plain = [_timed(step, device) for _ in range(args.steps)]
-    report["step_seconds"] = _median(plain)
-
-    modes = ["gpu", "host"] if device.type == "cuda" else ["cpu"]
-    checkpointers = {}
-    results: dict[str, dict[str, list[float]]] = {}
-    for mode in modes:
-        config = Config(
-            directory=root / mode,
-            staging="host" if mode == "cpu" else mode,
-            max_async=args.max_async,
-            chunk_size_mb=args.chunk_size_mb,
-            num_threads=args.num_threads,
-            keep_last=1,
-        )
-        ckpt = SyncCheckpointer(config, model=model, optimizer=optimizer)
-        first = _timed(lambda c=ckpt: c.checkpoint(0).wait(), device)  # type: ignore[misc]
-        checkpointers[mode] = ckpt
-        results[mode] = {
-            "call_ms": [],
-            "stall_ms": [],
-            "persisting_step_ms": [],
-            "plain_step_ms": [],
-            "state_dict_ms": [],
-            "staging_ms": [],
-            "queue_wait_ms": [],
-            "persist_gbps": [],
-            "first_ms": [first * 1e3],
-        }
-    for round_ in range(1, args.rounds + 1):
-        for mode, ckpt in checkpointers.items():
-            box: dict[str, Any] = {}
-
-            def checkpoint_then_step(
-                ckpt: SyncCheckpointer = ckpt, box: dict[str, Any] = box, at: int = round_
-            ) -> None:
-                start = time.perf_counter()
-                box["handle"] = ckpt.checkpoint(at)
-                box["call"] = time.perf_counter() - start
-                step()
-
-            # Pair each checkpointed step with a plain step right before it, so drift in
-            # the machine's speed cancels out of the difference.
-            plain_step = _timed(step, device)
-            with_ckpt = _timed(checkpoint_then_step, device)
-            handle = box["handle"]
-            # Keep training while the checkpoint persists: what background work costs the
-            # steps it overlaps (GIL, memory and PCIe traffic), beyond the first one.
-            while not handle.done():
-                results[mode]["persisting_step_ms"].append(_timed(step, device) * 1e3)
-            handle.wait()
-            # Plain steps of the same round: the machine's speed drifts by more than the
-            # effect being measured, so compare against steps taken moments apart.
-            results[mode]["plain_step_ms"].extend(_timed(step, device) * 1e3 for _ in range(3))
-            for key in ("state_dict_ms", "staging_ms", "queue_wait_ms"):
-                results[mode][key].append(getattr(handle.metrics, key))
-            results[mode]["call_ms"].append(box["call"] * 1e3)
-            results[mode]["stall_ms"].append((with_ckpt - plain_step) * 1e3)
-            results[mode]["persist_gbps"].append(handle.metrics.persist_gbps)
-        _log(
-            args,
-            f"round {round_}: "
-            + ", ".join(f"{m} stall {r['stall_ms'][-1]:.1f} ms" for m, r in results.items()),
-        )
-    for mode, ckpt in checkpointers.items():
-        _drop_page_cache(root / mode)  # restore from the disk, as after a crash
-        restore = _timed(ckpt.restore, device)
-        results[mode]["restore_seconds"] = [restore]
-        ckpt.close()
-    report["aiockpt"] = {
-        mode: {
-            "call_ms_median": _median(r["call_ms"]),
-            "call_ms_p99": _p99(r["call_ms"]),
-            "stall_ms_median": _median(r["stall_ms"]),
-            "stall_ms_p99": _p99(r["stall_ms"]),
-            "first_checkpoint_ms": r["first_ms"][0],
-            "persist_gbps_median": _median(r["persist_gbps"]),
-            "persisting_step_ms_median": _median(r["persisting_step_ms"]),
-            "plain_step_ms_median": _median(r["plain_step_ms"]),
-            "state_dict_ms_median": _median(r["state_dict_ms"]),
-            "staging_ms_median": _median(r["staging_ms"]),
-            "restore_seconds": r["restore_seconds"][0],
-            "restore_bound_seconds": _restore_bound(state_bytes, report["limits"]),
-            "raw": r,
-        }
-        for mode, r in results.items()
-    }
-    if args.trainer:
-        from .bench_trainer import run_trainer_matrix
-
-        report["trainer"] = run_trainer_matrix(
-            model,
-            optimizer,
-            preset,
-            device,
-            root,
-            intervals=[
-                (int(interval), policy)
-                for interval in args.trainer_intervals.split(",")
-                for policy in args.trainer_policies.split(",")
-            ],
-            seconds=args.trainer_seconds,
-            rounds=args.trainer_rounds,
-            base={
-                "max_async": args.max_async,
-                "chunk_size_mb": args.chunk_size_mb,
-                "num_threads": args.num_threads,
-            },
-        )
-    report["torch_save_seconds"] = [
-        _torch_save(state, root / "torch_save.pt", device) for _ in range(args.baseline_repeats)
-    ]
-    shutil.rmtree(root, ignore_errors=True)
-    return report
-
-
-def _restore_bound(nbytes: int, limits: dict[str, Any]) -> float:
-    """Reading every byte from disk plus moving it to the device, at the measured rates."""
-    seconds = nbytes / (limits["read_gbps"] * 1e9) if limits["read_gbps"] else 0.0
-    if limits.get("h2d_pinned_gbps"):
-        seconds += nbytes / (limits["h2d_pinned_gbps"] * 1e9)
-    return seconds
-
-
-def _drop_page_cache(directory: Path) -> None:
-    # Written and fsync'd pages are clean, so DONTNEED evicts them from the page cache.
-    for path in directory.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
-def _torch_save(state: dict[str, Any], path: Path, device: torch.device) -> float:
-    def save() -> None:
-        with open(path, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-
-    seconds = _timed(save, device)
-    path.unlink()
-    return seconds
+examples:
+  aiockpt bench                                  350m on a GPU, tiny on the CPU
+  aiockpt bench --preset 1.3b --output r.json --markdown r.md --plot r.png
+  aiockpt bench --systems none,aiockpt --staging gpu --checkpoint-interval 10
+  aiockpt bench --model mytrain:bench_workload --steps 300
+  aiockpt bench --from-json r.json --markdown r.md --plot r.png   redraw a saved run"""
 
 
 def _log(args: argparse.Namespace, message: str) -> None:
@@ -310,73 +104,467 @@ def _log(args: argparse.Namespace, message: str) -> None:
         print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--directory", default="bench-checkpoints")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=10, help="plain steps to time")
-    parser.add_argument("--max-async", type=int, default=2)
-    parser.add_argument("--chunk-size-mb", type=float, default=256)
-    parser.add_argument("--num-threads", type=int, default=8)
-    parser.add_argument("--baseline-repeats", type=int, default=1)
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
-    parser.add_argument(
-        "--trainer", action="store_true", help="also measure Trainer throughput per interval"
+class _Phases:
+    """Wall time per phase, added up when a phase comes back (restores are spread out)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name: str, *, log: bool = True) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + spent
+            if log:
+                self.log(f"{name}: {spent:.1f} s")
+
+    def log(self, message: str) -> None:
+        _log(self.args, f"{message} (elapsed {self.elapsed():.1f} s)")
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def _state_bytes(workload: Workload) -> int:
+    # Each tensor once: tied weights appear under two names but are one tensor.
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+    for obj in workload.state().values():
+        _collect(obj.state_dict(), seen)
+    return tensor_bytes(list(seen.values()))
+
+
+def _collect(tree: Any, seen: dict[tuple[int, int], torch.Tensor]) -> None:
+    if isinstance(tree, torch.Tensor):
+        seen[(tree.data_ptr(), tree.numel() * tree.element_size())] = tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            _collect(value, seen)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            _collect(value, seen)
+
+
+def _config(args: argparse.Namespace, root: Path) -> Config:
+    try:
+        return Config(
+            directory=root,
+            max_async=args.max_async,
+            chunk_size_mb=args.chunk_size_mb,
+            chunk_count=args.chunk_count,
+            num_threads=args.num_threads,
+            pinned_ratio=args.pinned_ratio,
+            use_monitor=args.use_monitor,
+            on_backpressure=args.on_backpressure,
+        )
+    except ConfigError as exc:
+        raise CliError(str(exc), code=2) from None
+
+
+def _systems(
+    args: argparse.Namespace, workload: Workload, root: Path, config: Config
+) -> list[System]:
+    systems: list[System] = []
+    try:
+        for name in args.systems:
+            if name == "none":
+                systems.append(NoCheckpoint(workload, root / "none"))
+            elif name == "torch.save":
+                systems.append(TorchSave(workload, root / "torch_save"))
+            elif name == "dcp":
+                systems.append(DcpSystem(workload, root / "dcp", args.num_threads))
+            else:
+                for staging in args.staging:
+                    systems.append(
+                        AiockptSystem(workload, root / f"aiockpt-{staging}", staging, config)
+                    )
+    except BaseException:
+        for system in systems:
+            system.close()
+        raise
+    return systems
+
+
+def _resolve(args: argparse.Namespace, device: torch.device) -> None:
+    """Fill in the defaults that depend on the device and preset; reject bad usage."""
+    if args.model and args.preset:
+        raise CliError("--model and --preset both name what to train: give one of them", code=2)
+    if args.model:
+        defaults = (DEFAULT_STEPS, DEFAULT_INTERVAL, DEFAULT_ROUNDS)
+    else:
+        if args.preset is None:
+            args.preset = "350m" if device.type == "cuda" else "tiny"
+        preset = PRESETS[args.preset]
+        defaults = (preset.steps, preset.checkpoint_interval, preset.rounds)
+    for key, value in zip(("steps", "checkpoint_interval", "rounds"), defaults, strict=True):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+        elif getattr(args, key) < 1:
+            raise CliError(f"--{key.replace('_', '-')} must be at least 1", code=2)
+    args.systems = _names(args.systems, SYSTEMS, "--systems")
+    staging = "gpu,host" if device.type == "cuda" else "cpu"
+    args.staging = _names(args.staging or staging, STAGINGS, "--staging")
+    if device.type == "cuda" and "cpu" in args.staging:
+        raise CliError("--staging cpu is for CPU training; on a GPU use gpu, host or auto", code=2)
+    if device.type == "cpu" and set(args.staging) - {"cpu"}:
+        raise CliError(
+            f"--staging {','.join(args.staging)} needs a CUDA device; on the CPU use cpu", code=2
+        )
+
+
+def _names(text: str, allowed: tuple[str, ...], option: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise CliError(
+            f"{option} {text!r}: unknown {unknown or 'empty list'}; "
+            f"choose from {', '.join(allowed)}",
+            code=2,
+        )
+    return list(dict.fromkeys(names))  # in the given order, each once
+
+
+def _settings(args: argparse.Namespace, systems: list[System]) -> dict[str, Any]:
+    return {
+        "steps": args.steps,
+        "checkpoint_interval": args.checkpoint_interval,
+        "rounds": args.rounds,
+        "warmup_steps": args.warmup_steps,
+        "systems": [s.name for s in systems],
+        "staging": args.staging,
+        "use_monitor": args.use_monitor,
+        "max_async": args.max_async,
+        "chunk_size_mb": args.chunk_size_mb,
+        "chunk_count": args.chunk_count,
+        "num_threads": args.num_threads,
+        "pinned_ratio": args.pinned_ratio,
+        "on_backpressure": args.on_backpressure,
+        "per_system": {s.name: s.settings() for s in systems},
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    _resolve(args, device)
+    config = _config(args, Path(args.directory))  # bad settings fail before any work
+    phases = _Phases(args)
+    with phases("build"):
+        torch.manual_seed(0)
+        workload = (
+            load_workload(args.model, device)
+            if args.model
+            else preset_workload(args.preset, device)
+        )
+        for _ in range(args.warmup_steps):  # optimizer state exists, kernels are warm
+            workload.step()
+        sync(device)
+        state_bytes = _state_bytes(workload)
+    parameters = sum(p.numel() for p in workload.model.parameters())
+    _log(args, f"{workload.name}: {parameters:,} parameters, {state_bytes / 1e6:,.1f} MB of state")
+    base = Path(args.directory)
+    created = not base.exists()
+    base.mkdir(parents=True, exist_ok=True)
+    # A directory of its own inside the one given: the bench deletes only what it made.
+    root = Path(tempfile.mkdtemp(prefix="aiockpt-bench-", dir=base))
+    systems: list[System] = []
+    try:
+        with phases("limits"):
+            limits = measure_limits(root / "limits", state_bytes, args.num_threads).to_dict()
+        _log(args, "limits: " + _limits_line(limits))
+        systems = _systems(args, workload, root, config)
+        report = _report(args, workload, device, parameters, state_bytes, limits, systems)
+        restores = sum(s.checkpoints for s in systems)
+        units = (1 + args.rounds) * len(systems) + restores
+        with task_progress(units, enabled=not args.json) as progress:
+            _measure(args, workload, device, systems, report, phases, progress)
+    finally:
+        for system in systems:  # closed already, unless the run was cut short
+            with contextlib.suppress(Exception):
+                system.close()
+        shutil.rmtree(root, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                base.rmdir()
+    report["phases_s"] = {**phases.seconds, "total": phases.elapsed()}
+    summarise(report)
+    return report
+
+
+def _report(
+    args: argparse.Namespace,
+    workload: Workload,
+    device: torch.device,
+    parameters: int,
+    state_bytes: int,
+    limits: dict[str, Any],
+    systems: list[System],
+) -> dict[str, Any]:
+    return {
+        "schema": 2,
+        "created": iso_time(time.time()),
+        "environment": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "aiockpt": __version__,
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+        },
+        "model": {
+            "name": workload.name,
+            "parameters": parameters,
+            "state_bytes": state_bytes,
+            "samples_per_step": workload.samples_per_step,
+        },
+        "settings": _settings(args, systems),
+        "limits": limits,
+        "systems": {s.name: {"warm_up": None, "rounds": [], "restore_s": None} for s in systems},
+        "failed": {},
+    }
+
+
+def _measure(
+    args: argparse.Namespace,
+    workload: Workload,
+    device: torch.device,
+    systems: list[System],
+    report: dict[str, Any],
+    phases: _Phases,
+    progress: TaskProgress,
+) -> None:
+    results = report["systems"]
+    active = list(systems)
+
+    def attempt(system: System, what: str, work: Callable[[], None]) -> None:
+        # One system failing (a torch API that differs, a full disk) must not cost the
+        # figures of the others: it is reported and left out of the rounds to come.
+        try:
+            work()
+        except Exception as exc:
+            report["failed"][system.name] = {
+                "during": what,
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": traceback.format_exc(limit=-8),
+            }
+            _log(args, f"{system.name} failed during {what}: {type(exc).__name__}: {exc}")
+            active.remove(system)
+            with contextlib.suppress(Exception):
+                system.close()
+
+    def first(system: System) -> None:
+        results[system.name]["warm_up"] = warm_up(system, device)
+        record = results[system.name]["warm_up"]["first_checkpoint"]
+        if record:
+            _log(args, f"warm-up {system.name}: first checkpoint {record['stall_s']:.2f} s")
+
+    def train(system: System, index: int) -> None:
+        with phases("rounds", log=False):
+            result = train_round(
+                system, workload, steps=args.steps, interval=args.checkpoint_interval, device=device
+            )
+        results[system.name]["rounds"].append(result)
+        _log(args, f"round {index + 1} {system.name}: {_brief(result)}")
+
+    def restore(system: System) -> None:
+        with phases("restore", log=False):
+            seconds = restore_timed(system, device)
+        results[system.name]["restore_s"] = seconds
+        _log(args, f"restore {system.name}: {seconds:.2f} s")
+
+    with phases("warm-up"):
+        for system in list(active):
+            progress.show(f"warm-up: {system.name}")
+            attempt(system, "warm-up", partial(first, system))
+            progress.advance()
+    for index in range(args.rounds):
+        last = index == args.rounds - 1
+        start = time.perf_counter()
+        for system in list(active):
+            progress.show(f"round {index + 1}/{args.rounds}: {system.name}")
+            attempt(system, f"round {index + 1}", partial(train, system, index))
+            progress.advance()
+            if last and system.checkpoints and system in active:
+                progress.show(f"restore: {system.name}")
+                attempt(system, "restore", partial(restore, system))
+                progress.advance()
+            if system in active:
+                attempt(system, "cleanup", system.discard)
+            if last and system in active:
+                system.close()  # its memory goes back before the next system's round
+        spent = time.perf_counter() - start
+        left = args.rounds - 1 - index
+        phases.log(
+            f"round {index + 1}/{args.rounds}: {spent:.1f} s"
+            + (f", about {spent * left:.0f} s to go" if left else "")
+        )
+    for name in report["failed"]:
+        del results[name]
+
+
+def _limits_line(limits: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{key.removesuffix('_gbps')} {value:.2f} GB/s"
+        for key, value in limits.items()
+        if key.endswith("_gbps") and value is not None
     )
-    parser.add_argument("--trainer-intervals", default="1,10,50")
-    parser.add_argument("--trainer-policies", default="block,skip", help="on_backpressure values")
-    parser.add_argument("--trainer-seconds", type=float, default=15.0)
-    parser.add_argument("--trainer-rounds", type=int, default=1)
-    parser.add_argument("--output", help="write the JSON report here")
-    parser.add_argument("--json", action="store_true", help="print only the JSON report")
+
+
+def _brief(result: dict[str, Any]) -> str:
+    stalls = [c["stall_s"] * 1e3 for c in result["checkpoints"] if not c["skipped"]]
+    text = f"{result['samples_per_second']:.1f} samples/s"
+    if stalls:
+        text += f", stall {min(stalls):.1f}-{max(stalls):.1f} ms"
+    skipped = sum(c["skipped"] for c in result["checkpoints"])
+    return text + (f", {skipped} skipped" if skipped else "")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_argument_group("what to train")
+    what.add_argument(
+        "--preset", choices=sorted(PRESETS), help="built-in model (default: 350m on a GPU, tiny)"
+    )
+    what.add_argument("--model", metavar="MODULE:FUNCTION", help="your own model (see below)")
+    what.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
+    run_group = parser.add_argument_group("how to measure")
+    run_group.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        metavar="LIST",
+        help=f"comma-separated, of {', '.join(SYSTEMS)}",
+    )
+    run_group.add_argument(
+        "--steps", type=int, metavar="N", help="training steps per system and round"
+    )
+    run_group.add_argument(
+        "--checkpoint-interval", type=int, metavar="N", help="a checkpoint every N steps"
+    )
+    run_group.add_argument(
+        "--rounds", type=int, metavar="N", help="rounds, systems interleaved in each"
+    )
+    run_group.add_argument(
+        "--warmup-steps", type=int, default=3, metavar="N", help="steps before anything is measured"
+    )
+    run_group.add_argument(
+        "--directory", default="bench-checkpoints", metavar="DIR", help="where files go"
+    )
+    knobs = parser.add_argument_group("aiockpt settings (Config keys of the same names)")
+    knobs.add_argument(
+        "--staging",
+        metavar="LIST",
+        help="comma-separated aiockpt systems: gpu, host, auto (default gpu,host), or cpu on "
+        "the CPU",
+    )
+    knobs.add_argument(
+        "--use-monitor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the pipeline on a background thread (default); --no-use-monitor blocks "
+        "until durable",
+    )
+    chunks = knobs.add_mutually_exclusive_group()
+    chunks.add_argument(
+        "--chunk-size-mb", type=float, metavar="MB", help="chunk size (default 256)"
+    )
+    chunks.add_argument("--chunk-count", type=int, metavar="N", help="or the number of chunks")
+    knobs.add_argument(
+        "--max-async", type=int, default=2, metavar="N", help="checkpoints in flight"
+    )
+    knobs.add_argument(
+        "--num-threads",
+        type=int,
+        default=8,
+        metavar="N",
+        help="writer threads (dcp's thread_count too)",
+    )
+    knobs.add_argument(
+        "--pinned-ratio", type=float, default=1.0, metavar="R", help="host pool / state size"
+    )
+    knobs.add_argument(
+        "--on-backpressure",
+        choices=("block", "skip"),
+        default="block",
+        help="a checkpoint with every in-flight place taken waits, or is skipped",
+    )
+    out = parser.add_argument_group("output")
+    out.add_argument("--output", metavar="FILE", help="write the JSON report here")
+    out.add_argument("--json", action="store_true", help="print only the JSON report")
+    out.add_argument("--markdown", metavar="FILE", help="write the Markdown tables here")
+    out.add_argument("--plot", metavar="FILE", help="draw step times and stalls (PNG)")
+    out.add_argument("--from-json", metavar="FILE", help="render a saved report instead of running")
+
+
+def _write(report: dict[str, Any], args: argparse.Namespace) -> None:
+    text = markdown(report)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    if args.plot:
+        if plot_available():
+            plot(report, args.plot)
+        else:
+            print(
+                f"aiockpt bench: matplotlib is not installed, so no plot was drawn in "
+                f"{args.plot}; everything else was written. pip install 'aiockpt[bench]'",
+                file=sys.stderr,
+            )
+    if args.json:
+        print(json.dumps(report, indent=2, allow_nan=False))
+    else:
+        print(text, end="")
+
+
+def _load(path: str) -> dict[str, Any]:
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--from-json {path}: cannot read a report: {exc}", code=2) from exc
+    if not isinstance(report, dict) or report.get("schema") != 2:
+        raise CliError(
+            f"--from-json {path}: not a report of this version of aiockpt bench (schema 2)",
+            hint="run the bench again with --output FILE",
+            code=2,
+        )
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="aiockpt bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="aiockpt bench",
+        description="aiockpt, torch.save and DCP side by side in a training run, against "
+        "this machine's limits.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
-    report = run(args)
-    text = json.dumps(report, indent=2)
-    if args.output:
-        Path(args.output).write_text(text)
-    print(text if args.json else _table(report))
-    return 0
-
-
-def _table(report: dict[str, Any]) -> str:
-    limits = report["limits"]
-    lines = [
-        f"{report['preset']}: {report['parameters'] / 1e6:.0f}M parameters, "
-        f"{report['state_bytes'] / 1e9:.2f} GB state on {report['device']}",
-        f"step {report['step_seconds'] * 1e3:.1f} ms; "
-        f"fsync write {limits['fsync_write_gbps']:.2f} GB/s; "
-        f"d2d {limits['d2d_gbps'] or 0:.0f} GB/s; "
-        f"d2h pinned {limits['d2h_pinned_gbps'] or 0:.1f} GB/s",
-        "| mode | call ms (p50/p99) | stall ms (p50/p99) | step ms while persisting | "
-        "persist GB/s | first ms | restore s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for mode, r in report["aiockpt"].items():
-        lines.append(
-            f"| {mode} | {r['call_ms_median']:.2f} / {r['call_ms_p99']:.2f} | "
-            f"{r['stall_ms_median']:.2f} / {r['stall_ms_p99']:.2f} | "
-            f"{r['persisting_step_ms_median']:.1f} (plain {r['plain_step_ms_median']:.1f}) | "
-            f"{r['persist_gbps_median']:.2f} | "
-            f"{r['first_checkpoint_ms']:.0f} | "
-            f"{r['restore_seconds']:.2f} (bound {r['restore_bound_seconds']:.2f}) |"
-        )
-    lines.append(f"torch.save (fsync'd): {_median(report['torch_save_seconds']):.2f} s")
-    if "trainer" in report:
-        lines += [
-            "| Trainer | samples/s | vs none | checkpoints | skipped | achieved interval |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name, r in report["trainer"].items():
-            lines.append(
-                f"| {name} | {r['samples_per_second']:.1f} | {r['vs_no_checkpoint']:.3f} | "
-                f"{r['checkpoints']} | {r['skipped']} | {r['achieved_interval']:.1f} |"
+    try:
+        if args.from_json:
+            _write(_load(args.from_json), args)
+            return 0
+        if args.plot and not plot_available():
+            print(
+                "aiockpt bench: matplotlib is not installed: the run goes on, but --plot will "
+                "draw nothing (pip install 'aiockpt[bench]')",
+                file=sys.stderr,
             )
-    return "\n".join(lines)
+        report = run(args)
+        if args.output:
+            Path(args.output).write_text(json.dumps(report, indent=2, allow_nan=False))
+        _write(report, args)
+    except CliError as exc:
+        print(f"aiockpt bench: error: {exc}", file=sys.stderr)
+        if exc.hint:
+            print(f"  hint: {exc.hint}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    for name, failure in report["failed"].items():
+        note = f"aiockpt bench: {name} failed during {failure['during']}, left out of the report"
+        print(f"{note}:\n{failure['traceback']}", file=sys.stderr)
+    return 1 if report["failed"] else 0
 
 
 if __name__ == "__main__":

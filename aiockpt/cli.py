@@ -326,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser(
         "bench",
-        help="measure checkpoint stall and persist bandwidth against this machine's limits",
+        help="aiockpt, torch.save and DCP side by side in a training run, against this "
+        "machine's limits",
         add_help=False,  # `aiockpt bench --help` is bench's own parser
     )
     return parser

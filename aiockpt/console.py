@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ByteProgress",
     "CliError",
+    "TaskProgress",
     "byte_progress",
     "human_bytes",
     "human_time",
@@ -28,6 +29,7 @@ __all__ = [
     "note",
     "print_json",
     "stdout_console",
+    "task_progress",
 ]
 
 ByteCounter = Callable[[int], None]
@@ -140,4 +142,37 @@ def byte_progress(total: int, description: str, *, enabled: bool) -> Iterator[By
         yield ByteProgress(
             lambda n: progress.advance(task, n),
             lambda n: progress.update(task, total=max(n, 1)),
+        )
+
+
+class TaskProgress:
+    """What ``task_progress`` yields: ``show(text)`` names the task under way, ``advance()``
+    counts one as done."""
+
+    def __init__(self, show: Callable[[str], None], advance: Callable[[], None]) -> None:
+        self.show = show
+        self.advance = advance
+
+
+@contextmanager
+def task_progress(total: int, *, enabled: bool) -> Iterator[TaskProgress]:
+    """A progress bar over ``total`` tasks on stderr, named as they go; like byte_progress,
+    a no-op for JSON output and when stderr is not a terminal."""
+    if not enabled or not sys.stderr.isatty():
+        yield TaskProgress(lambda text: None, lambda: None)
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=Console(file=sys.stderr), transient=True) as progress:
+        task = progress.add_task("", total=max(total, 1))
+        yield TaskProgress(
+            lambda text: progress.update(task, description=text),
+            lambda: progress.advance(task),
         )

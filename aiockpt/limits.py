@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,8 +22,17 @@ from .fileio import read_exact, write_all, write_pieces
 from .memory import byte_view
 
 _BLOCK = 4096
+# Host memory copies are timed on at most this much: the rate is flat well below it.
+_HOST_COPY_BYTES = 1 << 30
 
-__all__ = ["Limits", "fsync_write_seconds", "measure_chunk_writes", "measure_limits"]
+__all__ = [
+    "Limits",
+    "capture_bound_seconds",
+    "fsync_write_seconds",
+    "measure_chunk_writes",
+    "measure_limits",
+    "restore_bound_seconds",
+]
 
 
 @dataclass
@@ -35,9 +44,12 @@ class Limits:
     fsync_write_gbps: float = 0.0
     pagecache_write_gbps: float = 0.0
     read_gbps: float = 0.0
+    host_copy_gbps: float = 0.0
     device: str = "cpu"
+    nbytes: int = 0  # bytes each disk figure moved
+    threads: int = 0  # files written and read at once
 
-    def to_dict(self) -> dict[str, float | str | None]:
+    def to_dict(self) -> dict[str, float | int | str | None]:
         return asdict(self)
 
 
@@ -79,6 +91,26 @@ def measure_copies(nbytes: int, limits: Limits) -> None:
     )
     buffers.clear()
     torch.cuda.empty_cache()
+    # The pinned buffer goes back to torch's host allocator, which keeps it cached for the
+    # life of the process: 4 GiB of locked memory that nothing measured later may use.
+    release_pinned = getattr(torch._C, "_host_emptyCache", None)
+    if release_pinned is not None:
+        release_pinned()
+
+
+def measure_host_copy(nbytes: int, limits: Limits) -> None:
+    """Host-to-host memcpy rate: what capturing CPU state into a host buffer can reach."""
+    size = max(min(nbytes, _HOST_COPY_BYTES), 1 << 20)
+    source = torch.ones(size, dtype=torch.uint8)
+    target = torch.empty_like(source)
+    target.copy_(source)  # fault the pages in first: first-touch costs are not the copy's
+
+    def copy() -> float:
+        start = time.perf_counter()
+        target.copy_(source)
+        return time.perf_counter() - start
+
+    limits.host_copy_gbps = size / 1e9 / _best_of(3, copy)
 
 
 def _parallel_seconds(work: Callable[[int], None], files: int) -> float:
@@ -121,6 +153,8 @@ def measure_disk(
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".limits-", dir=root))
     per_file = max(nbytes // threads, 1 << 20)
+    limits.nbytes = per_file * threads
+    limits.threads = threads
     buffer = torch.randint(0, 255, (per_file,), dtype=torch.uint8)
     data = byte_view(buffer)
     try:
@@ -165,6 +199,7 @@ def measure_chunk_writes(
 def measure_limits(directory: str | os.PathLike[str], nbytes: int, threads: int = 8) -> Limits:
     limits = Limits()
     measure_copies(min(nbytes, 4 << 30), limits)
+    measure_host_copy(nbytes, limits)
     measure_disk(directory, nbytes, threads, limits)
     return limits
 
@@ -181,3 +216,23 @@ def fsync_write_seconds(directory: str | os.PathLike[str], nbytes: int, threads:
         return _write_files(scratch, byte_view(buffer), threads, fsync=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _seconds(nbytes: int, gbps: float | None) -> float:
+    return nbytes / (gbps * 1e9) if gbps else 0.0
+
+
+def capture_bound_seconds(nbytes: int, limits: Mapping[str, object]) -> float:
+    """The least a capture of ``nbytes`` can take: one device-to-device copy on a GPU,
+    one host memcpy on the CPU."""
+    d2d = limits.get("d2d_gbps")
+    rate = d2d if isinstance(d2d, (int, float)) and d2d else limits.get("host_copy_gbps")
+    return _seconds(nbytes, rate if isinstance(rate, (int, float)) else None)
+
+
+def restore_bound_seconds(nbytes: int, limits: Mapping[str, object]) -> float:
+    """Reading every byte from disk, plus moving it to the device, at the measured rates."""
+    read, h2d = limits.get("read_gbps"), limits.get("h2d_pinned_gbps")
+    return _seconds(nbytes, read if isinstance(read, (int, float)) else None) + _seconds(
+        nbytes, h2d if isinstance(h2d, (int, float)) else None
+    )
