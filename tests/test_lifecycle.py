@@ -230,7 +230,10 @@ def test_soak_1000_checkpoints_keep_last_3(tmp_path: Path, staging: str) -> None
         assert_step(aiockpt.load(info.path)["small"], info.step)
     # File descriptors, threads and staging memory: flat while running, all back after close.
     assert len(set(figures["fds"])) == 1, figures["fds"]
-    assert len(set(figures["threads"])) == 1, figures["threads"]
+    # Thread pools start their threads lazily, up to their size, when writes first overlap
+    # (which may take hundreds of checkpoints); a leak would grow without bound.
+    threads = figures["threads"]
+    assert max(threads) - min(threads) <= cfg.num_threads, threads
     assert len(figures["staging_pool_bytes"]) == 1
     assert figures["staging_pool_pinned"] == [int(cuda)]
     assert len(figures["gpu_allocated_bytes"]) == 1
