@@ -36,6 +36,7 @@ from .errors import (
     NoCheckpointError,
     RestoreError,
 )
+from .flatplan import FlattenCache
 from .flatten import FlatState, flatten_state
 from .layers import tensor_layers
 from .layout import ALIGNMENT, describe, layout_signature, plan_layout, plan_layout_for_count
@@ -182,6 +183,10 @@ class _Core:
         self.versions = {"aiockpt": __version__, "torch": torch.__version__}
         self.capturer: Capturer | None = None
         self.layers: list[str | None] = []
+        self.plans = FlattenCache()
+        # The FlatState.structure last found to match the layout: the same object again
+        # means the same dtypes, shapes and devices, so the layout still fits.
+        self._fitting_structure: object | None = None
         self.closed = False
         self.pid = os.getpid()
         _open_cores.add(self)
@@ -245,13 +250,19 @@ class _Core:
             )
 
     def flatten(self) -> FlatState:
-        return flatten_state({name: obj.state_dict() for name, obj in self.objects.items()})
+        states = {name: obj.state_dict() for name, obj in self.objects.items()}
+        return flatten_state(states, self.plans)
 
     def needs_new_layout(self, flat: FlatState) -> bool:
         if self.capturer is None:
             return True
+        if flat.structure is not None and flat.structure is self._fitting_structure:
+            return False
         signature = layout_signature(flat.tensors, self.capturer.layout.chunk_bytes)
-        return signature != self.capturer.layout.signature
+        if signature != self.capturer.layout.signature:
+            return True
+        self._fitting_structure = flat.structure
+        return False
 
     def build_layout(self, flat: FlatState) -> None:
         """Plan chunks and size staging memory; only called with nothing in flight."""
@@ -281,6 +292,7 @@ class _Core:
             self.guard.install(self.objects.values())
         self.capturer = capturer
         self.layers = layers
+        self._fitting_structure = flat.structure
         if self.config.verbose and is_rank_zero():
             logger.info("aiockpt: layout %s; staging %s", describe(layout), modes)
             for warning in self.config.queueing_warnings(len(layout.chunks)):
