@@ -42,7 +42,7 @@ from .layers import tensor_layers
 from .layout import ALIGNMENT, describe, layout_signature, plan_layout, plan_layout_for_count
 from .memory import StagingMemory
 from .metrics import CheckpointerStats, CheckpointMetrics
-from .pipeline import Pipeline, _Job
+from .pipeline import Admitted, Pipeline, _Job
 from .reader import TensorFilter, read_checkpoint, tensor_filter
 from .runtime import CallerLoop, MonitorLoop, PrivateLoop, Runtime
 from .staging import CaptureGuard, Capturer, Snapshot, choose_staging
@@ -302,7 +302,7 @@ class _Core:
         self,
         step: int,
         flat: FlatState,
-        admitted: tuple[Any, asyncio.Future[None] | None, asyncio.Future[None]],
+        admitted: Admitted,
         metrics: CheckpointMetrics,
     ) -> _Job:
         assert self.capturer is not None
@@ -473,8 +473,7 @@ async def _checkpoint(
     if not block and core.capturer is not None:
         # A request that will be skipped must not pay for state_dict() and flattening.
         capturer = core.capturer
-        room = core.memory.would_admit(capturer.gpu_devices, len(capturer.host_captured_chunks))
-        if not await bridge(room):
+        if not core.memory.would_admit(capturer.gpu_devices, len(capturer.host_captured_chunks)):
             return _skip(core, metrics), None
     flat = core.flatten()
     metrics.state_dict_ms = (time.perf_counter() - started) * 1e3
@@ -484,11 +483,20 @@ async def _checkpoint(
         core.build_layout(flat)
     assert core.capturer is not None
     wait_start = time.perf_counter()
-    admitted = await bridge(core.pipeline.admit(core.capturer, block=block))
+    # Straight away when there is room; the loop is visited only to wait (or to skip).
+    admitted = core.pipeline.admit_now(core.capturer, core.runtime.event_loop())
+    if admitted is None:
+        admitted = await bridge(core.pipeline.admit(core.capturer, block=block))
     metrics.queue_wait_ms = (time.perf_counter() - wait_start) * 1e3
     if admitted is None:
         return _skip(core, metrics), None
-    job = core.capture(step, flat, admitted, metrics)
+    try:
+        job = core.capture(step, flat, admitted, metrics)
+    except BaseException:
+        # Nothing will persist this admission: give it back, or later checkpoints would
+        # wait for its memory and its commit forever.
+        core.runtime.submit(core.pipeline.abandon(admitted))
+        raise
     metrics.capture_ms = (time.perf_counter() - started) * 1e3
     future = core.runtime.submit(_start(core.pipeline, job))
     core.started(step, metrics, future)
