@@ -311,7 +311,7 @@ class _Core:
         host_ready, gpu_ready = self.capturer.capture(flat.tensors, admission, self.guard)
         metrics.staging_ms = (time.perf_counter() - staging_start) * 1e3
         layout = self.capturer.layout
-        metrics.nbytes = layout.nbytes
+        metrics.nbytes = self.capturer.nbytes
         metrics.chunks = len(layout.chunks)
         snapshot = Snapshot(step, layout, flat.skeleton, admission, host_ready, gpu_ready)
         return _Job(
