@@ -208,6 +208,7 @@ class _MappingNode(_Node):
     __slots__ = (
         "children",
         "inner",
+        "key_reprs",
         "key_types",
         "keys",
         "kind",
@@ -242,6 +243,9 @@ class _MappingNode(_Node):
         # strings, compared in full by the key tuple.
         self.tagged = type(inner) is dict and next(iter(inner), None) == "$dict"
         self.key_types = list(map(type, self.keys)) if self.tagged else None
+        # Float keys equal as numbers can still differ in JSON (0.0 and -0.0).
+        float_keys = self.key_types is not None and float in self.key_types
+        self.key_reprs = list(map(repr, self.keys)) if float_keys else None
         self.children = children
         values = list(value.values())
         self.outs = [pair[1] for pair in inner["$dict"]] if self.tagged else list(inner.values())
@@ -269,6 +273,8 @@ class _MappingNode(_Node):
         if keys != self.keys:
             raise _MISS
         if self.key_types is not None and list(map(type, keys)) != self.key_types:
+            raise _MISS
+        if self.key_reprs is not None and list(map(repr, keys)) != self.key_reprs:
             raise _MISS
         mode = self.mode
         if mode == _TENSORS:

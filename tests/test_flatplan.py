@@ -125,6 +125,7 @@ def base_state() -> dict[str, Any]:
         "square": {"a": square, "b": square},
         "tuple": (1, "a", (2.5, None), ()),
         "int_keys": {1: "one", -2: [3, 4]},
+        "float_keys": {0.0: torch.ones(1), 2.5: "f"},
         "mixed_keys": {None: 0, True: "t", (1, "x"): "tuple key"},
         "dollar": {"$tensor": "not a tensor", "x": 1},
         "odd": [float("nan"), float("inf"), b"\x00\xff", torch.bfloat16, Color.RED],
@@ -226,6 +227,10 @@ def _bool_key(state: dict[str, Any]) -> None:
     state["int_keys"] = {True: "one", -2: [3, 4]}
 
 
+def _negative_zero_key(state: dict[str, Any]) -> None:
+    state["float_keys"] = {-0.0: state["float_keys"][0.0], 2.5: "f"}
+
+
 def _requires_grad(state: dict[str, Any]) -> None:
     state["model"]["w"] = torch.ones(2, 3, requires_grad=True)
 
@@ -294,6 +299,7 @@ MUTATIONS: dict[str, Mutation] = {
     "removed key": _call(_removed_key),
     "row gains a key": _call(_row_key),
     "int key becomes bool key": _call(_bool_key),
+    "zero key becomes negative zero": _call(_negative_zero_key),
     "tensor requires grad": _call(_requires_grad),
     "parameter stops requiring grad": _call(_plain_grad),
     "tensor list grows": _call(_tensor_list_grows),
