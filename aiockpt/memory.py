@@ -168,7 +168,8 @@ class StagingMemory:
         changed = self._condition()
         async with changed:
             with self._lock:
-                admission = self._take(gpu, host_chunks)
+                # Behind admissions already waiting (they are woken first, in order).
+                admission = None if self._queued_admissions else self._take(gpu, host_chunks)
                 if admission is not None or not block:
                     return admission
                 self._queued_admissions += 1

@@ -51,10 +51,36 @@ def test_a_queued_admission_is_not_overtaken() -> None:
         # Everything is free again, but the queued admission was first.
         assert memory.admit_now(set(), [0]) is None
         assert not memory.would_admit(set(), 1)
+        assert await memory.admit(set(), [0], block=False) is None
         admitted = await queued
         assert isinstance(admitted, Admission) and memory.in_flight == 1
         await memory.give_back(admitted.host.values(), finished=True)
         assert memory.admit_now(set(), [0]) is not None
+
+    run(scenario())
+
+
+def test_queued_admissions_are_served_in_order() -> None:
+    async def scenario() -> None:
+        memory = pool(max_async=1, buffers=1)
+        assert memory.admit_now(set(), []) is not None
+        order: list[str] = []
+
+        async def wait(name: str) -> None:
+            await memory.admit(set(), [], block=True)
+            order.append(name)
+
+        first = asyncio.ensure_future(wait("first"))
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(wait("second"))
+        await asyncio.sleep(0)
+        await memory.give_back(finished=True)
+        await first
+        await asyncio.sleep(0.01)
+        assert order == ["first"] and not second.done()
+        await memory.give_back(finished=True)
+        await second
+        assert order == ["first", "second"]
 
     run(scenario())
 
