@@ -182,6 +182,9 @@ class StagingMemory:
             finally:
                 with self._lock:
                     self._queued_admissions -= 1
+                # Those queued behind may fit in what is left, or may have arrived after
+                # the last give-back woke everyone: let them look again.
+                changed.notify_all()
 
     async def take_host_buffer(self) -> HostBuffer:
         changed = self._condition()

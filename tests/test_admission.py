@@ -85,6 +85,23 @@ def test_queued_admissions_are_served_in_order() -> None:
     run(scenario())
 
 
+def test_a_queued_admission_that_gives_up_lets_the_next_one_in() -> None:
+    async def scenario() -> None:
+        memory = pool(max_async=2, buffers=1)
+        held = memory.admit_now(set(), [0])
+        assert held is not None
+        first = asyncio.ensure_future(memory.admit(set(), [0], block=True))  # needs the buffer
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(memory.admit(set(), [], block=True))  # fits, but queues
+        await asyncio.sleep(0)
+        assert not second.done()
+        first.cancel()
+        admitted = await asyncio.wait_for(second, timeout=5)
+        assert admitted is not None and memory.in_flight == 2
+
+    run(scenario())
+
+
 def test_host_buffers_go_to_a_waiting_copy_before_a_new_admission() -> None:
     async def scenario() -> None:
         memory = pool(max_async=3, buffers=1)
