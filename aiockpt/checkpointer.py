@@ -38,13 +38,14 @@ from .errors import (
     UnsupportedStateError,
     WorldSizeError,
 )
+from .flatplan import FlattenCache
 from .flatten import FlatState, flatten_state
 from .layers import tensor_layers
 from .layout import ALIGNMENT, describe, layout_signature, plan_layout, plan_layout_for_count
 from .manifest import TensorRecord
 from .memory import StagingMemory
 from .metrics import CheckpointerStats, CheckpointMetrics
-from .pipeline import Pipeline, _Job
+from .pipeline import Admitted, Pipeline, _Job
 from .reader import Placement, TensorFilter, read_checkpoint, tensor_filter
 from .reshard import RankSelection, place_shards
 from .runtime import CallerLoop, MonitorLoop, PrivateLoop, Runtime
@@ -200,6 +201,10 @@ class _Core:
         self.versions = {"aiockpt": __version__, "torch": torch.__version__}
         self.capturer: Capturer | None = None
         self.layers: list[str | None] = []
+        self.plans = FlattenCache()
+        # The FlatState.structure last found to match the layout: the same object again
+        # means the same dtypes, shapes and devices, so the layout still fits.
+        self._fitting_structure: object | None = None
         self.closed = False
         self.pid = os.getpid()
         _open_cores.add(self)
@@ -285,7 +290,8 @@ class _Core:
             )
 
     def flatten(self) -> FlatState:
-        return flatten_state({name: obj.state_dict() for name, obj in self.objects.items()})
+        states = {name: obj.state_dict() for name, obj in self.objects.items()}
+        return flatten_state(states, self.plans)
 
     def next_shared_directory(self) -> str | None:
         """The suffix of the temporary directory all ranks write this checkpoint into."""
@@ -311,8 +317,13 @@ class _Core:
     def needs_new_layout(self, flat: FlatState) -> bool:
         if self.capturer is None:
             return True
+        if flat.structure is not None and flat.structure is self._fitting_structure:
+            return False
         signature = layout_signature(flat.tensors, self.capturer.layout.chunk_bytes)
-        return signature != self.capturer.layout.signature
+        if signature != self.capturer.layout.signature:
+            return True
+        self._fitting_structure = flat.structure
+        return False
 
     def build_layout(self, flat: FlatState) -> None:
         """Plan chunks and size staging memory; only called with nothing in flight."""
@@ -342,6 +353,7 @@ class _Core:
             self.guard.install(self.objects.values())
         self.capturer = capturer
         self.layers = layers
+        self._fitting_structure = flat.structure
         if self.config.verbose and is_rank_zero():
             logger.info("aiockpt: layout %s; staging %s", describe(layout), modes)
             for warning in self.config.queueing_warnings(len(layout.chunks)):
@@ -351,7 +363,7 @@ class _Core:
         self,
         step: int,
         flat: FlatState,
-        admitted: tuple[Any, asyncio.Future[None] | None, asyncio.Future[None]],
+        admitted: Admitted,
         metrics: CheckpointMetrics,
         share: dict[str, Any] | None = None,
         shared_directory: str | None = None,
@@ -362,7 +374,7 @@ class _Core:
         host_ready, gpu_ready = self.capturer.capture(flat.tensors, admission, self.guard)
         metrics.staging_ms = (time.perf_counter() - staging_start) * 1e3
         layout = self.capturer.layout
-        metrics.nbytes = layout.nbytes
+        metrics.nbytes = self.capturer.nbytes
         metrics.chunks = len(layout.chunks)
         snapshot = Snapshot(step, layout, flat.skeleton, admission, host_ready, gpu_ready)
         return _Job(
@@ -637,8 +649,7 @@ async def _checkpoint(
     if not block and core.capturer is not None:
         # A request that will be skipped must not pay for state_dict() and flattening.
         capturer = core.capturer
-        room = core.memory.would_admit(capturer.gpu_devices, len(capturer.host_captured_chunks))
-        if not await bridge(room):
+        if not core.memory.would_admit(capturer.gpu_devices, len(capturer.host_captured_chunks)):
             return await _skip(core, metrics, shared_directory, bridge), None
     full = core.flatten()
     flat, share = core.share(full)
@@ -649,12 +660,21 @@ async def _checkpoint(
         core.build_layout(flat)
     assert core.capturer is not None
     wait_start = time.perf_counter()
-    admitted = await bridge(core.pipeline.admit(core.capturer, block=block))
+    # Straight away when there is room; the loop is visited only to wait (or to skip).
+    admitted = core.pipeline.admit_now(core.capturer, core.runtime.event_loop())
+    if admitted is None:
+        admitted = await bridge(core.pipeline.admit(core.capturer, block=block))
     metrics.queue_wait_ms = (time.perf_counter() - wait_start) * 1e3
     if admitted is None:
         return await _skip(core, metrics, shared_directory, bridge), None
     share_fields = None if share is None else share.fields(full.names)
-    job = core.capture(step, flat, admitted, metrics, share_fields, shared_directory)
+    try:
+        job = core.capture(step, flat, admitted, metrics, share_fields, shared_directory)
+    except BaseException:
+        # Nothing will persist this admission: give it back, or later checkpoints would
+        # wait for its memory and its commit forever.
+        core.runtime.submit(core.pipeline.abandon(admitted))
+        raise
     metrics.capture_ms = (time.perf_counter() - started) * 1e3
     future = core.runtime.submit(_start(core.pipeline, job))
     core.started(step, metrics, future)

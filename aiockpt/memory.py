@@ -9,12 +9,18 @@ buffers, host buffers for the chunks captured straight to host), so no checkpoin
 one resource while it waits for another at admission. Copy tasks later take host buffers
 one at a time; they only wait on writes that are already running, so the pool cannot
 deadlock as long as it has room for one checkpoint's host-captured chunks plus one more.
+
+Admission is on the training thread's critical path, so when everything is free and no one
+waits ahead, it happens right there (``admit_now``), without a round trip to the event
+loop. Everything else, waiting included, happens on the loop, which alone gives back; a
+lock makes each check-and-take atomic between the two threads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -71,6 +77,10 @@ class StagingMemory:
         self._gpu_busy: set[torch.device] = set()
         self._in_flight = 0
         self._changed: asyncio.Condition | None = None
+        self._lock = threading.Lock()
+        # Waiting on the loop: an admission on the caller's thread must not overtake them.
+        self._queued_admissions = 0
+        self._buffer_waiters = 0
 
     # -- sizing (called when the layout changes, with nothing in flight) --------------
     @property
@@ -79,6 +89,10 @@ class StagingMemory:
 
     def resize_host(self, buffer_bytes: int, count: int, *, pin: bool) -> None:
         """Grow the pool to ``count`` buffers of ``buffer_bytes`` (never shrinks a fit pool)."""
+        with self._lock:
+            self._resize_host(buffer_bytes, count, pin=pin)
+
+    def _resize_host(self, buffer_bytes: int, count: int, *, pin: bool) -> None:
         if buffer_bytes != self.buffer_bytes or pin != self.pinned:
             if len(self._free) != len(self._buffers):
                 raise RuntimeError("cannot reshape the host pool while buffers are in use")
@@ -106,46 +120,88 @@ class StagingMemory:
 
     def release(self) -> None:
         """Drop every buffer (at close, with nothing in flight)."""
-        self._buffers.clear()
-        self._free.clear()
-        self._gpu.clear()
+        with self._lock:
+            self._buffers.clear()
+            self._free.clear()
+            self._gpu.clear()
 
-    # -- admission and release (on the pipeline's event loop) ------------------------
+    # -- admission and release ---------------------------------------------------------
     def _condition(self) -> asyncio.Condition:
         if self._changed is None:
             self._changed = asyncio.Condition()
         return self._changed
 
-    def _fits(self, gpu: Iterable[torch.device], host_chunks: int) -> bool:
+    def _fits(self, gpu: set[torch.device], host_chunks: int) -> bool:
         return (
             self._in_flight < self.max_async
-            and not (self._gpu_busy & set(gpu))
+            and not (self._gpu_busy & gpu)
             and len(self._free) >= host_chunks
         )
 
-    async def would_admit(self, gpu: set[torch.device], host_chunks: int) -> bool:
+    def _take(self, gpu: set[torch.device], host_chunks: list[int]) -> Admission | None:
+        # The caller holds the lock.
+        if not self._fits(gpu, len(host_chunks)):
+            return None
+        self._in_flight += 1
+        self._gpu_busy |= gpu
+        return Admission(
+            host={chunk: self._free.pop() for chunk in host_chunks}, gpu_devices=set(gpu)
+        )
+
+    def would_admit(self, gpu: set[torch.device], host_chunks: int) -> bool:
         """Whether an admission would succeed right now (a cheap pre-check for "skip")."""
-        return self._fits(gpu, host_chunks)
+        with self._lock:
+            return not self._queued_admissions and self._fits(gpu, host_chunks)
+
+    def admit_now(self, gpu: set[torch.device], host_chunks: list[int]) -> Admission | None:
+        """Admit on the calling thread (any thread) if everything is free and no one waits
+        ahead for what this takes; None means: go through ``admit`` on the loop."""
+        with self._lock:
+            if self._queued_admissions or (host_chunks and self._buffer_waiters):
+                return None
+            return self._take(gpu, host_chunks)
 
     async def admit(
         self, gpu: set[torch.device], host_chunks: list[int], *, block: bool
     ) -> Admission | None:
         """Take an in-flight place and the staging a capture needs; None when skipped."""
-        async with self._condition():
-            if not self._fits(gpu, len(host_chunks)):
-                if not block:
-                    return None
-                await self._condition().wait_for(lambda: self._fits(gpu, len(host_chunks)))
-            self._in_flight += 1
-            self._gpu_busy |= gpu
-            return Admission(
-                host={chunk: self._free.pop() for chunk in host_chunks}, gpu_devices=set(gpu)
-            )
+        changed = self._condition()
+        async with changed:
+            with self._lock:
+                # Behind admissions already waiting (they are woken first, in order).
+                admission = None if self._queued_admissions else self._take(gpu, host_chunks)
+                if admission is not None or not block:
+                    return admission
+                self._queued_admissions += 1
+            try:
+                while admission is None:
+                    await changed.wait()
+                    with self._lock:
+                        admission = self._take(gpu, host_chunks)
+                return admission
+            finally:
+                with self._lock:
+                    self._queued_admissions -= 1
+                # Those queued behind may fit in what is left, or may have arrived after
+                # the last give-back woke everyone: let them look again.
+                changed.notify_all()
 
     async def take_host_buffer(self) -> HostBuffer:
-        async with self._condition():
-            await self._condition().wait_for(lambda: bool(self._free))
-            return self._free.pop()
+        changed = self._condition()
+        async with changed:
+            with self._lock:
+                if self._free:
+                    return self._free.pop()
+                self._buffer_waiters += 1
+            try:
+                while True:
+                    await changed.wait()
+                    with self._lock:
+                        if self._free:
+                            return self._free.pop()
+            finally:
+                with self._lock:
+                    self._buffer_waiters -= 1
 
     def lend_pinned(self) -> list[HostBuffer]:
         """Take every free pinned buffer for another use (restore's reads); on the loop,
@@ -162,12 +218,14 @@ class StagingMemory:
         *,
         finished: bool = False,
     ) -> None:
-        async with self._condition():
-            self._free.extend(buffers)
-            self._gpu_busy.difference_update(gpu)
-            if finished:
-                self._in_flight -= 1
-            self._condition().notify_all()
+        changed = self._condition()
+        async with changed:
+            with self._lock:
+                self._free.extend(buffers)
+                self._gpu_busy.difference_update(gpu)
+                if finished:
+                    self._in_flight -= 1
+            changed.notify_all()
 
     @property
     def in_flight(self) -> int:

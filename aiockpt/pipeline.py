@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from .metrics import CheckpointMetrics
 from .staging import Capturer, Snapshot
 from .store import CheckpointStore
 
-__all__ = ["Pipeline"]
+__all__ = ["Admitted", "Pipeline"]
 
 logger = logging.getLogger("aiockpt")
 
@@ -55,6 +56,10 @@ async def wait_cuda_event(event: torch.cuda.Event, waiter: ThreadPoolExecutor) -
     """
     if not event.query():
         await asyncio.get_running_loop().run_in_executor(waiter, event.synchronize)
+
+
+# An admission, the commit it must follow (None: the first) and the one it will resolve.
+Admitted = tuple[Admission, asyncio.Future[None] | None, asyncio.Future[None]]
 
 
 @dataclass(eq=False)
@@ -108,21 +113,38 @@ class Pipeline:
         self._write_slots: asyncio.Semaphore | None = None
         self._write_slot_count = 0
         self._last_commit: asyncio.Future[None] | None = None
+        self._chain_lock = threading.Lock()
         self._jobs: set[asyncio.Task[Any]] = set()
 
     # -- admission -----------------------------------------------------------------------
-    async def admit(
-        self, capturer: Capturer, *, block: bool
-    ) -> tuple[Admission, asyncio.Future[None] | None, asyncio.Future[None]] | None:
+    def admit_now(self, capturer: Capturer, loop: asyncio.AbstractEventLoop) -> Admitted | None:
+        """Admit on the caller's thread, without a trip to ``loop`` (the loop this pipeline
+        runs on), when nothing has to be waited for; None means: go through ``admit``."""
+        admission = self.memory.admit_now(capturer.gpu_devices, capturer.host_captured_chunks)
+        return None if admission is None else self._chain(admission, loop)
+
+    async def admit(self, capturer: Capturer, *, block: bool) -> Admitted | None:
         admission = await self.memory.admit(
             capturer.gpu_devices, capturer.host_captured_chunks, block=block
         )
         if admission is None:
             return None
-        # Commit order is admission order, so `latest` only ever moves forward.
-        previous, committed = self._last_commit, asyncio.get_running_loop().create_future()
-        self._last_commit = committed
+        return self._chain(admission, asyncio.get_running_loop())
+
+    def _chain(self, admission: Admission, loop: asyncio.AbstractEventLoop) -> Admitted:
+        # Commit order is admission order, so `latest` only ever moves forward. The future
+        # is only ever awaited and resolved on the loop; admissions come from both threads.
+        with self._chain_lock:
+            previous, committed = self._last_commit, loop.create_future()
+            self._last_commit = committed
         return admission, previous, committed
+
+    async def abandon(self, admitted: Admitted) -> None:
+        """Give back an admission whose capture failed, so nothing waits for it."""
+        admission, _, committed = admitted
+        if not committed.done():
+            committed.set_result(None)
+        await self.memory.give_back(admission.host.values(), admission.gpu_devices, finished=True)
 
     async def drain(self, *, cancel: bool = False) -> None:
         """Wait until nothing is in flight (errors stay with their handles).
@@ -349,8 +371,9 @@ class Pipeline:
     async def vote_skipped(self, step: int, shared_directory: str, kinds: dict[str, str]) -> None:
         """Take this rank's turn in the vote for a checkpoint it skipped (on the loop)."""
         loop = asyncio.get_running_loop()
-        previous, committed = self._last_commit, loop.create_future()
-        self._last_commit = committed
+        with self._chain_lock:  # admissions join the same chain from the caller's thread
+            previous, committed = self._last_commit, loop.create_future()
+            self._last_commit = committed
 
         async def vote() -> None:
             try:

@@ -43,6 +43,10 @@ class Runtime:
     def run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
         raise NotImplementedError
 
+    def event_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop that submitted coroutines run on (for futures made off it)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -79,6 +83,9 @@ class MonitorLoop(Runtime):
     def run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.submit(coro).result()
 
+    def event_loop(self) -> asyncio.AbstractEventLoop:
+        return self.loop
+
     def close(self) -> None:
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)
@@ -110,6 +117,9 @@ class CallerLoop(Runtime):
         coro.close()
         raise RuntimeError("a blocking aiockpt call cannot run inside a running event loop")
 
+    def event_loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
 
 class PrivateLoop(Runtime):
     """A loop owned by a sync caller and run only inside its calls (direct mode).
@@ -135,6 +145,9 @@ class PrivateLoop(Runtime):
 
     def run_sync(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
+
+    def event_loop(self) -> asyncio.AbstractEventLoop:
+        return self.loop
 
     def close(self) -> None:
         if not self.loop.is_closed():

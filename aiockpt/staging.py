@@ -15,8 +15,9 @@ Three ways a chunk's bytes are captured, chosen per device:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import torch
@@ -25,6 +26,9 @@ from .layout import Chunk, Layout, TensorPlacement
 from .memory import Admission, HostBuffer, StagingMemory
 
 __all__ = ["CaptureGuard", "Capturer", "Snapshot", "choose_staging"]
+
+# Picks some tensors of a flattened state's table, by index, in one C-level call.
+Picker = Callable[[list[torch.Tensor]], list[torch.Tensor] | tuple[torch.Tensor, ...]]
 
 # Leave this much GPU memory free after allocating a staging buffer, so that "auto"
 # staging never pushes training into out-of-memory errors.
@@ -93,23 +97,33 @@ class CaptureGuard:
         self._handles.clear()
 
 
+@dataclass(frozen=True)
+class _HostCopies:
+    """The copies of one chunk into one host buffer: whole tensors, then split pieces."""
+
+    views: list[torch.Tensor]
+    pick: Picker
+    pieces: list[tuple[torch.Tensor, int, int, int]]  # (view, tensor index, start, length)
+
+
 class Capturer:
-    """Copies the tensors of one layout into staging memory, reusing every view it makes."""
+    """Copies the tensors of one layout into staging memory, reusing every view it makes.
+
+    Everything that depends only on the layout (destination views, which tensors each copy
+    reads) is prepared once, so a capture issues its copies with no per-tensor Python work.
+    """
 
     def __init__(self, layout: Layout, memory: StagingMemory, modes: dict[torch.device, str]):
         self.layout = layout
         self.memory = memory
         self.modes = modes
         self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
-        self._gpu_views: dict[torch.device, list[torch.Tensor]] | None = None
-        self._host_views: dict[tuple[int, int], list[tuple[TensorPlacement, torch.Tensor]]] = {}
+        self._gpu_copies: dict[torch.device, list[tuple[list[torch.Tensor], Picker]]] = {}
+        self._host_copies: dict[tuple[int, int], _HostCopies] = {}
         # What admission must reserve, the same for every checkpoint of this layout.
         self.gpu_devices = {d for d, mode in modes.items() if mode == "gpu"}
         self.host_captured_chunks = [c.index for c in layout.chunks if modes[c.device] != "gpu"]
-        self._indices_on = {
-            device: [t.index for t in layout.tensors if t.device == device]
-            for device in layout.devices
-        }
+        self.nbytes = layout.nbytes
 
     def copy_stream(self, device: torch.device) -> torch.cuda.Stream:
         stream = self._copy_streams.get(device)
@@ -139,55 +153,62 @@ class Capturer:
                 self._capture_to_host(device, tensors, admission.host, non_blocking=False)
         return host_ready, gpu_ready
 
-    def _gpu_destinations(self, device: torch.device) -> list[torch.Tensor]:
-        if self._gpu_views is None:
-            self._gpu_views = {}
-        views = self._gpu_views.get(device)
-        if views is None:
+    def _gpu_destinations(self, device: torch.device) -> list[tuple[list[torch.Tensor], Picker]]:
+        copies = self._gpu_copies.get(device)
+        if copies is None:
             start, end = self.layout.device_span(device)
             buffer = self.memory.gpu_buffer(device, end - start)
-            views = [
-                _typed_view(buffer, t.stream_offset - start, t)
-                for t in self.layout.tensors
-                if t.device == device
+            # One copy call per dtype: _foreach_copy_ takes its one-launch-per-many-tensors
+            # route only when all sources share a dtype, and copies tensor by tensor else.
+            by_dtype: dict[torch.dtype, list[TensorPlacement]] = {}
+            for placement in self.layout.tensors:
+                if placement.device == device:
+                    by_dtype.setdefault(placement.dtype, []).append(placement)
+            copies = [
+                (
+                    [_typed_view(buffer, t.stream_offset - start, t) for t in group],
+                    _picker([t.index for t in group], len(self.layout.tensors)),
+                )
+                for group in by_dtype.values()
             ]
-            self._gpu_views[device] = views
-        return views
+            self._gpu_copies[device] = copies
+        return copies
 
     def _capture_to_gpu(
         self, device: torch.device, tensors: list[torch.Tensor]
     ) -> torch.cuda.Event:
-        destinations = self._gpu_destinations(device)
-        sources = [tensors[i] for i in self._indices_on[device]]
+        copies = self._gpu_destinations(device)
         with torch.cuda.device(device):
             stream = torch.cuda.current_stream(device)
             # The previous checkpoint's chunk copies read this buffer on the side stream.
             stream.wait_stream(self.copy_stream(device))
-            torch._foreach_copy_(destinations, sources, non_blocking=True)
+            for destinations, pick in copies:
+                torch._foreach_copy_(destinations, pick(tensors), non_blocking=True)
             event = torch.cuda.Event()
             event.record(stream)
         return event
 
-    def _host_destinations(
-        self, chunk: Chunk, buffer: HostBuffer
-    ) -> list[tuple[TensorPlacement, torch.Tensor]]:
+    def _host_destinations(self, chunk: Chunk, buffer: HostBuffer) -> _HostCopies:
         key = (chunk.index, buffer.ident)
-        views = self._host_views.get(key)
-        if views is None:
-            views = []
+        copies = self._host_copies.get(key)
+        if copies is None:
+            views: list[torch.Tensor] = []
+            whole: list[int] = []
+            pieces: list[tuple[torch.Tensor, int, int, int]] = []
             for index in chunk.tensors:
                 placement = self.layout.tensors[index]
                 for piece in placement.pieces:
                     if piece.chunk != chunk.index:
                         continue
                     if len(placement.pieces) == 1:
-                        views.append((placement, _typed_view(buffer.data, piece.offset, placement)))
+                        views.append(_typed_view(buffer.data, piece.offset, placement))
+                        whole.append(index)
                     else:
-                        views.append(
-                            (placement, buffer.data[piece.offset : piece.offset + piece.length])
-                        )
-            self._host_views[key] = views
-        return views
+                        view = buffer.data[piece.offset : piece.offset + piece.length]
+                        pieces.append((view, index, piece.tensor_offset, piece.length))
+            copies = _HostCopies(views, _picker(whole, len(self.layout.tensors)), pieces)
+            self._host_copies[key] = copies
+        return copies
 
     def _capture_to_host(
         self,
@@ -202,15 +223,12 @@ class Capturer:
         for chunk in self.layout.chunks:
             if chunk.device != device:
                 continue
-            for placement, view in self._host_destinations(chunk, buffers[chunk.index]):
-                source = tensors[placement.index]
-                if len(placement.pieces) > 1:
-                    piece = next(p for p in placement.pieces if p.chunk == chunk.index)
-                    source = _flat_bytes(source)[
-                        piece.tensor_offset : piece.tensor_offset + piece.length
-                    ]
+            copies = self._host_destinations(chunk, buffers[chunk.index])
+            destinations += copies.views
+            sources += copies.pick(tensors)
+            for view, index, start, length in copies.pieces:
                 destinations.append(view)
-                sources.append(source)
+                sources.append(_flat_bytes(tensors[index])[start : start + length])
         if not non_blocking:
             torch._foreach_copy_(destinations, sources)
             return None
@@ -245,6 +263,22 @@ class Capturer:
 def _blocking_event() -> torch.cuda.Event:
     # A thread that synchronizes on a blocking event sleeps instead of spinning a core.
     return torch.cuda.Event(blocking=True)
+
+
+def _picker(indices: list[int], total: int) -> Picker:
+    """Picks the tensors at ``indices`` (a tuple, or the table itself when that is all)."""
+    if indices == list(range(total)):
+        return _whole_table
+    if len(indices) == 1:
+        only = indices[0]
+        return lambda tensors: (tensors[only],)
+    if not indices:
+        return lambda tensors: ()
+    return itemgetter(*indices)  # type: ignore[return-value]
+
+
+def _whole_table(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return tensors
 
 
 def _typed_view(buffer: torch.Tensor, offset: int, placement: TensorPlacement) -> torch.Tensor:

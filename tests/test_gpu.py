@@ -64,6 +64,40 @@ def test_snapshot_is_exact_while_training_continues(tmp_path, staging):
     assert not torch.equal(model[0].weight.detach().cpu(), expected["model"]["0.weight"])
 
 
+@pytest.mark.parametrize("staging", ["gpu", "host"])
+def test_consecutive_checkpoints_are_each_exact(tmp_path, staging):
+    # From the second checkpoint on, the flattening is replayed and the staging copies
+    # reuse the views prepared for the layout; every snapshot must still be its own step's.
+    model, optimizer = _model()
+    config = aiockpt.Config(
+        directory=tmp_path, staging=staging, chunk_size_mb=1, max_async=2, keep_last=10
+    )
+
+    async def scenario() -> dict:
+        expected = {}
+        async with aiockpt.Checkpointer(config, model=model, optimizer=optimizer) as ckpt:
+            handles = []
+            for step in range(6):
+                torch.cuda.synchronize()
+                expected[step] = _snapshot(model, optimizer)
+                handles.append(await ckpt.checkpoint(step))
+                _train(model, optimizer, 1)
+            for handle in handles:
+                await handle
+            assert ckpt._core.plans.hits == 5
+        return expected
+
+    expected = asyncio.run(scenario())
+    for step, snapshot in expected.items():
+        loaded = aiockpt.load(tmp_path / f"step-{step}")
+        for name, value in snapshot["model"].items():
+            assert torch.equal(loaded["model"][name], value), (step, name)
+        for index, state in snapshot["optimizer"].items():
+            for key, value in state.items():
+                got = loaded["optimizer"]["state"][index][key]
+                assert torch.equal(got, value), (step, index, key)
+
+
 def test_restore_onto_gpu(tmp_path):
     model, optimizer = _model()
     config = aiockpt.Config(directory=tmp_path, chunk_size_mb=1)

@@ -69,6 +69,17 @@ def threads_settled(expected: int, timeout: float = 5.0) -> int:
     return threading.active_count()
 
 
+def writing_begun(directory: Path, timeout: float = 10.0) -> bool:
+    """Whether a checkpoint's temporary directory shows up (checkpoint() returns once the
+    state is captured, before the background has begun writing it)."""
+    deadline = time.monotonic() + timeout
+    while not any(n.startswith(".tmp-") for n in os.listdir(directory)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def leftovers(directory: Path) -> list[str]:
     return [n for n in os.listdir(directory) if n.startswith(TEMPORARY) or n == "latest.tmp"]
 
@@ -326,7 +337,7 @@ def test_close_with_writes_in_flight_drains_them(
                 small.set(step)
                 handles.append(await ckpt.checkpoint(step))
             assert not any(h.done() for h in handles)
-            assert any(n.startswith(".tmp-") for n in os.listdir(directory))
+            assert writing_begun(directory)
             opened.start()
             await ckpt.close()
 
