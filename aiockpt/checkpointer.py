@@ -49,7 +49,7 @@ from .pipeline import Admitted, Pipeline, _Job
 from .reader import Placement, TensorFilter, read_checkpoint, tensor_filter
 from .reshard import RankSelection, place_shards
 from .runtime import CallerLoop, MonitorLoop, PrivateLoop, Runtime
-from .sharding import RankShare, Replicated, object_kinds
+from .sharding import RankShare, Replicated, object_kinds, optimizer_parameters
 from .staging import CaptureGuard, Capturer, Snapshot, choose_staging
 from .stateful import Stateful
 from .store import CheckpointInfo, CheckpointStore, list_checkpoints
@@ -520,7 +520,7 @@ class _Core:
                 (n, t.device) for n, t in zip(flat.names, flat.tensors, strict=True) if t.is_cuda
             )
             if isinstance(obj, torch.optim.Optimizer):
-                params = [p for group in obj.param_groups for p in group["params"]]
+                params = optimizer_parameters(obj)
                 devices.update(
                     (f"{name}/state/{i}", p.device) for i, p in enumerate(params) if p.is_cuda
                 )

@@ -20,7 +20,7 @@ import torch
 from .errors import RestoreError
 from .flatten import DTENSOR_TAG, RANKS_TAG, TENSOR_TAG, SavedShards, flatten_state
 from .manifest import Manifest, TensorRecord
-from .sharding import dtensor_type, holds_dtensors, overlap, shard_box
+from .sharding import dtensor_type, holds_dtensors, optimizer_parameters, overlap, shard_box
 
 __all__ = ["RankSelection", "place_shards"]
 
@@ -101,7 +101,7 @@ def place_shards(state: Any, obj: Any) -> Any:
 def _optimizer_params(obj: Any) -> list[Any]:
     # state_dict() numbers an optimizer's parameters in param_groups order.
     if isinstance(obj, torch.optim.Optimizer):
-        return [p for group in obj.param_groups for p in group["params"]]
+        return optimizer_parameters(obj)
     return []
 
 

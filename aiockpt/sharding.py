@@ -90,10 +90,16 @@ def object_kinds(objects: Mapping[str, Any]) -> dict[str, str]:
             kinds[name] = PER_RANK
     for name, obj in objects.items():
         if kinds[name] == PER_RANK and isinstance(obj, torch.optim.Optimizer):
-            params = [p for group in obj.param_groups for p in group["params"]]
+            params = optimizer_parameters(obj)
             if params and all(id(p) in ddp_params for p in params):
                 kinds[name] = REPLICATED
     return kinds
+
+
+def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[Any]:
+    """An optimizer's parameters in param_groups order: the order in which its
+    state_dict() numbers them (``state/<i>/...``)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _is_ddp(obj: Any) -> bool:
@@ -108,7 +114,7 @@ def holds_dtensors(obj: Any) -> bool:
     if isinstance(obj, torch.nn.Module):
         return any(isinstance(p, dtensor) for p in obj.parameters())
     if isinstance(obj, torch.optim.Optimizer):
-        return any(isinstance(p, dtensor) for g in obj.param_groups for p in g["params"])
+        return any(isinstance(p, dtensor) for p in optimizer_parameters(obj))
     return False
 
 
