@@ -146,7 +146,7 @@ def main() -> None:
 
 def _kill_while_writing(step: int) -> None:
     """SIGKILL this process inside its first data-file write of ``step``."""
-    from aiockpt import pipeline
+    from aiockpt._engine import pipeline
 
     original = pipeline.write_pieces
 

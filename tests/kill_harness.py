@@ -227,10 +227,10 @@ def _fsync_kind(path: str, phase: str | None, root: str) -> str | None:
 
 def install_hooks(plan: Plan, directory: Path, crash_child: Any) -> Trigger:
     """Wrap aiockpt's entry points and the OS calls it makes, in this process only."""
-    import aiockpt.fileio
-    import aiockpt.pipeline
-    import aiockpt.staging
-    import aiockpt.store
+    import aiockpt._engine.pipeline
+    import aiockpt._engine.staging
+    import aiockpt.storage.fileio
+    import aiockpt.storage.local
 
     trigger = Trigger(plan)
     root = os.path.realpath(directory)
@@ -248,9 +248,9 @@ def install_hooks(plan: Plan, directory: Path, crash_child: Any) -> Trigger:
     crash_child._record = record_and_arm
 
     # Which aiockpt operation a thread is in, for the OS-call wrappers below.
-    pipeline = aiockpt.pipeline
-    store_cls = aiockpt.store.CheckpointStore
-    pipeline.write_pieces = trigger.inside("write", aiockpt.fileio.write_pieces)  # type: ignore[attr-defined]
+    pipeline = aiockpt._engine.pipeline
+    store_cls = aiockpt.storage.local.CheckpointStore
+    pipeline.write_pieces = trigger.inside("write", aiockpt.storage.fileio.write_pieces)  # type: ignore[attr-defined]
     commit = _visible_early_commit if plan.sabotage == "visible-early" else store_cls.commit
     store_cls.commit = trigger.inside("commit", commit)  # type: ignore[method-assign]
     retain = trigger.inside("retention", store_cls.retain)
@@ -272,7 +272,7 @@ def install_hooks(plan: Plan, directory: Path, crash_child: Any) -> Trigger:
         return state_dict(self)
 
     crash_child.CrashState.state_dict = state_dict_and_maybe_die
-    capture = aiockpt.staging.Capturer.capture
+    capture = aiockpt._engine.staging.Capturer.capture
 
     def capture_and_maybe_die(self: Any, *args: Any, **kwargs: Any) -> Any:
         if trigger.due("capture", "before-staging-copy"):
@@ -282,7 +282,7 @@ def install_hooks(plan: Plan, directory: Path, crash_child: Any) -> Trigger:
             trigger.die()
         return result
 
-    aiockpt.staging.Capturer.capture = capture_and_maybe_die  # type: ignore[method-assign]
+    aiockpt._engine.staging.Capturer.capture = capture_and_maybe_die  # type: ignore[method-assign]
 
     # copy: a chunk's copy task, the checksum of the staged bytes, the CUDA copy.
     move_chunk = pipeline.Pipeline._move_chunk
@@ -293,14 +293,14 @@ def install_hooks(plan: Plan, directory: Path, crash_child: Any) -> Trigger:
         return await move_chunk(self, job, chunk, *args)
 
     pipeline.Pipeline._move_chunk = move_chunk_and_maybe_die  # type: ignore[method-assign]
-    checksum = aiockpt.fileio.checksum
+    checksum = aiockpt.storage.fileio.checksum
 
     def checksum_and_maybe_die(data: Any) -> int:
         if trigger.due("copy", "staged-checksum"):
             trigger.die(f"({len(data)} bytes)")
         return checksum(data)
 
-    aiockpt.fileio.checksum = checksum_and_maybe_die
+    aiockpt.storage.fileio.checksum = checksum_and_maybe_die
     wait_cuda_event = pipeline.wait_cuda_event
 
     async def wait_cuda_event_and_maybe_die(event: Any, waiter: Any) -> None:
@@ -538,7 +538,7 @@ def check_recovery(
 ) -> tuple[int | None, list[str]]:
     """Open, restore and verify as a restarted training job would: (restored, problems)."""
     import aiockpt
-    from aiockpt.reader import read_manifest
+    from aiockpt._engine.reader import read_manifest
 
     crash_child = sys.modules.get("crash_child") or _load_crash_child()
     problems: list[str] = []

@@ -16,9 +16,9 @@ import torch
 from conftest import Bag, make_config, run
 
 import aiockpt
-from aiockpt.memory import Admission, StagingMemory
-from aiockpt.pipeline import Pipeline
-from aiockpt.staging import Capturer
+from aiockpt._engine.memory import Admission, StagingMemory
+from aiockpt._engine.pipeline import Pipeline
+from aiockpt._engine.staging import Capturer
 
 
 def pool(max_async: int, buffers: int) -> StagingMemory:

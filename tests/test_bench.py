@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 import torch
 
-from aiockpt import bench, bench_report
-from aiockpt.bench_models import PRESETS, load_workload, preset_parameters
-from aiockpt.bench_summary import p99, summarise
+from aiockpt.tools import bench, bench_report
+from aiockpt.tools.bench_summary import p99, summarise
+from aiockpt.tools.workloads import PRESETS, load_workload, preset_parameters
 
 SYSTEMS = ["none", "torch.save", "dcp", "aiockpt-cpu"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -242,7 +242,7 @@ def test_a_failing_system_is_reported_and_the_others_measured(
     def broken(self, at):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("aiockpt.bench_systems.DcpSystem.checkpoint", broken)
+    monkeypatch.setattr("aiockpt.tools.bench_systems.DcpSystem.checkpoint", broken)
     output, md = tmp_path / "r.json", tmp_path / "r.md"
     argv = [
         "--model", f"{user_module}:build", "--cpu", "--systems", "none,dcp,aiockpt",

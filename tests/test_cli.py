@@ -16,8 +16,8 @@ import torch
 from conftest import Bag, MixedModel, assert_state_equal, make_config
 
 import aiockpt
-from aiockpt.cli import main
-from aiockpt.reader import read_manifest
+from aiockpt._engine.reader import read_manifest
+from aiockpt.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = (10, 20, 30)
@@ -418,7 +418,7 @@ def test_every_command_has_teaching_help(command: str, capsys: pytest.CaptureFix
 
 def test_bench_gets_its_arguments_untouched(monkeypatch: pytest.MonkeyPatch):
     seen: list[list[str]] = []
-    monkeypatch.setattr("aiockpt.bench.main", lambda argv: seen.append(argv) or 0)
+    monkeypatch.setattr("aiockpt.tools.bench.main", lambda argv: seen.append(argv) or 0)
     assert main(["bench", "--preset", "tiny", "--help"]) == 0
     assert seen == [["--preset", "tiny", "--help"]]
 

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 import aiockpt
-from aiockpt.cli import build_parser, main
-from aiockpt.diagnose import build_config, report
-from aiockpt.diagnose_advice import (
+from aiockpt.cli.main import build_parser, main
+from aiockpt.tools.diagnose import build_config, report
+from aiockpt.tools.diagnose_advice import (
     DEFAULT_INTERVAL_STEPS,
     analyze,
     checkpoint_interval,
@@ -26,7 +26,7 @@ from aiockpt.diagnose_advice import (
     pipeline_seconds,
     writers_needed,
 )
-from aiockpt.diagnose_data import (
+from aiockpt.tools.diagnose_data import (
     Disk,
     IntervalRun,
     Measurements,

@@ -186,7 +186,7 @@ def test_trainer_under_several_ranks_checkpoints_and_resumes(tmp_path):
 def test_sharded_checkpoint_through_dcp_and_back(tmp_path):
     """Export a 2-rank FSDP checkpoint to torch.distributed.checkpoint's format, import it
     back (whole tensors now), and restore it into the sharded model on 2 ranks."""
-    from aiockpt.convert import export_checkpoint, import_checkpoint
+    from aiockpt.cli.convert import export_checkpoint, import_checkpoint
 
     directory = tmp_path / "ckpt"
     _ok(run_ranks(2, "save", "fsdp", directory, tmp_path / "saved"))
@@ -203,12 +203,12 @@ def test_sharded_checkpoint_through_dcp_and_back(tmp_path):
 
 
 def test_bench_ranks_reports_every_figure(tmp_path):
-    """`python -m aiockpt.bench_ranks` under torchrun, tiny preset on gloo: the structure of
+    """`python -m aiockpt.tools.bench_ranks` under torchrun, tiny preset on gloo: the structure of
     its report (timings mean something only on GPUs)."""
     output = tmp_path / "ranks.json"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--master-port", str(_free_port()), "-m", "aiockpt.bench_ranks", "--preset", "tiny",
+        "--master-port", str(_free_port()), "-m", "aiockpt.tools.bench_ranks", "--preset", "tiny",
         "--wrap", "fsdp", "--rounds", "1", "--steps", "4", "--interval", "2",
         "--directory", str(tmp_path / "run"), "--output", str(output), "--cpu",
     ]  # fmt: skip

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-import aiockpt.fileio as fileio
-from aiockpt.memory import byte_view
+import aiockpt.storage.fileio as fileio
+from aiockpt._engine.memory import byte_view
 
 
 def _aligned_buffer(nbytes: int) -> torch.Tensor:

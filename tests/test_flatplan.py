@@ -21,8 +21,8 @@ import torch
 from conftest import MixedModel
 
 import aiockpt
-from aiockpt.flatplan import FlattenCache
-from aiockpt.flatten import FlatState, flatten_state
+from aiockpt._engine.capture.flatten import FlatState, flatten_state
+from aiockpt._engine.capture.replay import FlattenCache
 
 Mutation = Callable[[dict[str, Any]], None]
 

@@ -183,7 +183,7 @@ def _assert_same(restored: dict, expected: dict) -> None:
 
 
 def _spy_staged(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    from aiockpt.restore_io import SegmentReader
+    from aiockpt._engine.restore_io import SegmentReader
 
     calls: list[str] = []
     staged = SegmentReader.staged
@@ -239,7 +239,7 @@ def test_restore_to_gpu_into_a_fresh_optimizer(tmp_path):
 
 
 def test_restore_borrows_the_staging_pool_and_gives_it_back(tmp_path, monkeypatch):
-    from aiockpt.memory import StagingMemory
+    from aiockpt._engine.memory import StagingMemory
 
     model, optimizer = _adamw()
     _train(model, optimizer, 2)
@@ -279,7 +279,7 @@ def test_restore_reads_to_host_when_the_gpu_is_full(tmp_path, monkeypatch):
     fresh, fresh_optimizer = _adamw()
     _train(fresh, fresh_optimizer, 1)
     staged = _spy_staged(monkeypatch)
-    monkeypatch.setattr("aiockpt.reader.gpu_room", lambda device: 0)
+    monkeypatch.setattr("aiockpt._engine.reader.gpu_room", lambda device: 0)
     with aiockpt.SyncCheckpointer(config, model=fresh, optimizer=fresh_optimizer) as ckpt:
         assert ckpt.restore() == 1
     assert not staged

@@ -38,7 +38,7 @@ import torch
 from conftest import assert_state_equal
 
 import aiockpt
-from aiockpt.manifest import MAX_MANIFEST_BYTES, MAX_NDIM, MAX_SKELETON_DEPTH
+from aiockpt._format.manifest import MAX_MANIFEST_BYTES, MAX_NDIM, MAX_SKELETON_DEPTH
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mkfifo, /proc")
 

@@ -428,7 +428,7 @@ def test_state_dict_exception_keeps_its_traceback(tmp_path: Path, front: str) ->
 def test_close_cancel_abandons_checkpoints_in_flight(tmp_path: Path, monkeypatch) -> None:
     """close(cancel=True) with writes held mid-flight: nothing becomes visible, the
     previous checkpoint stays, the handle says it was cancelled."""
-    import aiockpt.pipeline as pipeline_module
+    import aiockpt._engine.pipeline as pipeline_module
 
     release = threading.Event()
     real_write = pipeline_module.write_pieces

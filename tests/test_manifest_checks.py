@@ -11,7 +11,7 @@ import torch
 from conftest import make_config
 
 import aiockpt
-from aiockpt.layout import plan_layout_for_count
+from aiockpt._engine.layout import plan_layout_for_count
 
 
 class Holder:

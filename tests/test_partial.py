@@ -9,7 +9,7 @@ import torch
 from conftest import make_config
 
 import aiockpt
-from aiockpt.reader import read_manifest
+from aiockpt._engine.reader import read_manifest
 
 
 def _trained() -> tuple[torch.nn.Sequential, torch.optim.Adam]:

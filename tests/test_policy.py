@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 
 import aiockpt
-from aiockpt.policy import (
+from aiockpt.training.policy import (
     AdaptiveOverhead,
     AnyOf,
     BasePolicy,

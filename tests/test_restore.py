@@ -320,8 +320,8 @@ def save_many(tmp_path: Path, count: int = 300, chunk_mb: float = 1.0) -> tuple[
 
 
 def test_plan_segments_reads_whole_runs_and_only_wanted_ranges(tmp_path: Path) -> None:
-    from aiockpt.reader import read_manifest, tensor_filter
-    from aiockpt.restore_io import MAX_GAP, plan_segments
+    from aiockpt._engine.reader import read_manifest, tensor_filter
+    from aiockpt._engine.restore_io import MAX_GAP, plan_segments
 
     step_dir, _ = save_many(tmp_path)
     manifest = read_manifest(step_dir)
@@ -351,7 +351,7 @@ def test_plan_segments_reads_whole_runs_and_only_wanted_ranges(tmp_path: Path) -
 def test_whole_checkpoint_is_read_in_few_large_calls(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from aiockpt.reader import read_checkpoint
+    from aiockpt._engine.reader import read_checkpoint
 
     step_dir, tensors = save_many(tmp_path)
     calls: list[int] = []
@@ -374,7 +374,7 @@ def test_whole_checkpoint_is_read_in_few_large_calls(
 def test_scattered_read_survives_short_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from aiockpt.fileio import read_scatter
+    from aiockpt.storage.fileio import read_scatter
 
     data = bytes(random.Random(3).randbytes(50_000))
     path = tmp_path / "blob"
@@ -422,7 +422,7 @@ def flip_in_middle_of_a_file(step_dir: Path) -> str:
 
 
 def test_corruption_in_the_middle_of_a_sequential_read_is_caught(tmp_path: Path) -> None:
-    from aiockpt.reader import read_checkpoint
+    from aiockpt._engine.reader import read_checkpoint
 
     step_dir, _ = save_many(tmp_path)
     name = flip_in_middle_of_a_file(step_dir)
@@ -464,8 +464,8 @@ class DeferredCopies:
 def test_pinned_ring_reuses_a_buffer_only_after_its_copy(tmp_path: Path, threads: int) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from aiockpt.reader import _open_regular, read_manifest
-    from aiockpt.restore_io import PinnedRing, SegmentReader, plan_segments
+    from aiockpt._engine.reader import _open_regular, read_manifest
+    from aiockpt._engine.restore_io import PinnedRing, SegmentReader, plan_segments
 
     step_dir, tensors = save_many(tmp_path, count=120)
     manifest = read_manifest(step_dir)
@@ -495,8 +495,8 @@ def test_pinned_ring_reuses_a_buffer_only_after_its_copy(tmp_path: Path, threads
 
 
 def test_staged_read_verifies_pieces_split_across_windows(tmp_path: Path) -> None:
-    from aiockpt.reader import _open_regular, read_manifest
-    from aiockpt.restore_io import HostTransfer, PinnedRing, SegmentReader, plan_segments
+    from aiockpt._engine.reader import _open_regular, read_manifest
+    from aiockpt._engine.restore_io import HostTransfer, PinnedRing, SegmentReader, plan_segments
 
     step_dir, _ = save_many(tmp_path, count=20)
     manifest = read_manifest(step_dir)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from aiockpt.layout import plan_layout
-from aiockpt.memory import StagingMemory
-from aiockpt.staging import Capturer
+from aiockpt._engine.layout import plan_layout
+from aiockpt._engine.memory import StagingMemory
+from aiockpt._engine.staging import Capturer
 
 
 def mixed_tensors() -> list[torch.Tensor]:

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import aiockpt
-from aiockpt.store import LOCK_NAME
+from aiockpt.storage.local import LOCK_NAME
 
 BATCH = 16
 CHECK_EVERY = 4
