@@ -1,4 +1,4 @@
-"""One rank of a multi-process test run (started by tests/test_distributed.py).
+"""One rank of a multi-process test run (started by tests/distributed/test_distributed.py).
 
     python dist_worker.py SCENARIO MODEL DIRECTORY OUT
 

@@ -5,7 +5,7 @@ The soak checkpoints with ``durable = true`` (every fsync done), two in flight a
 and measures what a long run must not grow: disk use, temporary directories, open file
 descriptors, threads, resident memory and staging memory. It prints its figures (run with
 ``-s`` to see them; docs/RELIABILITY.md quotes a run). Two processes on one directory are
-tested in tests/test_pipeline.py (test_directory_lock_excludes_a_second_writer), interpreter
+tested in tests/unit/test_pipeline.py (test_directory_lock_excludes_a_second_writer), interpreter
 exit with a checkpoint in flight in the same file.
 """
 
@@ -137,6 +137,7 @@ def warm_up(tmp_path: Path) -> None:
         pytest.param("host", marks=pytest.mark.gpu),
     ],
 )
+@pytest.mark.slow
 def test_soak_1000_checkpoints_keep_last_3(tmp_path: Path, staging: str) -> None:
     """staging "cpu": a CPU state; "gpu"/"host": a CUDA state staged either way, which
     also shows pinned host memory and GPU memory staying flat."""

@@ -2,7 +2,7 @@
 
 Not a test module (pytest collects only ``test_*.py``). Run as::
 
-    python tests/crash_child.py DIR SEED [--progress FILE] [--keep-last N] ...
+    python tests/crash/crash_child.py DIR SEED [--progress FILE] [--keep-last N] ...
 
 It builds a deterministic state of a few MiB whose every tensor encodes the step it
 belongs to (see :func:`expected_tensors`), then checkpoints step 1, 2, 3, ... into DIR
@@ -15,7 +15,7 @@ snapshot that is not exact also shows up as a torn mix of two steps.
 
 The parent imports this file for :func:`expected_tensors` and :class:`CrashState`.
 
-``python tests/crash_child.py --serve`` is a fork server for the tests: it pays for
+``python tests/crash/crash_child.py --serve`` is a fork server for the tests: it pays for
 ``import torch`` once, then forks a fresh child per request line
 ``spawn {"argv": [...], "log": PATH}`` on stdin (it answers the child's pid) and reaps
 it on ``reap PID`` (it answers the exit code, negative for a signal). Each forked child is an
@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_in_forked_child(log: str, body: Callable[[], int]) -> NoReturn:
     """In a freshly forked child: own log, no stdin, run ``body``, never return.
 
-    Shared by this script's fork server and tests/kill_harness.py's.
+    Shared by this script's fork server and tests/crash/kill_harness.py's.
     """
     code = 1
     try:

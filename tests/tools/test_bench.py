@@ -263,7 +263,7 @@ def test_a_failing_system_is_reported_and_the_others_measured(
 
 
 def test_the_shipped_example_follows_the_protocol(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
     workload = load_workload("examples.bench_model:workload", torch.device("cpu"))
     assert workload.name == "examples.bench_model:workload" and workload.samples_per_step == 64
     before = [p.detach().clone() for p in workload.model.parameters()]

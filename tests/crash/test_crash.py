@@ -1,6 +1,6 @@
 """A process that checkpoints is SIGKILLed at a random instant; the next one must resume.
 
-Each kill is real: a child process (tests/crash_child.py) checkpoints step 1, 2, 3, ...
+Each kill is real: a child process (tests/crash/crash_child.py) checkpoints step 1, 2, 3, ...
 of a state whose every tensor encodes its step, and records each committed step in a
 progress file; the test kills it with SIGKILL after a seeded random delay (or the moment a
 retention is seen under way), then opens the directory with a new Checkpointer and checks
@@ -255,12 +255,14 @@ def fork_server() -> Iterator[ForkServer]:
         server.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [BASE_SEED + i for i in range(KILLS)])
 def test_sigkill_at_random_instant(fork_server: ForkServer, tmp_path: Path, seed: int) -> None:
     kill = kill_child(fork_server, tmp_path, seed, after_random_delay(seed))
     check_recovery(kill, keep_last=3)
 
 
+@pytest.mark.slow
 def test_sigkill_during_retention(fork_server: ForkServer, tmp_path: Path) -> None:
     """keep_last=1: every commit deletes the previous checkpoint; kill while it does."""
     interrupted = []
@@ -280,7 +282,7 @@ def test_sigkill_during_retention(fork_server: ForkServer, tmp_path: Path) -> No
 
 
 def test_sigkill_plain_child_process(tmp_path: Path) -> None:
-    """The script as documented: ``python tests/crash_child.py DIR SEED``, no fork server."""
+    """The script as documented: ``python tests/crash/crash_child.py DIR SEED``, no fork server."""
     seed = BASE_SEED + 2000
     kill = kill_child(None, tmp_path, seed, after_random_delay(seed))
     check_recovery(kill, keep_last=3)

@@ -19,7 +19,7 @@ import aiockpt
 from aiockpt._engine.reader import read_manifest
 from aiockpt.cli.main import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = (10, 20, 30)
 
 

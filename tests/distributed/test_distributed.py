@@ -1,6 +1,6 @@
 """Checkpoints of several ranks, on the CPU with gloo: real processes, as torchrun starts them.
 
-Each test starts one process per rank running tests/dist_worker.py and compares what the
+Each test starts one process per rank running tests/distributed/dist_worker.py and compares what the
 ranks saved and restored, bit for bit.
 """
 
@@ -21,9 +21,12 @@ import torch
 import aiockpt
 
 WORKER = Path(__file__).with_name("dist_worker.py")
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available(), reason="torch.distributed is not available"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not torch.distributed.is_available(), reason="torch.distributed is not available"
+    ),
+]
 
 
 def _free_port() -> int:
@@ -42,7 +45,7 @@ def run_ranks(
         "MASTER_PORT": str(_free_port()),
         "WORLD_SIZE": str(world),
         "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(Path(__file__).parents[1]),
+        "PYTHONPATH": str(Path(__file__).parents[2]),
         **env,
     }
     processes = [
@@ -212,7 +215,7 @@ def test_bench_ranks_reports_every_figure(tmp_path):
         "--wrap", "fsdp", "--rounds", "1", "--steps", "4", "--interval", "2",
         "--directory", str(tmp_path / "run"), "--output", str(output), "--cpu",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(output.read_text())

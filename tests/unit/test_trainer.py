@@ -3,7 +3,7 @@ accumulation, forced checkpoints, TOML configs, the GradScaler, and the data pos
 
 This file is also the child process of the crash test::
 
-    python tests/test_trainer.py child DIR KILL_AT PROGRESS WORKERS SAMPLES
+    python tests/unit/test_trainer.py child DIR KILL_AT PROGRESS WORKERS SAMPLES
 
 trains with checkpoints, appends ``step loss`` lines to PROGRESS, and SIGKILLs itself right
 after step KILL_AT (a checkpoint may still be in flight).
@@ -37,7 +37,7 @@ BATCH = 16
 CHECK_EVERY = 4
 K = 12  # the crash test trains 2 * K steps
 SEED = int(os.environ.get("TRAINER_TEST_SEED", "20240611"))
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # -- one training recipe, shared by the reference run, the child and the resumed run --------

@@ -1,6 +1,6 @@
 """Faults at the OS-call boundary: kills anywhere, EIO, and a slow disk.
 
-- Kill anywhere: a short run of tests/kill_harness.py (real child processes, real SIGKILL
+- Kill anywhere: a short run of tests/crash/kill_harness.py (real child processes, real SIGKILL
   at a chosen point of every phase); the full 200-kill run is the script's own CLI.
 - EIO: ``os.pwrite``/``os.write``/``os.fsync``/``os.open``/``os.rename``/``os.preadv`` are
   wrapped *in this process* so the N-th call on one kind of checkpoint file fails with
@@ -42,6 +42,7 @@ MIB = 2**20
 
 
 # -- kill anywhere (short form) ----------------------------------------------------------
+@pytest.mark.slow
 def test_sigkill_at_every_phase(tmp_path: Path) -> None:
     """Three kills in each phase, each at a point drawn from the seed; all must recover."""
     lines: list[str] = []

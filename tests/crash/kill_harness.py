@@ -1,12 +1,12 @@
 """Kill anywhere: SIGKILL a checkpointing process at chosen points of every phase.
 
-Not a test module (pytest collects only ``test_*.py``); tests/test_faults.py runs a short
+Not a test module (pytest collects only ``test_*.py``); tests/crash/test_faults.py runs a short
 form of it. Run the full harness as::
 
-    python tests/kill_harness.py --kills 200 --seed 1 --out report.json
+    python tests/crash/kill_harness.py --kills 200 --seed 1 --out report.json
 
 Each kill runs a child process that checkpoints step 1, 2, 3, ... of
-``tests/crash_child.py``'s state (every tensor encodes its step) and records each committed
+``tests/crash/crash_child.py``'s state (every tensor encodes its step) and records each committed
 step in a progress file (fsync'd). Before it starts, the child wraps a few functions *in
 its own process* (aiockpt's write/commit/retention entry points, and ``os.pwrite``,
 ``os.fsync``, ``os.rename`` ...) so that the N-th event of one chosen phase and point calls

@@ -19,7 +19,7 @@ from conftest import Bag, MixedModel, assert_state_equal, clone_state, make_conf
 
 import aiockpt
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def steps_on_disk(config: aiockpt.Config) -> list[int]:

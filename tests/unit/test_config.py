@@ -16,7 +16,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-EXAMPLE = Path(__file__).parents[1] / "examples" / "aiockpt.toml"
+EXAMPLE = Path(__file__).parents[2] / "examples" / "aiockpt.toml"
 
 
 @pytest.fixture(autouse=True)
