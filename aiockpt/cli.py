@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     except DirectoryLockedError as exc:
         _fail(args.command, str(exc), None)  # its message already says what to do
     except AiockptError as exc:
-        _fail(args.command, str(exc), None)
+        _fail(args.command, str(exc), getattr(exc, "hint", None))
     except OSError as exc:
         _fail(args.command, str(exc), "check the path and its permissions")
     except KeyboardInterrupt:
