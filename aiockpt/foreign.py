@@ -163,7 +163,9 @@ def _check_torch_archive(file: Any, size: int, where: str) -> None:
     file.seek(0)
 
 
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+# How torch's weights_only unpickler names what it refused (worded differently for classes
+# and for blocked modules).
+_UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
 
 
 def _load_weights(file: Any, size: int, where: str) -> Any:
