@@ -114,8 +114,17 @@ keeps its keys; a bare state_dict ({{"fc1.weight": tensor, ...}}) and a safetens
 under "model"; --key NAME puts everything under NAME. These keys are the keyword names to
 give the Checkpointer that restores it: Checkpointer(cfg, model=model).
 
-Nothing in SRC is executed: torch files load with weights_only=True, DCP metadata through
-a restricted unpickler.
+SRC is read as hostile input. Nothing in it is executed: torch files load with
+weights_only=True (and only in torch.save's zip format), DCP metadata through an unpickler
+that admits exactly DCP's own metadata classes. Only regular files are read (a FIFO is
+refused, not waited on); DCP data files must be plain relative paths inside SRC, and every
+declared byte range must lie within its file. The new checkpoint is read back and checked
+like `aiockpt.load` does before the import reports success.
+
+tied weights: save_pretrained leaves a head tied to the input embedding (lm_head.weight)
+out of model.safetensors. When config.json next to it says the weights are tied
+(tie_word_embeddings, true unless set), import warns on stderr and lists the key under
+"tied_keys_missing" with --json: restoring into the model will report it missing.
 
 examples:
   aiockpt import state.pt --from torch --step 0 checkpoints
