@@ -482,11 +482,13 @@ def run_import(args: Any) -> int:
             f"{report['checkpoint']} ({size})"
         )
     for tie in report["tied_keys_missing"]:
-        # stderr, also with --json (where the same facts are a field): restore() will fail.
+        # stderr, also with --json (where the same facts are a field): restore() would fail.
+        key, tied_to = tie["key"], tie["tied_to"]
         note(
-            f"warning: {tie['key']} is not in {report['source']}: its config.json ties it to "
-            f"{tie['tied_to']} (tie_word_embeddings), so restoring into a model that has it "
-            f"will report {tie['under']}/{tie['key']} missing; add it to the file as a copy "
-            f"of {tie['tied_to']} before importing, or tie the weights after restoring"
+            f"warning: {key} is not in {report['source']}: its config.json ties it to "
+            f"{tied_to} (tie_word_embeddings), and restore() will fail on the missing "
+            f"{tie['under']}/{key}; to import it tied: sd = safetensors.torch.load_file(SRC); "
+            f"sd[{key!r}] = sd[{tied_to!r}]; torch.save(sd, 'tied.pt'), then import tied.pt "
+            "with --from torch"
         )
     return 0

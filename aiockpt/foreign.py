@@ -120,6 +120,12 @@ def _regular_file(path: Path, *, follow_symlinks: bool) -> Iterator[tuple[int, i
         os.close(fd)
 
 
+def _first_line(exc: BaseException) -> str:
+    """An exception's message as one line (torch's run to paragraphs), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _read_range(fd: int, offset: int, length: int, where: str) -> bytes:
     buffer = bytearray(length)
     try:
@@ -181,9 +187,8 @@ def _load_weights(file: Any, size: int, where: str) -> Any:
             hint=_RESAVE_HINT,
         ) from exc
     except Exception as exc:  # a forged archive can fail torch's reader in many ways
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConversionError(
-            f"{where}: cannot be read as torch.save data: {first}",
+            f"{where}: cannot be read as torch.save data: {_first_line(exc)}",
             hint="check that torch.save wrote it, or pick the right --from",
         ) from exc
 
@@ -215,7 +220,7 @@ def read_safetensors(source: Path) -> dict[str, torch.Tensor]:
             return load_file(str(opened if opened.exists() else source))
         except Exception as exc:  # SafetensorError derives from Exception only
             raise ConversionError(
-                f"{source}: cannot be read as safetensors: {str(exc).splitlines()[0]}",
+                f"{source}: cannot be read as safetensors: {_first_line(exc)}",
                 hint="check that safetensors wrote it, or pick the right --from",
             ) from exc
 
@@ -369,7 +374,8 @@ def _read_dcp_metadata(source: Path) -> Any:
         ) from exc
     except Exception as exc:  # any malformed pickle: truncated, wrong opcodes, bad values
         raise ConversionError(
-            f"{where}: is not DCP metadata ({type(exc).__name__}: {exc})", hint=_DCP_HINT
+            f"{where}: is not DCP metadata ({type(exc).__name__}: {_first_line(exc)})",
+            hint=_DCP_HINT,
         ) from exc
     if type(metadata) is not Metadata:
         raise ConversionError(f"{where}: does not hold DCP Metadata", hint=_DCP_HINT)

@@ -918,3 +918,86 @@ def test_safetensors_import_reports_tied_weights_left_out(
     else:
         assert report["tied_keys_missing"] == [] and err == ""
     assert ("lm_head.weight" in aiockpt.load(tmp_path / "c" / "step-0")["model"]) == head
+
+
+class _TinyLM(torch.nn.Module):
+    """The shape of a Hugging Face causal LM whose head is tied to its input embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding(8, 4)
+        self.model.norm = torch.nn.LayerNorm(4)
+        self.lm_head = torch.nn.Linear(4, 8, bias=False)
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+
+def test_the_tied_weights_advice_makes_the_import_restore(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    import safetensors.torch
+
+    trained = _TinyLM()
+    (tmp_path / "hf").mkdir()
+    source = tmp_path / "hf" / "model.safetensors"
+    saved = {k: v for k, v in trained.state_dict().items() if k != "lm_head.weight"}
+    safetensors.torch.save_file(saved, str(source))
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
+    code, _, err = run_cli(
+        capsys, "import", source, "--from", "safetensors", "--step", 0, tmp_path / "a"
+    )
+    assert code == 0 and "tied.pt" in err
+    config = make_config(tmp_path, directory=tmp_path / "a")
+    with (
+        aiockpt.SyncCheckpointer(config, model=_TinyLM()) as ckpt,
+        pytest.raises(RuntimeError, match=r"Missing key.*lm_head\.weight"),
+    ):
+        ckpt.restore()  # torch's strict load_state_dict: what the warning announced
+
+    # What the warning says to do:
+    sd = safetensors.torch.load_file(str(source))
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    torch.save(sd, tmp_path / "tied.pt")
+    code, _, err = run_cli(
+        capsys, "import", tmp_path / "tied.pt", "--from", "torch", "--step", 0, tmp_path / "b"
+    )
+    assert code == 0, err
+    restored = _TinyLM()
+    with aiockpt.SyncCheckpointer(
+        make_config(tmp_path, directory=tmp_path / "b"), model=restored
+    ) as ckpt:
+        assert ckpt.restore() == 0
+    assert torch.equal(restored.lm_head.weight, trained.model.embed_tokens.weight)
+    assert restored.lm_head.weight is restored.model.embed_tokens.weight  # still tied
+
+
+def test_a_config_json_that_is_a_fifo_is_passed_over(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    source = _hf_files(tmp_path / "hf", None)
+    os.mkfifo(tmp_path / "hf" / "config.json")  # opening it for reading would block
+    code, out, err = run_cli(
+        capsys, "import", source, "--from", "safetensors", "--step", 0, tmp_path / "c", "--json"
+    )
+    assert code == 0, err
+    assert json.loads(out)["tied_keys_missing"] == []
+
+
+def test_a_torch_record_declaring_more_than_it_holds_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    buffer = io.BytesIO()
+    torch.save({"w": torch.ones(10)}, buffer)
+    with zipfile.ZipFile(buffer) as archive:
+        records = {r.filename: archive.read(r) for r in archive.infolist()}
+    pickled = next(name for name in records if name.endswith("data.pkl"))
+    # The storage's element count (10, as BININT1) becomes 2**30: 1 GiB claimed, 40 B held.
+    records[pickled] = records[pickled].replace(b"K\n", b"J" + struct.pack("<i", 2**30), 1)
+    with zipfile.ZipFile(tmp_path / "forged.pt", "w") as forged:
+        for name, data in records.items():
+            forged.writestr(name, data)
+    code, _, err = run_cli(
+        capsys, "import", tmp_path / "forged.pt", "--from", "torch", "--step", 1, tmp_path / "c"
+    )
+    assert_refused(code, err, "cannot be read as torch.save data")
+    assert not (tmp_path / "c" / "step-1").exists()
