@@ -30,7 +30,7 @@ from .flatten import dtype_name, tensor_paths
 from .foreign import read_dcp, read_safetensors, read_torch, tied_keys_left_out
 from .manifest import Manifest, TensorRecord
 from .reader import read_checkpoint, read_manifest
-from .store import step_dir_name
+from .store import CheckpointInfo, step_dir_name
 
 __all__ = ["FORMATS", "export_checkpoint", "import_checkpoint", "run_export", "run_import"]
 
@@ -369,9 +369,6 @@ def import_checkpoint(
     threads: int = 8,
 ) -> dict[str, Any]:
     """Write the state in ``source`` as checkpoint ``step`` of ``directory``."""
-    from .checkpointer import SyncCheckpointer
-    from .config import Config
-
     if fmt not in FORMATS:
         raise ConversionError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
     if not os.path.lexists(source):
@@ -385,13 +382,41 @@ def import_checkpoint(
     loaded = _read_foreign(source, fmt)
     groups = _as_groups(loaded, key)
     _check_top_level(groups, source)
+    keys = list(groups)
     tied = tied_keys_left_out(source, list(loaded)) if fmt == "safetensors" else {}
+    info = _write_imported(groups, source, step, directory, threads)
+    del loaded, groups  # the read-back below holds a whole state again: not two at once
+    if info is None:  # only a writer that skips under backpressure returns none
+        raise ConversionError(f"{target} was not written: the writer skipped it", hint="run again")
+    written = info.path
+    _verify_written(written)
+    return {
+        "source": str(source),
+        "format": fmt,
+        "step": step,
+        "checkpoint": str(written),
+        "nbytes": info.nbytes,
+        "keys": keys,
+        "tied_keys_missing": [
+            {"key": name, "tied_to": embedding, "under": keys[0]}
+            for name, embedding in tied.items()
+        ],
+    }
+
+
+def _write_imported(
+    groups: dict[str, Any], source: Path, step: int, directory: Path, threads: int
+) -> CheckpointInfo | None:
+    """Save ``groups`` as checkpoint ``step`` with the writer training uses."""
+    from .checkpointer import SyncCheckpointer
+    from .config import Config
+
     # keep_last=None: importing must never prune the checkpoints already there.
     config = Config(directory=directory, keep_last=None, num_threads=max(1, threads))
     holders = {name: _Holder(value) for name, value in groups.items()}
     try:
         with SyncCheckpointer(config, **holders) as writer:
-            info = writer.checkpoint(step).wait()
+            return writer.checkpoint(step).wait()
     except UnsupportedStateError as exc:
         raise ConversionError(
             f"{source}: {exc}", hint="re-save the file without that value, or convert it"
@@ -401,20 +426,6 @@ def import_checkpoint(
             f"{source}: its state nests too deep to be saved",
             hint="re-save it with flatter containers",
         ) from exc
-    written = info.path if info else target
-    _verify_written(written)
-    return {
-        "source": str(source),
-        "format": fmt,
-        "step": step,
-        "checkpoint": str(written),
-        "nbytes": info.nbytes if info else None,
-        "keys": list(groups),
-        "tied_keys_missing": [
-            {"key": name, "tied_to": embedding, "under": next(iter(groups))}
-            for name, embedding in tied.items()
-        ],
-    }
 
 
 def _verify_written(path: Path) -> None:
