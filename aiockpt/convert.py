@@ -30,7 +30,13 @@ from .flatten import dtype_name, tensor_paths
 from .foreign import read_dcp, read_safetensors, read_torch, tied_keys_left_out
 from .manifest import Manifest, TensorRecord
 from .reader import read_checkpoint, read_manifest
-from .store import CheckpointInfo, step_dir_name
+from .store import (
+    LATEST_NAME,
+    CheckpointInfo,
+    CheckpointStore,
+    list_checkpoints,
+    step_dir_name,
+)
 
 __all__ = ["FORMATS", "export_checkpoint", "import_checkpoint", "run_export", "run_import"]
 
@@ -437,13 +443,28 @@ def _verify_written(path: Path) -> None:
     try:
         read_checkpoint(path, verify=True).state("cpu")
     except AiockptError as exc:
-        trash = path.with_name(f".trash-{path.name}-{secrets.token_hex(4)}")
-        os.rename(path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        _withdraw(path)
         raise ConversionError(
             f"the imported checkpoint fails to load back, so it was removed: {exc}",
             hint="re-save the source with plain state_dicts, or put it under --key NAME",
         ) from exc
+
+
+def _withdraw(path: Path) -> None:
+    """Delete checkpoint ``path`` under its directory's lock, and point ``latest`` at the
+    newest one left (or remove it), so that nothing names what is gone."""
+    store = CheckpointStore(path.parent, durable=True)
+    store.open()
+    try:
+        store.remove(path)
+        if store.latest_name() == path.name:
+            remaining = list_checkpoints(path.parent)
+            if remaining:
+                store.point_latest(remaining[-1].path.name)
+            else:
+                (path.parent / LATEST_NAME).unlink(missing_ok=True)
+    finally:
+        store.close()
 
 
 def run_export(args: Any) -> int:

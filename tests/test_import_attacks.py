@@ -800,6 +800,7 @@ def test_import_never_leaves_a_checkpoint_that_load_refuses(
         assert_refused(code, err)
         assert not (tmp_path / "c" / "step-1").exists()
         assert aiockpt.list_checkpoints(tmp_path / "c") == []
+        assert not (tmp_path / "c" / "latest").exists()  # naming nothing that is gone
 
 
 def test_a_written_checkpoint_that_fails_to_load_back_is_withdrawn(tmp_path: Path):
@@ -808,6 +809,7 @@ def test_a_written_checkpoint_that_fails_to_load_back_is_withdrawn(tmp_path: Pat
 
     torch.save({"model": {"w": torch.ones(64)}}, tmp_path / "s.pt")
     source, directory = str(tmp_path / "s.pt"), str(tmp_path / "c")
+    assert main(["import", source, "--from", "torch", "--step", "0", directory]) == 0
     assert main(["import", source, "--from", "torch", "--step", "1", directory]) == 0
     step = tmp_path / "c" / "step-1"
     data = next(step.glob("data-*"))
@@ -815,6 +817,8 @@ def test_a_written_checkpoint_that_fails_to_load_back_is_withdrawn(tmp_path: Pat
     with pytest.raises(ConversionError, match="fails to load back"):
         _verify_written(step)
     assert not step.exists() and not list((tmp_path / "c").glob(".trash-*"))
+    assert (tmp_path / "c" / "latest").read_text().strip() == "step-0"  # not the one withdrawn
+    assert [info.step for info in aiockpt.list_checkpoints(tmp_path / "c")] == [0]
 
 
 # -- export to safetensors -------------------------------------------------------------------------
