@@ -93,10 +93,13 @@ formats:
                ("fc1.weight"), for model.load_state_dict(safetensors.torch.load_file(OUT)).
                With several --key, names start with the key ("optimizer.state.0.exp_avg").
                Non-tensor values are left out. Needs: pip install 'aiockpt[export]'.
+               A dtype safetensors has no name for (complex128, bits8, ...) is refused,
+               naming the tensor, before anything is written.
   dcp          a torch.distributed.checkpoint directory, for dcp.load(state, checkpoint_id=OUT).
 
 The checkpoint is read and verified first; OUT is written under a temporary name and renamed
-into place, and an existing OUT is replaced only with --force.
+into place, and an existing OUT is replaced only with --force. A torch export is renamed into
+place only once torch.load(weights_only=True) has read it back.
 
 examples:
   aiockpt export checkpoints/step-100 --to torch state.pt

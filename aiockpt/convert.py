@@ -13,6 +13,7 @@ hold), write it with the same writer training uses, and read the result back the
 from __future__ import annotations
 
 import os
+import pickle
 import secrets
 import shutil
 import warnings
@@ -27,7 +28,13 @@ from .console import note
 from .dirscan import resolve_checkpoint
 from .errors import AiockptError, ConversionError, UnsupportedStateError
 from .flatten import dtype_name, tensor_paths
-from .foreign import read_dcp, read_safetensors, read_torch, tied_keys_left_out
+from .foreign import (
+    read_dcp,
+    read_safetensors,
+    read_torch,
+    refused_global,
+    tied_keys_left_out,
+)
 from .manifest import Manifest, TensorRecord
 from .reader import read_checkpoint, read_manifest
 from .store import (
@@ -211,6 +218,22 @@ def _export_safetensors(state: dict[str, Any], out: Path, step: int) -> dict[str
     return {"tensors": len(flat), "skipped_values": skipped}
 
 
+def _check_loads_weights_only(written: Path, out: Path) -> None:
+    """Refuse to publish a torch export that ``torch.load(weights_only=True)`` refuses.
+
+    mmap: only the pickled structure is read, not the tensors' bytes.
+    """
+    try:
+        torch.load(written, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        what = refused_global(exc) or "a value"
+        raise ConversionError(
+            f"{out}: not written: the state holds {what}, which torch.load(weights_only=True) "
+            "refuses",
+            hint="export to dcp or safetensors instead, or leave that key out with --key",
+        ) from exc
+
+
 def _export_dcp(state: dict[str, Any], out: Path, threads: int) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
 
@@ -281,6 +304,7 @@ def export_checkpoint(
         temporary = _temporary_next_to(out)
         try:
             torch.save(state, temporary)
+            _check_loads_weights_only(temporary, out)
             os.replace(temporary, out)
         finally:
             temporary.unlink(missing_ok=True)

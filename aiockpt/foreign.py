@@ -46,6 +46,7 @@ __all__ = [
     "read_dcp",
     "read_safetensors",
     "read_torch",
+    "refused_global",
     "tied_keys_left_out",
 ]
 
@@ -173,14 +174,20 @@ def _check_torch_archive(file: Any, size: int, where: str) -> None:
 _UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
 
 
+def refused_global(exc: BaseException) -> str | None:
+    """The class or function that ``torch.load(weights_only=True)`` refused, if it says."""
+    named = _UNSUPPORTED_GLOBAL.search(str(exc))
+    return named.group(1) if named else None
+
+
 def _load_weights(file: Any, size: int, where: str) -> Any:
     """``torch.load(weights_only=True)`` of a checked archive; refusals as ConversionError."""
     _check_torch_archive(file, size, where)
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        named = _UNSUPPORTED_GLOBAL.search(str(exc))
-        what = f"names {named.group(1)}" if named else "holds objects beyond tensors"
+        named = refused_global(exc)
+        what = f"names {named}" if named else "holds objects beyond tensors"
         raise ConversionError(
             f"{where}: {what}, which is not a tensor or plain container, so it cannot be "
             "loaded safely",

@@ -1005,3 +1005,28 @@ def test_a_torch_record_declaring_more_than_it_holds_is_refused(
     )
     assert_refused(code, err, "cannot be read as torch.save data")
     assert not (tmp_path / "c" / "step-1").exists()
+
+
+def test_a_torch_export_that_weights_only_would_refuse_is_not_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+):
+    """Whatever value types checkpoints come to hold, `--to torch` publishes only a file that
+    torch.load(weights_only=True) loads; one holding a class it refuses is not written."""
+    import aiockpt.convert
+
+    with aiockpt.SyncCheckpointer(
+        make_config(tmp_path), model=_Holder({"w": torch.ones(2)})
+    ) as ckpt:
+        ckpt.checkpoint(1).wait()
+    portable = aiockpt.convert._portable
+
+    def with_odd_value(value: Any) -> Any:  # the top-level state gains a value torch refuses
+        top = isinstance(value, dict) and "model" in value
+        return {**portable(value), "odd": _NotWeights()} if top else portable(value)
+
+    monkeypatch.setattr(aiockpt.convert, "_portable", with_odd_value)
+    out = tmp_path / "out" / "state.pt"
+    out.parent.mkdir()
+    code, _, err = run_cli(capsys, "export", tmp_path / "ckpt" / "step-1", "--to", "torch", out)
+    assert_refused(code, err, "_NotWeights", "weights_only")
+    assert list(out.parent.iterdir()) == []
