@@ -4,9 +4,9 @@ Exports read (and verify) the checkpoint like ``aiockpt.load`` does and write th
 format next to its destination first, renaming it into place at the end, so an
 interrupted export never leaves a half-written file under the name asked for.
 
-Imports read their source as hostile input (aiockpt.foreign: nothing runs, nothing
-outside the source is opened, nothing blocks, nothing is allocated beyond what the files
-hold), write it with the same writer training uses, and read the result back the way
+Imports read their source as hostile input (``foreign``, ``foreign_dcp``: nothing runs,
+nothing outside the source is opened, nothing blocks, nothing is allocated beyond what the
+files hold), write it with the same writer training uses, and read the result back the way
 ``aiockpt.load`` does before reporting success.
 """
 
@@ -28,13 +28,8 @@ from .console import note
 from .dirscan import resolve_checkpoint
 from .errors import AiockptError, ConversionError, UnsupportedStateError
 from .flatten import dtype_name, tensor_paths
-from .foreign import (
-    read_dcp,
-    read_safetensors,
-    read_torch,
-    refused_global,
-    tied_keys_left_out,
-)
+from .foreign import read_safetensors, read_torch, refused_global, tied_keys_left_out
+from .foreign_dcp import read_dcp
 from .manifest import Manifest, TensorRecord
 from .reader import read_checkpoint, read_manifest
 from .store import (
