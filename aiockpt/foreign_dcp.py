@@ -104,14 +104,14 @@ class _DcpMetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined,mis
         kind = type(target)
         if kind not in self._records:
             raise _RefusedPickle(f"sets the state of a {kind.__module__}.{kind.__qualname__}")
-        if "__setstate__" in vars(kind):
-            # TensorProperties: its own __setstate__ unpacks a plain 5-tuple
-            if not isinstance(state, tuple):
-                raise _RefusedPickle(f"gives {kind.__qualname__} a state of {type(state)}")
-        else:
-            fields = {f.name for f in dataclasses.fields(target)}
-            if not isinstance(state, dict) or not set(state) <= fields:
-                raise _RefusedPickle(f"sets attributes of {kind.__qualname__} it does not have")
+        # A tuple goes to a record's own __setstate__ (TensorProperties unpacks five plain
+        # values); a dict may only name the record's declared fields.
+        fields = {f.name for f in dataclasses.fields(target)}
+        for_setstate = isinstance(state, tuple) and "__setstate__" in vars(kind)
+        if not for_setstate and not (isinstance(state, dict) and set(state) <= fields):
+            raise _RefusedPickle(
+                f"sets a state of {kind.__qualname__} beyond its fields ({type(state).__name__})"
+            )
         _BUILD(cast(Any, self))
 
     dispatch[pickle.BUILD[0]] = _load_build
