@@ -115,7 +115,8 @@ so it is committed atomically), without pruning what DIR already holds.
 top-level keys: a torch file holding a dict of state_dicts ({{"model": ..., "optimizer": ...}})
 keeps its keys; a bare state_dict ({{"fc1.weight": tensor, ...}}) and a safetensors file go
 under "model"; --key NAME puts everything under NAME. These keys are the keyword names to
-give the Checkpointer that restores it: Checkpointer(cfg, model=model).
+give the Checkpointer that restores it: Checkpointer(cfg, model=model). A key that cannot
+be one (empty, starting with "$", containing "/") is refused: put everything under --key NAME.
 
 SRC is read as hostile input. Nothing in it is executed: torch files load with
 weights_only=True (and only in torch.save's zip format), DCP metadata through an unpickler
