@@ -13,7 +13,8 @@
      │    ├── NoCheckpointError       nothing committed (or not the asked-for step)
      │    ├── CorruptCheckpointError  a file is missing, torn, hostile or fails its checksum
      │    └── WorldSizeError          state saved per rank has nothing for this rank
-     └── UnsupportedStateError     a state_dict holds a value aiockpt cannot store safely
+     ├── UnsupportedStateError     a state_dict holds a value aiockpt cannot store safely
+     └── ConversionError           an import or export was refused (``hint`` says what to do)
 
 Every message names what was wrong and what to do about it.
 """
@@ -26,6 +27,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointInProgressError",
     "ConfigError",
+    "ConversionError",
     "CorruptCheckpointError",
     "DirectoryLockedError",
     "NoCheckpointError",
@@ -77,3 +79,12 @@ class WorldSizeError(RestoreError):
 
 class UnsupportedStateError(AiockptError, TypeError):
     """A state_dict holds a value that aiockpt cannot store without pickling."""
+
+
+class ConversionError(AiockptError):
+    """An import or export was refused: its source is unreadable or unsafe to read, or the
+    target format cannot hold the state. ``hint`` says what to do instead."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint

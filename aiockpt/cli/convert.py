@@ -4,15 +4,14 @@ Exports read (and verify) the checkpoint like ``aiockpt.load`` does and write th
 format next to its destination first, renaming it into place at the end, so an
 interrupted export never leaves a half-written file under the name asked for.
 
-Imports never run code from the file they read: torch files are loaded with
-``weights_only=True``; safetensors has no code to run; for DCP, whose metadata file is a
-pickle, the metadata is read through an unpickler that only admits DCP's own metadata
-classes, and non-tensor values with ``weights_only=True``.
+Imports read their source as hostile input (``foreign``, ``foreign_dcp``: nothing runs,
+nothing outside the source is opened, nothing blocks, nothing is allocated beyond what the
+files hold), write it with the same writer training uses, and read the result back the way
+``aiockpt.load`` does before reporting success.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import secrets
@@ -21,14 +20,24 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 
-from .._engine.capture.flatten import tensor_paths
+from .._engine.capture.flatten import dtype_name, tensor_paths
 from .._engine.reader import read_checkpoint, read_manifest
-from .._format.manifest import Manifest
-from .._util.console import CliError
+from .._format.manifest import Manifest, TensorRecord
+from .._util.console import note
+from ..errors import AiockptError, ConversionError, UnsupportedStateError
+from ..storage.local import (
+    LATEST_NAME,
+    CheckpointInfo,
+    CheckpointStore,
+    list_checkpoints,
+    step_dir_name,
+)
+from .foreign import read_safetensors, read_torch, refused_global, tied_keys_left_out
+from .foreign_dcp import read_dcp
 from .scan import resolve_checkpoint
 
 __all__ = ["FORMATS", "export_checkpoint", "import_checkpoint", "run_export", "run_import"]
@@ -73,16 +82,16 @@ def _temporary_next_to(out: Path) -> Path:
 
 def _check_destination(out: Path, force: bool) -> None:
     if out.exists() and not force:
-        raise CliError(f"{out} already exists", hint="choose another name, or pass --force")
+        raise ConversionError(f"{out} already exists", hint="choose another name, or pass --force")
     if not out.parent.is_dir():
-        raise CliError(f"{out.parent}: no such directory", hint="create it first")
+        raise ConversionError(f"{out.parent}: no such directory", hint="create it first")
 
 
 def _tensors_of(manifest: Manifest, keys: list[str]) -> set[str]:
     """Names of the tensors reachable from ``keys``, so that only their bytes are read."""
     missing = [k for k in keys if k not in manifest.state]
     if missing:
-        raise CliError(
+        raise ConversionError(
             f"the checkpoint has no top-level key {', '.join(map(repr, missing))}",
             hint=f"it holds: {', '.join(manifest.state)}",
         )
@@ -99,7 +108,7 @@ def _flat_tensors(value: Any, prefix: str, out: dict[str, torch.Tensor]) -> int:
     skipped = 0
     if isinstance(value, torch.Tensor):
         if prefix in out:
-            raise CliError(
+            raise ConversionError(
                 f"two tensors flatten to the same name {prefix!r}",
                 hint="export fewer keys (--key), or use --to torch or --to dcp",
             )
@@ -115,11 +124,68 @@ def _flat_tensors(value: Any, prefix: str, out: dict[str, torch.Tensor]) -> int:
     return skipped
 
 
+def _check_safetensors_installed() -> None:
+    try:
+        import safetensors  # noqa: F401
+    except ImportError as exc:
+        raise ConversionError(
+            "--to safetensors needs the safetensors package", _SAFETENSORS_HINT
+        ) from exc
+    try:
+        import numpy  # noqa: F401  (safetensors.torch writes tensors through it)
+    except ImportError as exc:
+        raise ConversionError(
+            "--to safetensors needs numpy, which safetensors writes tensors with",
+            hint="install it: pip install numpy (or use --to torch)",
+        ) from exc
+
+
+# The dtypes of the safetensors format, for a safetensors that does not list its own.
+_SAFETENSORS_DTYPES = frozenset(
+    getattr(torch, name, None)
+    for name in [
+        "bool",
+        "uint8",
+        "int8",
+        "int16",
+        "uint16",
+        "int32",
+        "uint32",
+        "int64",
+        "uint64",
+        "float16",
+        "bfloat16",
+        "float32",
+        "float64",
+        "complex64",
+        "float8_e4m3fn",
+        "float8_e5m2",
+    ]
+) - {None}
+
+
+def _check_safetensors_dtypes(records: list[TensorRecord]) -> None:
+    """Refuse tensors whose dtype the safetensors format has no name for, naming them."""
+    import safetensors.torch
+
+    known = getattr(safetensors.torch, "_SIZE", None)
+    supported = set(known) if isinstance(known, dict) else _SAFETENSORS_DTYPES
+    for record in records:
+        if record.dtype not in supported:
+            raise ConversionError(
+                f"tensor {record.name!r} is {dtype_name(record.dtype)}, which safetensors "
+                "cannot hold; nothing was written",
+                hint="export to torch instead (--to torch), or leave that key out with --key",
+            )
+
+
 def _export_safetensors(state: dict[str, Any], out: Path, step: int) -> dict[str, Any]:
     try:
         from safetensors.torch import save_file
     except ImportError as exc:
-        raise CliError("--to safetensors needs the safetensors package", _SAFETENSORS_HINT) from exc
+        raise ConversionError(
+            "--to safetensors needs the safetensors package", _SAFETENSORS_HINT
+        ) from exc
     flat: dict[str, torch.Tensor] = {}
     # One key: its names are the module's own ("fc1.weight"), so that
     # model.load_state_dict(safetensors.torch.load_file(OUT)) works; several keep theirs.
@@ -128,7 +194,7 @@ def _export_safetensors(state: dict[str, Any], out: Path, step: int) -> dict[str
     else:
         skipped = _flat_tensors(state, "", flat)
     if not flat:
-        raise CliError(
+        raise ConversionError(
             f"no tensors under {', '.join(state)}", hint="pick keys that hold tensors with --key"
         )
     seen: set[int] = set()
@@ -145,6 +211,22 @@ def _export_safetensors(state: dict[str, Any], out: Path, step: int) -> dict[str
     finally:
         temporary.unlink(missing_ok=True)
     return {"tensors": len(flat), "skipped_values": skipped}
+
+
+def _check_loads_weights_only(written: Path, out: Path) -> None:
+    """Refuse to publish a torch export that ``torch.load(weights_only=True)`` refuses.
+
+    mmap: only the pickled structure is read, not the tensors' bytes.
+    """
+    try:
+        torch.load(written, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        what = refused_global(exc) or "a value"
+        raise ConversionError(
+            f"{out}: not written: the state holds {what}, which torch.load(weights_only=True) "
+            "refuses",
+            hint="export to dcp or safetensors instead, or leave that key out with --key",
+        ) from exc
 
 
 def _export_dcp(state: dict[str, Any], out: Path, threads: int) -> dict[str, Any]:
@@ -188,16 +270,16 @@ def export_checkpoint(
     """Write checkpoint ``path`` as format ``to`` at ``out``; a JSON-ready summary."""
     _check_destination(out, force)
     if to == "safetensors":
-        try:
-            import safetensors  # noqa: F401  (fail before reading gigabytes)
-        except ImportError as exc:
-            raise CliError(
-                "--to safetensors needs the safetensors package", _SAFETENSORS_HINT
-            ) from exc
+        _check_safetensors_installed()
     manifest = read_manifest(path)
     if to == "safetensors" and not keys:
         keys = ["model"] if "model" in manifest.state else None
     wanted = _tensors_of(manifest, keys) if keys else None
+    if to == "safetensors":
+        # Before reading gigabytes, and before anything is written.
+        _check_safetensors_dtypes(
+            [t for t in manifest.tensors if wanted is None or t.name in wanted]
+        )
     loaded = read_checkpoint(
         path,
         select=None if wanted is None else (lambda record: record.name in wanted),
@@ -217,6 +299,7 @@ def export_checkpoint(
         temporary = _temporary_next_to(out)
         try:
             torch.save(state, temporary)
+            _check_loads_weights_only(temporary, out)
             os.replace(temporary, out)
         finally:
             temporary.unlink(missing_ok=True)
@@ -225,84 +308,11 @@ def export_checkpoint(
     elif to == "dcp":
         report.update(_export_dcp(state, out, threads))
     else:
-        raise CliError(f"unknown format {to!r}", hint=f"use one of {', '.join(FORMATS)}")
+        raise ConversionError(f"unknown format {to!r}", hint=f"use one of {', '.join(FORMATS)}")
     return report
 
 
 # -- import -----------------------------------------------------------------------------------
-
-
-class _DcpMetadataUnpickler(pickle.Unpickler):
-    """DCP's ``.metadata`` is a pickle; admit only the classes DCP itself puts there."""
-
-    _ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset(
-        {
-            ("torch", "Size"),
-            ("torch.serialization", "_get_layout"),
-            ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-            ("pathlib", "Path"),
-            ("pathlib", "PosixPath"),
-            ("pathlib", "WindowsPath"),
-            ("collections", "OrderedDict"),
-        }
-    )
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._ALLOWED or module == "torch.distributed.checkpoint.metadata":
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(
-            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
-        ):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(
-            f"DCP metadata names {module}.{name}, which a checkpoint's metadata never needs"
-        )
-
-
-def _read_dcp(source: Path) -> dict[str, Any]:
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    try:
-        from torch.distributed.checkpoint._traverse import set_element
-    except ImportError:  # pragma: no cover - moved in some torch release
-        set_element = None  # type: ignore[assignment]
-
-    class SafeReader(FileSystemReader):
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-            with open(Path(self.path) / ".metadata", "rb") as file:
-                metadata = _DcpMetadataUnpickler(file).load()
-            if not isinstance(metadata, Metadata):
-                raise pickle.UnpicklingError(".metadata does not hold DCP Metadata")
-            storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
-            storage_meta.load_id = self.load_id
-            metadata.storage_meta = storage_meta
-            return metadata
-
-    class SafePlanner(_EmptyStateDictLoadPlanner):
-        # DCP loads non-tensor values with weights_only=False (arbitrary code); not here.
-        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
-            obj = torch.load(value, weights_only=True)
-            fqn = read_item.dest_index.fqn
-            if self.flatten_state_dict and set_element is not None:
-                set_element(self.original_state_dict, self.mappings[fqn], obj)
-            else:
-                self.state_dict[fqn] = obj
-
-    if not (source / ".metadata").is_file():
-        raise CliError(
-            f"{source}: not a torch.distributed.checkpoint directory (no .metadata)",
-            hint="pass the directory that dcp.save wrote",
-        )
-    state: dict[str, Any] = {}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        _load_state_dict(
-            state, storage_reader=SafeReader(source), planner=SafePlanner(), no_dist=True
-        )
-    return _optimizer_keys_as_ints(state)
 
 
 def _optimizer_keys_as_ints(node: Any) -> Any:
@@ -340,33 +350,24 @@ def _as_groups(obj: Any, key: str | None) -> dict[str, Any]:
     return {"model": obj}
 
 
-_WRITERS = {
-    "torch": "torch.save",
-    "safetensors": "safetensors.torch.save_file",
-    "dcp": "torch.distributed.checkpoint.save",
-}
-
-
-def _read_foreign(source: Path, fmt: str, key: str | None) -> dict[str, Any]:
+def _read_foreign(source: Path, fmt: str) -> Any:
     if fmt == "torch":
-        return _as_groups(torch.load(source, map_location="cpu", weights_only=True), key)
+        return read_torch(source)
     if fmt == "safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError as exc:
-            raise CliError(
-                "--from safetensors needs the safetensors package", _SAFETENSORS_HINT
-            ) from exc
-        try:
-            tensors = load_file(str(source))
-        except Exception as exc:  # SafetensorError derives from Exception only
-            raise CliError(
-                f"{source}: cannot be read as safetensors: {exc}",
-                hint="check that it was written by safetensors, or pick the right --from",
-            ) from exc
-        # A flat {name: tensor} file is one module's weights: saved under one key.
-        return {key or "model": tensors}
-    return _as_groups(_read_dcp(source), key)
+        return read_safetensors(source)
+    return _optimizer_keys_as_ints(read_dcp(source))
+
+
+def _check_top_level(groups: dict[str, Any], source: Path) -> None:
+    """Top-level keys become the keyword names a Checkpointer restores by; refuse those that
+    cannot be such a name before anything is written."""
+    for name in groups:
+        if not isinstance(name, str) or not name or name.startswith("$") or "/" in name:
+            raise ConversionError(
+                f"{source}: top-level key {name!r} cannot name a checkpointed object "
+                "(it must be a non-empty string without '/' that does not start with '$')",
+                hint="put everything under one name with --key NAME",
+            )
 
 
 class _Holder:
@@ -393,48 +394,96 @@ def import_checkpoint(
     threads: int = 8,
 ) -> dict[str, Any]:
     """Write the state in ``source`` as checkpoint ``step`` of ``directory``."""
-    from ..checkpointer import SyncCheckpointer
-    from ..config import Config
-
-    if not source.exists():
-        raise CliError(f"{source}: no such file or directory", hint="check the path")
-    target = directory / f"step-{step}"
+    if fmt not in FORMATS:
+        raise ConversionError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
+    if not os.path.lexists(source):
+        raise ConversionError(f"{source}: no such file or directory", hint="check the path")
+    target = directory / step_dir_name(step)
     if target.exists() and not force:
-        raise CliError(
+        raise ConversionError(
             f"{target} already exists",
             hint="pick another --step, or pass --force to replace it",
         )
-    if fmt not in FORMATS:
-        raise CliError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
-    try:
-        groups = _read_foreign(source, fmt, key)
-    except CliError:
-        raise
-    except pickle.UnpicklingError as exc:
-        raise CliError(
-            f"{source}: holds objects beyond tensors and plain containers, so it cannot be "
-            f"loaded safely: {str(exc).splitlines()[0]}",
-            hint="re-save it from Python as plain state_dicts, e.g. "
-            "torch.save({'model': model.state_dict()}, path)",
-        ) from exc
-    except (RuntimeError, ValueError, OSError, EOFError, KeyError) as exc:
-        raise CliError(
-            f"{source}: cannot be read as {fmt}: {str(exc).strip().splitlines()[0]}",
-            hint=f"check that it was written by {_WRITERS[fmt]}, or pick the right --from",
-        ) from exc
-    # keep_last=None: importing must never prune the checkpoints already there.
-    config = Config(directory=directory, keep_last=None, num_threads=max(1, threads))
-    holders = {name: _Holder(value) for name, value in groups.items()}
-    with SyncCheckpointer(config, **holders) as writer:
-        info = writer.checkpoint(step).wait()
+    loaded = _read_foreign(source, fmt)
+    groups = _as_groups(loaded, key)
+    _check_top_level(groups, source)
+    keys = list(groups)
+    tied = tied_keys_left_out(source, list(loaded)) if fmt == "safetensors" else {}
+    info = _write_imported(groups, source, step, directory, threads)
+    del loaded, groups  # the read-back below holds a whole state again: not two at once
+    if info is None:  # only a writer that skips under backpressure returns none
+        raise ConversionError(f"{target} was not written: the writer skipped it", hint="run again")
+    written = info.path
+    _verify_written(written)
     return {
         "source": str(source),
         "format": fmt,
         "step": step,
-        "checkpoint": str(info.path if info else target),
-        "nbytes": info.nbytes if info else None,
-        "keys": list(groups),
+        "checkpoint": str(written),
+        "nbytes": info.nbytes,
+        "keys": keys,
+        "tied_keys_missing": [
+            {"key": name, "tied_to": embedding, "under": keys[0]}
+            for name, embedding in tied.items()
+        ],
     }
+
+
+def _write_imported(
+    groups: dict[str, Any], source: Path, step: int, directory: Path, threads: int
+) -> CheckpointInfo | None:
+    """Save ``groups`` as checkpoint ``step`` with the writer training uses."""
+    from ..checkpointer import SyncCheckpointer
+    from ..config import Config
+
+    # keep_last=None: importing must never prune the checkpoints already there.
+    config = Config(directory=directory, keep_last=None, num_threads=max(1, threads))
+    holders = {name: _Holder(value) for name, value in groups.items()}
+    try:
+        with SyncCheckpointer(config, **holders) as writer:
+            return writer.checkpoint(step).wait()
+    except UnsupportedStateError as exc:
+        raise ConversionError(
+            f"{source}: {exc}", hint="re-save the file without that value, or convert it"
+        ) from exc
+    except RecursionError as exc:
+        raise ConversionError(
+            f"{source}: its state nests too deep to be saved",
+            hint="re-save it with flatter containers",
+        ) from exc
+
+
+def _verify_written(path: Path) -> None:
+    """Read back what an import wrote the way ``aiockpt.load`` does; withdraw it if refused.
+
+    An import must not report success for a checkpoint that restore would then refuse (or
+    silently skip for an older one).
+    """
+    try:
+        read_checkpoint(path, verify=True).state("cpu")
+    except AiockptError as exc:
+        _withdraw(path)
+        raise ConversionError(
+            f"the imported checkpoint fails to load back, so it was removed: {exc}",
+            hint="re-save the source with plain state_dicts, or put it under --key NAME",
+        ) from exc
+
+
+def _withdraw(path: Path) -> None:
+    """Delete checkpoint ``path`` under its directory's lock, and point ``latest`` at the
+    newest one left (or remove it), so that nothing names what is gone."""
+    store = CheckpointStore(path.parent, durable=True)
+    store.open()
+    try:
+        store.remove(path)
+        if store.latest_name() == path.name:
+            remaining = list_checkpoints(path.parent)
+            if remaining:
+                store.point_latest(remaining[-1].path.name)
+            else:
+                (path.parent / LATEST_NAME).unlink(missing_ok=True)
+    finally:
+        store.close()
 
 
 def run_export(args: Any) -> int:
@@ -482,5 +531,15 @@ def run_import(args: Any) -> int:
         print(
             f"imported {report['source']} ({', '.join(report['keys'])}) as "
             f"{report['checkpoint']} ({size})"
+        )
+    for tie in report["tied_keys_missing"]:
+        # stderr, also with --json (where the same facts are a field): restore() would fail.
+        key, tied_to = tie["key"], tie["tied_to"]
+        note(
+            f"warning: {key} is not in {report['source']}: its config.json ties it to "
+            f"{tied_to} (tie_word_embeddings), and restore() will fail on the missing "
+            f"{tie['under']}/{key}; to import it tied: sd = safetensors.torch.load_file(SRC); "
+            f"sd[{key!r}] = sd[{tied_to!r}]; torch.save(sd, 'tied.pt'), then import tied.pt "
+            "with --from torch"
         )
     return 0

@@ -93,10 +93,13 @@ formats:
                ("fc1.weight"), for model.load_state_dict(safetensors.torch.load_file(OUT)).
                With several --key, names start with the key ("optimizer.state.0.exp_avg").
                Non-tensor values are left out. Needs: pip install 'aiockpt[export]'.
+               A dtype safetensors has no name for (complex128, bits8, ...) is refused,
+               naming the tensor, before anything is written.
   dcp          a torch.distributed.checkpoint directory, for dcp.load(state, checkpoint_id=OUT).
 
 The checkpoint is read and verified first; OUT is written under a temporary name and renamed
-into place, and an existing OUT is replaced only with --force.
+into place, and an existing OUT is replaced only with --force. A torch export is renamed into
+place only once torch.load(weights_only=True) has read it back.
 
 examples:
   aiockpt export checkpoints/step-100 --to torch state.pt
@@ -112,10 +115,20 @@ so it is committed atomically), without pruning what DIR already holds.
 top-level keys: a torch file holding a dict of state_dicts ({{"model": ..., "optimizer": ...}})
 keeps its keys; a bare state_dict ({{"fc1.weight": tensor, ...}}) and a safetensors file go
 under "model"; --key NAME puts everything under NAME. These keys are the keyword names to
-give the Checkpointer that restores it: Checkpointer(cfg, model=model).
+give the Checkpointer that restores it: Checkpointer(cfg, model=model). A key that cannot
+be one (empty, starting with "$", containing "/") is refused: put everything under --key NAME.
 
-Nothing in SRC is executed: torch files load with weights_only=True, DCP metadata through
-a restricted unpickler.
+SRC is read as hostile input. Nothing in it is executed: torch files load with
+weights_only=True (and only in torch.save's zip format), DCP metadata through an unpickler
+that admits exactly DCP's own metadata classes. Only regular files are read (a FIFO is
+refused, not waited on); DCP data files must be plain relative paths inside SRC, and every
+declared byte range must lie within its file. The new checkpoint is read back and checked
+like `aiockpt.load` does before the import reports success.
+
+tied weights: save_pretrained leaves a head tied to the input embedding (lm_head.weight)
+out of model.safetensors. When config.json next to it says the weights are tied
+(tie_word_embeddings, true unless set), import warns on stderr and lists the key under
+"tied_keys_missing" with --json: restoring into the model will report it missing.
 
 examples:
   aiockpt import state.pt --from torch --step 0 checkpoints
@@ -380,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     except DirectoryLockedError as exc:
         _fail(args.command, str(exc), None)  # its message already says what to do
     except AiockptError as exc:
-        _fail(args.command, str(exc), None)
+        _fail(args.command, str(exc), getattr(exc, "hint", None))
     except OSError as exc:
         _fail(args.command, str(exc), "check the path and its permissions")
     except KeyboardInterrupt:
