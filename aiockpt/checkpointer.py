@@ -32,6 +32,7 @@ from .errors import (
     BackgroundError,
     CheckpointError,
     CheckpointInProgressError,
+    ConfigError,
     CorruptCheckpointError,
     NoCheckpointError,
     RestoreError,
@@ -52,7 +53,7 @@ from .runtime import CallerLoop, MonitorLoop, PrivateLoop, Runtime
 from .sharding import RankShare, Replicated, object_kinds, optimizer_parameters
 from .staging import CaptureGuard, Capturer, Snapshot, choose_staging
 from .stateful import Stateful
-from .store import CheckpointInfo, CheckpointStore, list_checkpoints
+from .store import MAX_STEP, CheckpointInfo, CheckpointStore, list_checkpoints
 
 __all__ = ["CheckpointHandle", "Checkpointer", "SyncCheckpointHandle", "SyncCheckpointer"]
 
@@ -280,8 +281,13 @@ class _Core:
     def check_can_checkpoint(self, step: int) -> None:
         if self.closed:
             raise CheckpointError("this Checkpointer is closed; create a new one")
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_STEP:
+            # Checked before anything is captured, committed or deleted: a step the format
+            # cannot hold would be committed as a checkpoint that no reader accepts.
+            raise ConfigError(
+                f"step must be an int from 0 to {MAX_STEP} (2**63 - 1, what the checkpoint "
+                f"format holds), got {step!r}; pass the training step counter"
+            )
         self.raise_failures()
         if step in self._in_flight and not self._in_flight[step].done():
             raise CheckpointInProgressError(
@@ -724,6 +730,8 @@ async def _restore(
         if error is not None:
             raise error
         core.apply(state, request)
+        # The run goes on from here: its next commit supersedes the steps above this one.
+        core.store.resumed_from(info.step)
         return info.step
     if tried:
         raise CorruptCheckpointError(

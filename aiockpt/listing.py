@@ -7,8 +7,6 @@ parses and passes its own checksum, and every data file has the size the manifes
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -22,36 +20,26 @@ from .console import (
 )
 from .dirscan import WriterState, committed_checkpoints, probe_writer, scan_leftovers
 from .errors import AiockptError
-from .manifest import MANIFEST_NAME, Manifest
-from .reader import read_manifest
-from .store import LATEST_NAME, CheckpointInfo
+from .manifest import Manifest
+from .reader import read_manifest, validate_checkpoint
+from .store import CheckpointInfo, read_latest
 from .verify import verify_checkpoints
 
 __all__ = ["list_directory", "run"]
 
 
 def _quick_check(info: CheckpointInfo) -> tuple[Manifest | None, list[str]]:
-    """Manifest and file sizes only: a torn or half-deleted checkpoint shows up, cheaply."""
+    """The checks restore makes before reading tensor bytes (``validate_checkpoint``):
+    a forged, torn or half-deleted checkpoint shows up, cheaply."""
     try:
-        manifest = read_manifest(info.path)
+        return validate_checkpoint(info.path), []
     except AiockptError as exc:
-        return None, [f"{MANIFEST_NAME}: {exc}"]
-    problems = []
-    if manifest.step != info.step:
-        problems.append(f"directory says step {info.step} but the manifest says {manifest.step}")
-    for record in manifest.files:
+        # Still describe it from its manifest when that alone is fine.
         try:
-            st = os.lstat(info.path / record.name)
-        except FileNotFoundError:
-            problems.append(f"{record.name}: file is missing")
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            problems.append(f"{record.name}: is not a regular file")
-        elif st.st_size != record.nbytes:
-            problems.append(
-                f"{record.name}: file holds {st.st_size} bytes, the manifest says {record.nbytes}"
-            )
-    return manifest, problems
+            manifest: Manifest | None = read_manifest(info.path)
+        except AiockptError:
+            manifest = None
+        return manifest, [str(exc)]
 
 
 def list_directory(
@@ -60,10 +48,7 @@ def list_directory(
     """The ``ls`` report as a JSON-ready dict."""
     committed = committed_checkpoints(root)
     writer = probe_writer(root)
-    try:
-        latest = (root / LATEST_NAME).read_text().strip() or None
-    except (FileNotFoundError, UnicodeDecodeError):
-        latest = None
+    latest = read_latest(root)  # a hint: anything odd about it reads as none
     rows = []
     for info in committed:
         manifest, problems = _quick_check(info)
