@@ -143,9 +143,9 @@ class Leftover:
             )
         if self.kind == "superseded":
             return (
-                f"step-{self.step} moved aside: a run resumed from an older step and "
-                "committed, which supersedes it; readers ignore it, the run deletes it once "
-                f"past step {self.step}, `aiockpt prune` deletes it now"
+                f"step-{self.step}, superseded: a run resumed from an older step has "
+                "committed since; readers ignore it, the run deletes it once past step "
+                f"{self.step}, `aiockpt prune` deletes it now"
             )
         if self.kind == "no-manifest":
             return "step directory without manifest.json: not a checkpoint, readers ignore it"

@@ -361,6 +361,16 @@ class CheckpointStore:
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
         self._last_committed = step
+        try:
+            # Before anything is moved aside, so that `latest` never names a step that
+            # is gone (forced: after a restore it moves back below superseded steps).
+            self.point_latest(final.name, force=self._resumed_from is not None)
+        except OSError as exc:
+            # Committed and durable already; `latest` is only a hint for tools, so a disk
+            # too full for it must not report this checkpoint as failed (nor stop retention).
+            logger.warning(
+                "aiockpt: %s is committed, but %s was not updated: %s", final, LATEST_NAME, exc
+            )
         resumed, self._resumed_from = self._resumed_from, None
         if resumed is not None:
             try:
@@ -370,14 +380,6 @@ class CheckpointStore:
                 # commit; meanwhile restore still falls back past a corrupt step.
                 logger.warning("aiockpt: %s is committed; steps above it stay: %s", final, exc)
                 self._resumed_from = resumed
-        try:
-            self.point_latest(final.name, force=True)
-        except OSError as exc:
-            # Committed and durable already; `latest` is only a hint for tools, so a disk
-            # too full for it must not report this checkpoint as failed (nor stop retention).
-            logger.warning(
-                "aiockpt: %s is committed, but %s was not updated: %s", final, LATEST_NAME, exc
-            )
         return final
 
     def _supersede_above(self, floor: int, keep: int) -> None:
