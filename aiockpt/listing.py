@@ -52,6 +52,8 @@ def list_directory(
     rows = []
     for info in committed:
         manifest, problems = _quick_check(info)
+        # Renamed away by a live writer's retention while we looked: gone, not corrupt.
+        vanished = bool(problems) and not info.path.exists()
         rows.append(
             {
                 "step": info.step,
@@ -63,15 +65,19 @@ def list_directory(
                 "tensors": len(manifest.tensors) if manifest else None,
                 "files": len(manifest.files) if manifest else None,
                 "keys": list(manifest.state) if manifest else None,
-                "status": "corrupt" if problems else "unverified",
-                "valid": False if problems else None,
+                "status": "removed" if vanished else "corrupt" if problems else "unverified",
+                "valid": False if problems and not vanished else None,
                 "latest": info.path.name == latest,
-                "problems": problems,
+                "problems": [] if vanished else problems,
             }
         )
     if verify:
         # Those already found corrupt by the quick check need no reading.
-        todo = [(r, i) for r, i in zip(rows, committed, strict=True) if r["valid"] is None]
+        todo = [
+            (r, i)
+            for r, i in zip(rows, committed, strict=True)
+            if r["valid"] is None and r["status"] != "removed"
+        ]
         with byte_progress(0, "verifying", enabled=progress) as count:
             paths = [info.path for _, info in todo]
             verdicts = verify_checkpoints(
