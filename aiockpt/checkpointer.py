@@ -285,8 +285,8 @@ class _Core:
             # Checked before anything is captured, committed or deleted: a step the format
             # cannot hold would be committed as a checkpoint that no reader accepts.
             raise ConfigError(
-                f"step must be an int from 0 to {MAX_STEP} (2**63 - 1, what the checkpoint "
-                f"format holds), got {step!r}; pass the training step counter"
+                f"step must be a non-negative int, at most {MAX_STEP} (2**63 - 1, what the "
+                f"checkpoint format holds), got {step!r}; pass the training step counter"
             )
         self.raise_failures()
         if step in self._in_flight and not self._in_flight[step].done():
