@@ -50,6 +50,7 @@ from .errors import (
     BackgroundError,
     CheckpointError,
     CheckpointInProgressError,
+    ConfigError,
     CorruptCheckpointError,
     NoCheckpointError,
     RestoreError,
@@ -58,7 +59,7 @@ from .errors import (
 )
 from .metrics import CheckpointerStats, CheckpointMetrics
 from .stateful import Stateful
-from .storage.local import CheckpointInfo, CheckpointStore, list_checkpoints
+from .storage.local import MAX_STEP, CheckpointInfo, CheckpointStore, list_checkpoints
 
 __all__ = ["CheckpointHandle", "Checkpointer", "SyncCheckpointHandle", "SyncCheckpointer"]
 
@@ -286,8 +287,13 @@ class _Core:
     def check_can_checkpoint(self, step: int) -> None:
         if self.closed:
             raise CheckpointError("this Checkpointer is closed; create a new one")
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_STEP:
+            # Checked before anything is captured, committed or deleted: a step the format
+            # cannot hold would be committed as a checkpoint that no reader accepts.
+            raise ConfigError(
+                f"step must be a non-negative int, at most {MAX_STEP} (2**63 - 1, what the "
+                f"checkpoint format holds), got {step!r}; pass the training step counter"
+            )
         self.raise_failures()
         if step in self._in_flight and not self._in_flight[step].done():
             raise CheckpointInProgressError(
@@ -730,6 +736,8 @@ async def _restore(
         if error is not None:
             raise error
         core.apply(state, request)
+        # The run goes on from here: its next commit supersedes the steps above this one.
+        core.store.resumed_from(info.step)
         return info.step
     if tried:
         raise CorruptCheckpointError(

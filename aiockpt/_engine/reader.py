@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from .._format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, TensorRecord
+from .._format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileRecord, Manifest, TensorRecord
 from ..errors import CorruptCheckpointError, NoCheckpointError
-from ..storage.fileio import read_exact
+from ..storage.fileio import NotRegularFileError, open_regular, read_exact
 from ..storage.local import parse_step_dir
 from .capture.flatten import SavedShards, unflatten_state
 from .restore_io import (
@@ -36,7 +36,20 @@ from .restore_io import (
     plan_segments,
 )
 
-__all__ = ["LoadedCheckpoint", "Placement", "load", "read_checkpoint", "read_manifest"]
+__all__ = [
+    "LoadedCheckpoint",
+    "OpenCheckpoint",
+    "Placement",
+    "check_data_size",
+    "check_step",
+    "load",
+    "open_checkpoint",
+    "open_checkpoint_file",
+    "open_data_file",
+    "read_checkpoint",
+    "read_manifest",
+    "validate_checkpoint",
+]
 
 MapLocation = str | torch.device | None
 TensorFilter = Callable[[TensorRecord], bool]
@@ -44,30 +57,42 @@ TensorFilter = Callable[[TensorRecord], bool]
 Placement = Callable[[TensorRecord], str | torch.device]
 
 
-def _open_regular(path: Path) -> tuple[int, int]:
-    """Open ``path`` read-only without following links; (fd, size).
-
-    O_NONBLOCK: a FIFO planted under a data file's name would otherwise block open()
-    forever; this way it is opened at once and refused as not a regular file.
-    """
+def open_checkpoint_file(path: Path) -> tuple[int, int]:
+    """Open a file of a checkpoint read-only, never following a link or blocking on a
+    FIFO; (fd, size). Whatever stands in the way makes the checkpoint corrupt."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd, info = open_regular(path)
     except FileNotFoundError as exc:
         raise CorruptCheckpointError(f"{path}: file is missing") from exc
+    except NotRegularFileError as exc:
+        raise CorruptCheckpointError(f"{path}: {exc.strerror}") from exc
     except OSError as exc:
         raise CorruptCheckpointError(f"{path}: cannot be opened safely ({exc.strerror})") from exc
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise CorruptCheckpointError(f"{path}: is not a regular file")
     return fd, info.st_size
 
 
+def _check_directory(directory: Path) -> None:
+    try:
+        info = os.lstat(directory)
+    except FileNotFoundError as exc:
+        raise NoCheckpointError(f"{directory}: no such checkpoint directory") from exc
+    except OSError as exc:
+        raise CorruptCheckpointError(f"{directory}: cannot be looked at ({exc.strerror})") from exc
+    if stat.S_ISREG(info.st_mode):
+        raise NoCheckpointError(
+            f"{directory} is a file, not a checkpoint directory; `aiockpt import` brings a "
+            "torch.save, safetensors or DCP checkpoint in"
+        )
+    if not stat.S_ISDIR(info.st_mode) and not stat.S_ISLNK(info.st_mode):
+        raise CorruptCheckpointError(f"{directory}: is not a directory")
+
+
 def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
+    """The parsed manifest of a checkpoint directory (every file it names unchecked: see
+    ``validate_checkpoint``)."""
     path = Path(directory) / MANIFEST_NAME
-    if not Path(directory).is_dir():
-        raise NoCheckpointError(f"{directory}: no such checkpoint directory")
-    fd, size = _open_regular(path)
+    _check_directory(Path(directory))
+    fd, size = open_checkpoint_file(path)
     try:
         if size > MAX_MANIFEST_BYTES:
             raise CorruptCheckpointError(
@@ -82,6 +107,82 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
     finally:
         os.close(fd)
     return Manifest.parse(bytes(raw), str(path))
+
+
+@dataclass
+class OpenCheckpoint:
+    """A checkpoint that passed every check short of reading tensor bytes, with its data
+    files open (checked on the open descriptors, so nothing can be swapped in after)."""
+
+    path: Path
+    manifest: Manifest
+    fds: dict[str, int]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def __enter__(self) -> OpenCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_checkpoint(directory: str | os.PathLike[str]) -> OpenCheckpoint:
+    """The one validation every reader and tool goes through before reading tensor bytes.
+
+    The manifest passes ``Manifest.parse``; its step equals the directory's ``step-<N>``;
+    every data file it lists is a regular file (no symlink, FIFO or device) whose size
+    equals the manifest's ``nbytes``, checked before anything is read or allocated.
+    Any failure is a CorruptCheckpointError (NoCheckpointError when nothing is there).
+    """
+    path = Path(directory)
+    manifest = read_manifest(path)
+    check_step(path, manifest)
+    opened = OpenCheckpoint(path, manifest, {})
+    try:
+        for record in manifest.files:
+            opened.fds[record.name] = open_data_file(path, record)
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
+def check_step(path: Path, manifest: Manifest) -> None:
+    """A checkpoint's manifest must hold the step its ``step-<N>`` directory names."""
+    named_step = parse_step_dir(path.name)
+    if named_step is not None and named_step != manifest.step:
+        raise CorruptCheckpointError(
+            f"{path}: directory says step {named_step} but its manifest says {manifest.step}"
+        )
+
+
+def open_data_file(path: Path, record: FileRecord) -> int:
+    """One data file, opened safely and of exactly the size the manifest lists."""
+    fd, size = open_checkpoint_file(path / record.name)
+    try:
+        check_data_size(path, record, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_data_size(path: Path, record: FileRecord, size: int) -> None:
+    if size != record.nbytes:
+        raise CorruptCheckpointError(
+            f"{path / record.name}: file holds {size} bytes, the manifest says "
+            f"{record.nbytes} (truncated, overwritten or replaced)"
+        )
+
+
+def validate_checkpoint(directory: str | os.PathLike[str]) -> Manifest:
+    """``open_checkpoint`` for a verdict alone: the manifest when the checkpoint passes."""
+    with open_checkpoint(directory) as opened:
+        return opened.manifest
 
 
 @dataclass
@@ -212,33 +313,18 @@ def read_checkpoint(
     ring is pinned for this read). A tensor for which the device lacks free memory is read
     into CPU memory instead.
     """
-    path = Path(directory)
-    manifest = read_manifest(path)
-    if rank_select is not None:
-        select = rank_select(manifest, select)
-    named_step = parse_step_dir(path.name)
-    if named_step is not None and named_step != manifest.step:
-        raise CorruptCheckpointError(
-            f"{path}: directory says step {named_step} but its manifest says {manifest.step}"
-        )
-    wanted = [i for i, t in enumerate(manifest.tensors) if select is None or select(t)]
-    loaded = LoadedCheckpoint(manifest, path, {})
-    fds: dict[str, int] = {}
-    try:
-        for record in manifest.files:
-            fd, size = _open_regular(path / record.name)
-            fds[record.name] = fd
-            if size != record.nbytes:
-                raise CorruptCheckpointError(
-                    f"{path / record.name}: file holds {size} bytes, the manifest says "
-                    f"{record.nbytes} (truncated or overwritten)"
-                )
+    with open_checkpoint(directory) as opened:
+        path, manifest = opened.path, opened.manifest
+        if rank_select is not None:
+            select = rank_select(manifest, select)
+        wanted = [i for i, t in enumerate(manifest.tensors) if select is None or select(t)]
+        loaded = LoadedCheckpoint(manifest, path, {})
         destinations = _allocate(manifest.tensors, _devices(manifest.tensors, wanted, place))
-        reader = SegmentReader(path, manifest.tensors, fds, destinations, verify)
-        _read_segments(reader, threads, pinned)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+        reader = SegmentReader(path, manifest.tensors, opened.fds, destinations, verify)
+        try:
+            _read_segments(reader, threads, pinned)
+        except OSError as exc:  # whatever the reads hit, it is this checkpoint that failed
+            raise CorruptCheckpointError(f"{path}: cannot be read ({exc})") from exc
     for index in wanted:
         tensor = manifest.tensors[index]
         loaded.tensors[index] = destinations[index].view(tensor.dtype).view(tensor.shape)

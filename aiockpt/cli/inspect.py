@@ -18,7 +18,7 @@ import torch
 
 from .._engine.capture.flatten import TENSOR_TAG, dtype_name, tensor_paths
 from .._engine.memory import byte_view
-from .._engine.reader import read_checkpoint, read_manifest
+from .._engine.reader import read_checkpoint, validate_checkpoint
 from .._format.manifest import Manifest, TensorRecord
 from .._util.console import (
     CliError,
@@ -92,8 +92,11 @@ def _value_leaves(node: Any, path: str, out: dict[str, Any]) -> None:
 
 
 def describe(path: Path) -> dict[str, Any]:
-    """The ``inspect`` report: manifest summary, tensors by group, non-tensor values."""
-    manifest = read_manifest(path)
+    """The ``inspect`` report: manifest summary, tensors by group, non-tensor values.
+
+    The checkpoint passes the checks restore makes before reading tensor bytes, so what
+    inspect shows is never something that restore would refuse."""
+    manifest = validate_checkpoint(path)
     group_of = _groups(manifest)
     aliases = _tensor_aliases(manifest)
     groups: dict[str, dict[str, Any]] = {
@@ -252,7 +255,7 @@ def _number(value: torch.Tensor) -> float | int | bool:
 
 def tensor_stats(path: Path, name: str, *, threads: int = 8) -> dict[str, Any]:
     """Statistics of one tensor, reading only its bytes; checksums checked, not raised."""
-    manifest = read_manifest(path)
+    manifest = validate_checkpoint(path)
     index, record = _find(manifest, name)
     # verify=False: a bad checksum is reported as a result below instead of an error, so
     # the statistics still show what the damaged bytes hold.

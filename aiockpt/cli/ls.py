@@ -7,13 +7,11 @@ parses and passes its own checksum, and every data file has the size the manifes
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 from typing import Any
 
-from .._engine.reader import read_manifest
-from .._format.manifest import MANIFEST_NAME, Manifest
+from .._engine.reader import read_manifest, validate_checkpoint
+from .._format.manifest import Manifest
 from .._util.console import (
     byte_progress,
     human_bytes,
@@ -23,7 +21,7 @@ from .._util.console import (
     stdout_console,
 )
 from ..errors import AiockptError
-from ..storage.local import LATEST_NAME, CheckpointInfo
+from ..storage.local import CheckpointInfo, read_latest
 from .scan import WriterState, committed_checkpoints, probe_writer, scan_leftovers
 from .verify import verify_checkpoints
 
@@ -31,27 +29,17 @@ __all__ = ["list_directory", "run"]
 
 
 def _quick_check(info: CheckpointInfo) -> tuple[Manifest | None, list[str]]:
-    """Manifest and file sizes only: a torn or half-deleted checkpoint shows up, cheaply."""
+    """The checks restore makes before reading tensor bytes (``validate_checkpoint``):
+    a forged, torn or half-deleted checkpoint shows up, cheaply."""
     try:
-        manifest = read_manifest(info.path)
+        return validate_checkpoint(info.path), []
     except AiockptError as exc:
-        return None, [f"{MANIFEST_NAME}: {exc}"]
-    problems = []
-    if manifest.step != info.step:
-        problems.append(f"directory says step {info.step} but the manifest says {manifest.step}")
-    for record in manifest.files:
+        # Still describe it from its manifest when that alone is fine.
         try:
-            st = os.lstat(info.path / record.name)
-        except FileNotFoundError:
-            problems.append(f"{record.name}: file is missing")
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            problems.append(f"{record.name}: is not a regular file")
-        elif st.st_size != record.nbytes:
-            problems.append(
-                f"{record.name}: file holds {st.st_size} bytes, the manifest says {record.nbytes}"
-            )
-    return manifest, problems
+            manifest: Manifest | None = read_manifest(info.path)
+        except AiockptError:
+            manifest = None
+        return manifest, [str(exc)]
 
 
 def list_directory(
@@ -60,13 +48,12 @@ def list_directory(
     """The ``ls`` report as a JSON-ready dict."""
     committed = committed_checkpoints(root)
     writer = probe_writer(root)
-    try:
-        latest = (root / LATEST_NAME).read_text().strip() or None
-    except (FileNotFoundError, UnicodeDecodeError):
-        latest = None
+    latest = read_latest(root)  # a hint: anything odd about it reads as none
     rows = []
     for info in committed:
         manifest, problems = _quick_check(info)
+        # Renamed away by a live writer's retention while we looked: gone, not corrupt.
+        vanished = bool(problems) and not info.path.exists()
         rows.append(
             {
                 "step": info.step,
@@ -78,15 +65,19 @@ def list_directory(
                 "tensors": len(manifest.tensors) if manifest else None,
                 "files": len(manifest.files) if manifest else None,
                 "keys": list(manifest.state) if manifest else None,
-                "status": "corrupt" if problems else "unverified",
-                "valid": False if problems else None,
+                "status": "removed" if vanished else "corrupt" if problems else "unverified",
+                "valid": False if problems and not vanished else None,
                 "latest": info.path.name == latest,
-                "problems": problems,
+                "problems": [] if vanished else problems,
             }
         )
     if verify:
         # Those already found corrupt by the quick check need no reading.
-        todo = [(r, i) for r, i in zip(rows, committed, strict=True) if r["valid"] is None]
+        todo = [
+            (r, i)
+            for r, i in zip(rows, committed, strict=True)
+            if r["valid"] is None and r["status"] != "removed"
+        ]
         with byte_progress(0, "verifying", enabled=progress) as count:
             paths = [info.path for _, info in todo]
             verdicts = verify_checkpoints(

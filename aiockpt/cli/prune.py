@@ -11,7 +11,10 @@ Safety rules, in order:
 - Otherwise prune takes the writer lock itself for the few milliseconds it works, so no
   writer can start in the middle; opening the directory as a writer also clears a dead
   writer's temporaries (and restores an interrupted replace), as FORMAT.md requires.
-- Removal is the store's rename-then-delete: a checkpoint never looks half-deleted.
+- Removal is the store's rename-then-delete: a checkpoint never looks half-deleted, and
+  ``latest`` names a surviving checkpoint (or is gone) before the first removal.
+- Steps a resumed run superseded (``.superseded-step-<N>-*``) are deleted like any other
+  leftover of a writer that is no longer alive.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 
 from .._util.console import CliError, byte_progress, human_bytes, note, print_json, stdout_console
 from ..errors import DirectoryLockedError
-from ..storage.local import LATEST_NAME, CheckpointInfo, CheckpointStore
+from ..storage.local import CheckpointInfo, CheckpointStore
 from .scan import Leftover, WriterState, committed_checkpoints, probe_writer, scan_leftovers
 from .verify import verify_checkpoints
 
@@ -124,15 +127,21 @@ def prune(
                 reasons[newest_valid].append("newest valid")
             doomed = [info for info in committed if not reasons[info.step]]
         removed = []
-        if not dry_run:
-            for info in doomed:
+        if not dry_run and locked:
+            # `latest` is pointed at the newest survivor (or removed) before anything goes.
+            survivors = [info for info in committed if reasons[info.step]]
+            gone = store.remove_all([info.path for info in doomed], survivors)
+            removed = [info.step for info in doomed if info.path in gone]
+            for left, action in left_plan:
+                if left.kind == "superseded" and action == "delete":
+                    store.remove(left.path)
+        elif not dry_run:
+            for info in doomed:  # --force beside a live writer: its `latest` is its own
                 try:
                     store.remove(info.path)
                 except FileNotFoundError:
                     continue  # the live writer's own retention got there first
                 removed.append(info.step)
-            if locked:
-                _repoint_latest(store, committed, {info.step for info in doomed})
     finally:
         if locked:
             store.close()
@@ -168,19 +177,6 @@ def prune(
         "freed_bytes": sum(info.nbytes for info in doomed)
         + sum(left.nbytes for left, action in left_plan if action == "delete"),
     }
-
-
-def _repoint_latest(
-    store: CheckpointStore, committed: list[CheckpointInfo], gone: set[int]
-) -> None:
-    # `latest` is a hint; if it names a checkpoint we removed (only possible when a corrupt
-    # newest one went), point it at the newest that is left.
-    current = store.latest_name()
-    remaining = [info for info in committed if info.step not in gone]
-    if current and not (store.root / current).exists() and remaining:
-        store.point_latest(remaining[-1].path.name)
-    elif current and not remaining:
-        (store.root / LATEST_NAME).unlink(missing_ok=True)
 
 
 def render(report: dict[str, Any]) -> None:

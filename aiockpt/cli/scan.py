@@ -15,13 +15,22 @@ from pathlib import Path
 
 from .._format.manifest import MANIFEST_NAME
 from .._util.console import CliError, note
-from ..storage.local import LOCK_NAME, CheckpointInfo, list_checkpoints, parse_step_dir
+from ..storage.fileio import open_regular
+from ..storage.local import (
+    LOCK_NAME,
+    SUPERSEDED_PREFIX,
+    CheckpointInfo,
+    list_checkpoints,
+    parse_private_step,
+    parse_step_dir,
+)
 
 __all__ = [
     "Leftover",
     "WriterState",
     "committed_checkpoints",
     "directory_size",
+    "not_a_directory",
     "probe_writer",
     "resolve_checkpoint",
     "scan_leftovers",
@@ -44,16 +53,17 @@ class WriterState:
 def probe_writer(root: Path) -> WriterState:
     """Is ``root``'s lock held by a live writer? Never blocks, never holds the lock.
 
-    The lock file is opened read-only (no create, no truncate) and a shared lock is tried
-    and dropped at once. A writer holds LOCK_EX for its whole life, so our LOCK_SH fails
-    exactly when one is alive. The only window in which the probe can disturb anyone is a
-    writer calling ``open()`` in the same microseconds, which then reports the directory
-    as locked and can simply be retried.
+    The lock file is opened read-only (no create, no truncate, no link followed, no
+    waiting on a FIFO) and a shared lock is tried and dropped at once. A writer holds
+    LOCK_EX for its whole life, so our LOCK_SH fails exactly when one is alive. A writer
+    opening the directory in the same microseconds retries its own attempt for a moment
+    (``CheckpointStore.open``), so a probe never makes it fail. Something other than a
+    regular file under the lock's name is no writer's lock: no writer can be alive.
     """
     try:
-        fd = os.open(root / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return WriterState(False)  # no writer ever opened this directory
+        fd, _ = open_regular(root / LOCK_NAME)
+    except OSError:
+        return WriterState(False)  # never opened by a writer, or not a lock any writer holds
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -70,6 +80,8 @@ def probe_writer(root: Path) -> WriterState:
 
 def committed_checkpoints(root: Path) -> list[CheckpointInfo]:
     """``list_checkpoints`` that survives a live writer's retention deleting under it."""
+    if root.is_file():
+        raise not_a_directory(root)
     if not root.is_dir():
         raise CliError(
             f"{root}: no such directory",
@@ -83,18 +95,27 @@ def committed_checkpoints(root: Path) -> list[CheckpointInfo]:
     return list_checkpoints(root)
 
 
+def not_a_directory(path: Path) -> CliError:
+    """The error for a regular file given where a checkpoint (directory) is expected."""
+    return CliError(
+        f"{path} is a file, not a checkpoint directory",
+        hint=f"to bring a torch.save, safetensors or DCP checkpoint in: "
+        f"`aiockpt import {path} --from torch --step N DIR`",
+    )
+
+
 def directory_size(path: Path) -> int:
     total = 0
     try:
         entries = list(os.scandir(path))
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:
         return 0
     for entry in entries:
         try:
             if entry.is_file(follow_symlinks=False):
                 total += entry.stat(follow_symlinks=False).st_size
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass  # vanished (retention) or unreadable
     return total
 
 
@@ -103,7 +124,7 @@ class Leftover:
     """A directory entry that is not a committed checkpoint (FORMAT.md section 1)."""
 
     path: Path
-    kind: str  # "tmp" | "trash" | "trash-replace" | "no-manifest" | "latest.tmp"
+    kind: str  # "tmp" | "trash" | "trash-replace" | "superseded" | "no-manifest" | "latest.tmp"
     step: int | None
     nbytes: int
 
@@ -119,6 +140,12 @@ class Leftover:
             return (
                 f"old copy of step-{self.step}; the next writer restores it "
                 f"if step-{self.step} is gone"
+            )
+        if self.kind == "superseded":
+            return (
+                f"step-{self.step}, superseded: a run resumed from an older step has "
+                "committed since; readers ignore it, the run deletes it once past step "
+                f"{self.step}, `aiockpt prune` deletes it now"
             )
         if self.kind == "no-manifest":
             return "step directory without manifest.json: not a checkpoint, readers ignore it"
@@ -140,6 +167,9 @@ def scan_leftovers(root: Path) -> list[Leftover]:
         elif name.startswith(".trash-"):
             kind = "trash"
             step = parse_step_dir(name.removeprefix(".trash-").rsplit("-", 1)[0])
+        elif name.startswith(SUPERSEDED_PREFIX):
+            kind = "superseded"
+            step = parse_private_step(name, SUPERSEDED_PREFIX)
         elif name.startswith(".tmp-"):
             kind = "tmp"
             step = parse_step_dir(name.removeprefix(".tmp-").rsplit("-", 1)[0])
@@ -155,7 +185,7 @@ def scan_leftovers(root: Path) -> list[Leftover]:
         try:
             is_dir = entry.is_dir(follow_symlinks=False)
             nbytes = directory_size(path) if is_dir else entry.stat(follow_symlinks=False).st_size
-        except FileNotFoundError:
+        except OSError:
             continue  # deleted by the writer while we looked
         found.append(Leftover(path, kind, step, nbytes))
     return found
@@ -178,6 +208,8 @@ def resolve_checkpoint(path: Path, step: int | None = None) -> Path:
         )
     if (path / MANIFEST_NAME).exists():
         return path
+    if path.is_file():
+        raise not_a_directory(path)
     if not path.exists():
         raise CliError(
             f"{path}: no such file or directory",

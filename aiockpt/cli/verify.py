@@ -11,7 +11,6 @@ tensor, not just the first.
 from __future__ import annotations
 
 import os
-import stat
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,10 +20,9 @@ from typing import Any
 
 import crc32c
 
-from .._engine.reader import read_manifest
+from .._engine.reader import check_data_size, check_step, open_checkpoint_file, read_manifest
 from .._format.manifest import MANIFEST_NAME, FileRecord
 from ..errors import AiockptError
-from ..storage.local import parse_step_dir
 
 __all__ = ["CheckpointVerdict", "Problem", "verify_checkpoints"]
 
@@ -160,14 +158,10 @@ def _plan(verdict: CheckpointVerdict) -> list[_FileJob]:
             verdict.problems.append(Problem(str(exc), file=MANIFEST_NAME))
         return []
     verdict.step = manifest.step
-    named = parse_step_dir(path.name)
-    if named is not None and named != manifest.step:
-        verdict.problems.append(
-            Problem(
-                f"directory says step {named} but the manifest says {manifest.step}",
-                file=MANIFEST_NAME,
-            )
-        )
+    try:
+        check_step(path, manifest)
+    except AiockptError as exc:
+        verdict.problems.append(Problem(str(exc), file=MANIFEST_NAME))
     by_file: dict[str, list[_Piece]] = defaultdict(list)
     for tensor in manifest.tensors:
         for piece in tensor.pieces:
@@ -191,26 +185,21 @@ def _check_file(job: _FileJob, count: Callable[[int], None]) -> tuple[list[Probl
     """Stream one data file; the problems found and the bytes read."""
     name = job.record.name
     try:
-        # O_NONBLOCK: a FIFO planted as a data file must be refused, not block forever.
-        fd = os.open(job.path / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return [Problem("file is missing", file=name)], 0
-    except OSError as exc:
-        return [Problem(f"cannot be opened safely ({exc.strerror})", file=name)], 0
+        # The checks every reader makes: a regular file (opened without following a link
+        # or blocking on a FIFO) of exactly the listed size.
+        fd, size = open_checkpoint_file(job.path / name)
+    except AiockptError as exc:
+        return [Problem(_without_path(exc, job.path / name), file=name)], 0
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return [Problem("is not a regular file", file=name)], 0
-        problems = []
-        if info.st_size != job.record.nbytes:
-            problems.append(
-                Problem(
-                    f"file holds {info.st_size} bytes, the manifest says {job.record.nbytes} "
-                    "(truncated or overwritten)",
-                    file=name,
-                )
-            )
-        sums, nread, error = _stream(fd, info.st_size, job.pieces, count)
+        problems: list[Problem] = []
+        try:
+            check_data_size(job.path, job.record, size)
+        except AiockptError as exc:
+            problems.append(Problem(_without_path(exc, job.path / name), file=name))
+        # Never read beyond what the manifest lists (a sparse 20 GiB file in place of
+        # 16 KiB costs nothing); a short file is still read to name the pieces it lost.
+        size = min(size, job.record.nbytes)
+        sums, nread, error = _stream(fd, size, job.pieces, count)
         if error is not None:
             problems.append(Problem(f"read failed at byte {nread}: {error}", file=name))
         for piece, crc in zip(job.pieces, sums, strict=True):
@@ -239,6 +228,10 @@ def _check_file(job: _FileJob, count: Callable[[int], None]) -> tuple[list[Probl
         return problems, nread
     finally:
         os.close(fd)
+
+
+def _without_path(error: Exception, path: Path) -> str:
+    return str(error).removeprefix(f"{path}: ")
 
 
 def _stream(
@@ -276,10 +269,12 @@ def _stream(
 
 def _targets(path: Path) -> list[Path]:
     from .._util.console import CliError
-    from .scan import committed_checkpoints
+    from .scan import committed_checkpoints, not_a_directory
 
     if (path / MANIFEST_NAME).exists():
         return [path]
+    if path.is_file():
+        raise not_a_directory(path)
     if not path.exists():
         raise CliError(f"{path}: no such file or directory", hint="check the path")
     committed = committed_checkpoints(path)

@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import stat
 from collections.abc import Sequence
 
 import crc32c
@@ -18,8 +19,11 @@ import crc32c
 __all__ = [
     "CHECKSUM_ALGORITHM",
     "checksum",
+    "NotRegularFileError",
     "fsync_directory",
+    "open_regular",
     "read_exact",
+    "read_small_file",
     "read_scatter",
     "write_file_atomically",
     "write_all",
@@ -139,6 +143,68 @@ def read_scatter(fd: int, views: Sequence[memoryview], offset: int) -> None:
                 got = 0
 
 
+class NotRegularFileError(OSError):
+    """A name in a checkpoint directory is something other than a regular file."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def open_regular(
+    path: str | os.PathLike[str], flags: int = os.O_RDONLY, mode: int = 0o644
+) -> tuple[int, os.stat_result]:
+    """Open ``path`` without following a symlink and without blocking; (fd, its fstat).
+
+    Every name in a checkpoint directory may have been replaced by something hostile: a
+    symlink (to /dev/zero, or to a file of someone else's that a write would clobber)
+    fails with ELOOP; a FIFO opens at once instead of waiting for a writer, and is then
+    refused with everything else that is not a regular file. The type is checked on the
+    open descriptor, so nothing can be swapped in between the check and the use.
+    """
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFileError(
+                errno.EINVAL, f"is not a regular file ({_kind(info.st_mode)})", str(path)
+            )
+        if flags & (os.O_WRONLY | os.O_RDWR) == 0:
+            return fd, info
+        # Writes must block as usual (O_NONBLOCK only kept the open from hanging).
+        os.set_blocking(fd, True)
+        return fd, info
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_small_file(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The whole of a regular file of at most ``limit`` bytes (checked before reading)."""
+    fd, info = open_regular(path)
+    try:
+        if info.st_size > limit:
+            raise NotRegularFileError(
+                errno.EFBIG,
+                f"holds {info.st_size} bytes, more than the {limit} expected",
+                str(path),
+            )
+        data = bytearray(info.st_size)
+        read_exact(fd, memoryview(data), 0)
+        return bytes(data)
+    finally:
+        os.close(fd)
+
+
 def fsync_directory(path: str) -> None:
     """Make renames and creations inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -151,7 +217,13 @@ def fsync_directory(path: str) -> None:
 def write_file_atomically(path: str, payload: bytes, *, durable: bool) -> None:
     """Replace ``path`` with ``payload`` so that readers see the old or the new file, whole."""
     temporary = f"{path}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    # A stale or planted temporary (even a symlink) is unlinked, never written through:
+    # O_EXCL | O_NOFOLLOW then creates a fresh file of our own.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temporary)
+    fd = os.open(
+        temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+    )
     try:
         try:
             view = memoryview(payload)

@@ -9,6 +9,8 @@ Layout of a checkpoint directory::
       step-200/
       latest                   "step-200": a hint for tools; readers trust step-N dirs
       .trash-...               a directory on its way out (replaced or pruned)
+      .superseded-step-250-..  a step above the one a run resumed from, moved aside by the
+                               resumed run's first commit (see ``CheckpointStore.commit``)
 
 A checkpoint becomes visible by one rename, after its data files and manifest are durable,
 so a crash at any instant leaves only committed directories and temporaries that the next
@@ -24,20 +26,31 @@ import os
 import re
 import secrets
 import shutil
+import stat
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 from .._format.manifest import MANIFEST_NAME
-from ..errors import DirectoryLockedError
-from .fileio import fsync_directory, write_file_atomically
+from ..errors import CheckpointError, ConfigError, DirectoryLockedError
+from .fileio import fsync_directory, open_regular, read_small_file, write_file_atomically
 
-__all__ = ["CheckpointInfo", "CheckpointStore", "list_checkpoints"]
+__all__ = ["CheckpointInfo", "CheckpointStore", "list_checkpoints", "read_latest"]
 
 LOCK_NAME = ".aiockpt.lock"
 LATEST_NAME = "latest"
-_STEP_DIR = re.compile(r"step-(\d{1,19})")
+SUPERSEDED_PREFIX = ".superseded-"
+# The largest step the format can hold (FORMAT.md section 3); step-<N> names have at most
+# 19 digits because of it.
+MAX_STEP = 2**63 - 1
+_STEP_DIR = re.compile(r"step-(0|[1-9]\d{0,18})")
 _TEMPORARY_PREFIXES = (".tmp-", ".trash-")
+# `latest` holds one step-<N> name; anything longer is not ours and is never read whole.
+_LATEST_MAX_BYTES = 64
+# A read-only probe (`aiockpt ls`) holds a shared lock for a few microseconds; a writer
+# that collides with one retries for this long before it believes a writer is alive.
+_LOCK_PATIENCE_S = 0.5
 
 logger = logging.getLogger("aiockpt")
 
@@ -78,7 +91,63 @@ def step_dir_name(step: int) -> str:
 
 def parse_step_dir(name: str) -> int | None:
     match = _STEP_DIR.fullmatch(name)
-    return int(match.group(1)) if match else None
+    if match is None:
+        return None
+    step = int(match.group(1))
+    return step if step <= MAX_STEP else None
+
+
+def parse_private_step(name: str, prefix: str) -> int | None:
+    """The step of a private entry ``<prefix>step-<N>-<hex>`` (None if it is not one)."""
+    if not name.startswith(prefix):
+        return None
+    return parse_step_dir(name.removeprefix(prefix).rsplit("-", 1)[0])
+
+
+def read_latest(root: str | os.PathLike[str]) -> str | None:
+    """The checkpoint name ``latest`` holds, or None when it is absent or not a valid hint.
+
+    ``latest`` is only a hint, so anything odd about it (a FIFO, a symlink to /dev/zero, a
+    huge or non-UTF-8 file, a name that is not ``step-<N>``) reads as "no hint" instead of
+    blocking, exhausting memory or failing the caller.
+    """
+    try:
+        text = read_small_file(Path(root) / LATEST_NAME, _LATEST_MAX_BYTES).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    name = text.strip()
+    return name if parse_step_dir(name) is not None else None
+
+
+def _has_manifest(directory: str) -> bool:
+    """Does ``directory`` hold an entry named manifest.json (whatever it is)?
+
+    Only ENOENT means "no manifest". Anything else (a manifest that is a symlink loop, a
+    directory that cannot be searched) lists the checkpoint, so that loading it fails as
+    corrupt and restore falls back past it, instead of the listing itself failing.
+    """
+    try:
+        os.lstat(os.path.join(directory, MANIFEST_NAME))
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _files_size(directory: str) -> int:
+    total = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_size
+        except OSError:
+            continue  # vanished (retention) or unreadable: it adds nothing
+    return total
 
 
 def list_checkpoints(directory: str | os.PathLike[str]) -> list[CheckpointInfo]:
@@ -93,17 +162,22 @@ def list_checkpoints(directory: str | os.PathLike[str]) -> list[CheckpointInfo]:
         entries = list(os.scandir(root))
     except FileNotFoundError:
         return []
+    except NotADirectoryError as exc:
+        raise ConfigError(
+            f"{root} is a file, not a checkpoint directory; pass the directory that holds "
+            "step-<N> checkpoints"
+        ) from exc
     for entry in entries:
         step = parse_step_dir(entry.name)
-        if step is None or not entry.is_dir(follow_symlinks=False):
-            continue
-        manifest = Path(entry.path) / MANIFEST_NAME
         try:
-            stat = manifest.stat()
-        except FileNotFoundError:
+            if step is None or not entry.is_dir(follow_symlinks=False):
+                continue
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue  # renamed away (retention) between scandir and stat
+        if not _has_manifest(entry.path):
             continue
-        nbytes = sum(f.stat().st_size for f in Path(entry.path).iterdir() if f.is_file())
-        found.append(CheckpointInfo(step, Path(entry.path), nbytes, stat.st_mtime))
+        found.append(CheckpointInfo(step, Path(entry.path), _files_size(entry.path), info.st_mtime))
     return sorted(found, key=lambda info: info.step)
 
 
@@ -117,24 +191,32 @@ class CheckpointStore:
         # commits and deletes. The others only write data files into shared temporaries.
         self.lead = lead
         self._lock_fd: int | None = None
+        # The step this writer's state was restored from, until its next commit: that
+        # commit supersedes every step above it (see commit()).
+        self._resumed_from: int | None = None
+        self._last_committed: int | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     def open(self) -> None:
         """Create the directory, take the writer lock, and clear a dead writer's leftovers."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as exc:
+            raise ConfigError(
+                f"checkpoint directory {self.root}: {exc.filename or self.root} is a file, "
+                "so no directory can be made there; set `directory` to a directory path"
+            ) from exc
+        if not self.root.is_dir():
+            raise ConfigError(
+                f"checkpoint directory {self.root} is not a directory; set `directory` to one"
+            )
         if not self.lead:
             return
-        fd = os.open(self.root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = self._open_lock_file()
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            self._acquire(fd)
+        except BaseException:
             os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise DirectoryLockedError(
-                    f"{self.root} is being written by another process (pid {holder}); "
-                    "give each run its own checkpoint directory, or stop the other writer"
-                ) from exc
             raise
         self._lock_fd = fd
         _open_stores.add(self)
@@ -146,6 +228,45 @@ class CheckpointStore:
             self.close()  # a failed open must not keep the lock (or the mount) busy
             raise
 
+    def _open_lock_file(self) -> int:
+        path = self.root / LOCK_NAME
+        try:
+            fd, _ = open_regular(path, os.O_RDWR | os.O_CREAT)
+        except OSError as exc:
+            # Never followed, truncated or written: a symlink here could point at any file.
+            kind = "a symbolic link" if exc.errno == errno.ELOOP else (exc.strerror or str(exc))
+            if exc.errno == errno.EISDIR:
+                kind = "a directory"
+            raise CheckpointError(
+                f"{path} is {kind}, not aiockpt's lock file ({exc}); aiockpt never follows "
+                "or writes through it: remove it (no writer is using it) and open the "
+                "directory again"
+            ) from exc
+        return fd
+
+    def _acquire(self, fd: int) -> None:
+        # Tools probe for a live writer by trying a shared lock for a few microseconds;
+        # a writer that collides with such a probe tries again instead of failing. A
+        # writer that is really alive keeps its lock for good, so after the retries the
+        # directory is really taken.
+        deadline = time.monotonic() + _LOCK_PATIENCE_S
+        pause = 0.001
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                    raise DirectoryLockedError(
+                        f"{self.root} is being written by another process (pid {holder}); "
+                        "give each run its own checkpoint directory, or stop the other writer"
+                    ) from exc
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+
     def close(self) -> None:
         _open_stores.discard(self)
         if self._lock_fd is not None:
@@ -155,14 +276,26 @@ class CheckpointStore:
     def _recover(self) -> None:
         # A replaced checkpoint whose successor never got renamed in comes back first.
         for entry in os.scandir(self.root):
-            if entry.name.startswith(".trash-replace-"):
-                original = entry.name.removeprefix(".trash-replace-").rsplit("-", 1)[0]
-                if parse_step_dir(original) is not None and not (self.root / original).exists():
-                    os.rename(entry.path, self.root / original)
+            original = parse_private_step(entry.name, ".trash-replace-")
+            if original is not None and not (self.root / step_dir_name(original)).exists():
+                os.rename(entry.path, self.root / step_dir_name(original))
         for entry in os.scandir(self.root):
             if entry.name.startswith(_TEMPORARY_PREFIXES) and entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
-        (self.root / f"{LATEST_NAME}.tmp").unlink(missing_ok=True)
+        self._discard(self.root / f"{LATEST_NAME}.tmp")
+
+    def _discard(self, path: Path) -> None:
+        """Remove ``path`` whatever it is (file, symlink, FIFO, directory), if it exists."""
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(info.st_mode):
+            trash = self.root / f".trash-{path.name}-{secrets.token_hex(4)}"
+            os.rename(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
     # -- writing one checkpoint -------------------------------------------------------
     def begin(self, step: int, shared: str | None = None) -> Path:
@@ -181,8 +314,21 @@ class CheckpointStore:
     def abort(self, temporary: Path) -> None:
         shutil.rmtree(temporary, ignore_errors=True)
 
+    def resumed_from(self, step: int) -> None:
+        """This writer's state was just restored from ``step`` (restore, or its fallback)."""
+        self._resumed_from = step
+
     def commit(self, temporary: Path, step: int, manifest: bytes) -> Path:
-        """Write the manifest last, then make the checkpoint visible with one rename."""
+        """Write the manifest last, then make the checkpoint visible with one rename.
+
+        After a restore, the run's own timeline decides what restore finds next: once the
+        first commit after it is durable, every committed step above the one restored
+        (steps this run never wrote: a torn newest checkpoint that restore fell back past,
+        or a future that the run rewound from) is moved aside as
+        ``.superseded-step-<M>-<hex>``. Otherwise a crash would restore a step of the
+        abandoned timeline (or a corrupt one), and retention, which ranks by step, would
+        delete this run's newer commits and keep those.
+        """
         manifest_path = temporary / MANIFEST_NAME
         fd = os.open(manifest_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
@@ -214,15 +360,40 @@ class CheckpointStore:
                 raise
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
+        self._last_committed = step
         try:
-            self.point_latest(final.name)
+            # Before anything is moved aside, so that `latest` never names a step that
+            # is gone (forced: after a restore it moves back below superseded steps).
+            self.point_latest(final.name, force=self._resumed_from is not None)
         except OSError as exc:
             # Committed and durable already; `latest` is only a hint for tools, so a disk
             # too full for it must not report this checkpoint as failed (nor stop retention).
             logger.warning(
                 "aiockpt: %s is committed, but %s was not updated: %s", final, LATEST_NAME, exc
             )
+        resumed, self._resumed_from = self._resumed_from, None
+        if resumed is not None:
+            try:
+                self._supersede_above(min(step, resumed), keep=step)
+            except OSError as exc:
+                # Committed already. What was not moved aside is moved by the next
+                # commit; meanwhile restore still falls back past a corrupt step.
+                logger.warning("aiockpt: %s is committed; steps above it stay: %s", final, exc)
+                self._resumed_from = resumed
         return final
+
+    def _supersede_above(self, floor: int, keep: int) -> None:
+        above = [i for i in list_checkpoints(self.root) if i.step > floor and i.step != keep]
+        for info in above:
+            aside = self.root / f"{SUPERSEDED_PREFIX}{info.path.name}-{secrets.token_hex(4)}"
+            os.rename(info.path, aside)
+            logger.warning(
+                "aiockpt: %s is above the step this run resumed from; moved aside as %s",
+                info.path,
+                aside.name,
+            )
+        if above and self.durable:
+            fsync_directory(str(self.root))
 
     def _unpublish(self, final: Path, temporary: Path, replaced: Path | None) -> None:
         try:
@@ -232,34 +403,78 @@ class CheckpointStore:
         except OSError as exc:  # the disk is failing; the next open() sorts it out
             logger.warning("aiockpt: could not take back %s after a failed fsync: %s", final, exc)
 
-    def point_latest(self, name: str) -> None:
-        current = self.latest_name()
-        current_step = parse_step_dir(current) if current else None
-        new_step = parse_step_dir(name)
-        moves_back = current_step is not None and new_step is not None and current_step > new_step
-        if moves_back and (self.root / str(current)).exists():
-            return  # never move the pointer backwards to an older step
-        write_file_atomically(
-            str(self.root / LATEST_NAME), f"{name}\n".encode(), durable=self.durable
-        )
+    def point_latest(self, name: str | None, *, force: bool = False) -> None:
+        """Point ``latest`` at ``name`` (None: remove it).
+
+        Without ``force`` it never moves back to an older step that still exists. A bad
+        ``latest`` (not a regular file, not UTF-8, ...) is replaced, never read or followed.
+        """
+        path = self.root / LATEST_NAME
+        if name is None:
+            self._discard(path)
+            if self.durable:
+                fsync_directory(str(self.root))
+            return
+        if not force:
+            current = self.latest_name()  # a valid step-<N> name or None
+            current_step = -1 if current is None else parse_step_dir(current)
+            new_step = parse_step_dir(name)
+            moves_back = new_step is not None and (current_step or -1) > new_step
+            if moves_back and (self.root / str(current)).is_dir():
+                return  # never move the pointer backwards to an older step
+        try:
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                self._discard(path)  # rename() cannot replace a directory with a file
+        except FileNotFoundError:
+            pass
+        write_file_atomically(str(path), f"{name}\n".encode(), durable=self.durable)
 
     def latest_name(self) -> str | None:
-        try:
-            return (self.root / LATEST_NAME).read_text().strip() or None
-        except FileNotFoundError:
-            return None
+        return read_latest(self.root)
 
     # -- retention ----------------------------------------------------------------------
     def retain(self, keep_last: int | None) -> list[Path]:
-        """Delete all but the newest ``keep_last`` committed checkpoints; returns what went."""
+        """Delete all but the newest ``keep_last`` committed checkpoints; returns what went.
+
+        Only steps up to this writer's last commit count: it is the newest in commit
+        order, so it is never deleted, nor is anything above it (after a restore the
+        commit moved those aside; without one they are steps this writer did not resume
+        from, and nothing newer in commit order may go while they stay). Superseded steps
+        at or below the last commit are deleted too: the run has gone past them.
+        """
         if keep_last is None:
             return []
         committed = list_checkpoints(self.root)
-        doomed = committed[: max(len(committed) - keep_last, 0)]
+        last = self._last_committed
+        mine = [i for i in committed if last is None or i.step <= last]
+        doomed = mine[: max(len(mine) - keep_last, 0)]
+        survivors = [i for i in committed if i not in doomed]
+        removed = self.remove_all([info.path for info in doomed], survivors)
+        if self._last_committed is not None:
+            for entry in os.scandir(self.root):
+                step = parse_private_step(entry.name, SUPERSEDED_PREFIX)
+                if step is not None and step <= self._last_committed:
+                    self.remove(Path(entry.path))
+                    removed.append(Path(entry.path))
+        return removed
+
+    def remove_all(self, doomed: list[Path], survivors: list[CheckpointInfo]) -> list[Path]:
+        """Remove ``doomed``, first pointing ``latest`` at the newest of ``survivors`` (or
+        removing it), so that a crash at any point leaves it naming an existing checkpoint
+        or absent."""
+        if not doomed:
+            return []
+        latest = self.latest_name()
+        gone = {path.name for path in doomed}
+        if latest is None or latest in gone or not (self.root / latest).is_dir():
+            self.point_latest(survivors[-1].path.name if survivors else None, force=True)
         removed = []
-        for info in doomed:
-            self.remove(info.path)
-            removed.append(info.path)
+        for path in doomed:
+            try:
+                self.remove(path)
+            except FileNotFoundError:
+                continue  # a live writer's own retention got there first
+            removed.append(path)
         return removed
 
     def remove(self, path: Path) -> None:

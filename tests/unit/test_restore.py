@@ -464,12 +464,12 @@ class DeferredCopies:
 def test_pinned_ring_reuses_a_buffer_only_after_its_copy(tmp_path: Path, threads: int) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from aiockpt._engine.reader import _open_regular, read_manifest
+    from aiockpt._engine.reader import open_checkpoint_file, read_manifest
     from aiockpt._engine.restore_io import PinnedRing, SegmentReader, plan_segments
 
     step_dir, tensors = save_many(tmp_path, count=120)
     manifest = read_manifest(step_dir)
-    fds = {f.name: _open_regular(step_dir / f.name)[0] for f in manifest.files}
+    fds = {f.name: open_checkpoint_file(step_dir / f.name)[0] for f in manifest.files}
     try:
         destinations = {
             i: torch.full((r.nbytes,), 0xAB, dtype=torch.uint8)
@@ -495,7 +495,7 @@ def test_pinned_ring_reuses_a_buffer_only_after_its_copy(tmp_path: Path, threads
 
 
 def test_staged_read_verifies_pieces_split_across_windows(tmp_path: Path) -> None:
-    from aiockpt._engine.reader import _open_regular, read_manifest
+    from aiockpt._engine.reader import open_checkpoint_file, read_manifest
     from aiockpt._engine.restore_io import HostTransfer, PinnedRing, SegmentReader, plan_segments
 
     step_dir, _ = save_many(tmp_path, count=20)
@@ -503,7 +503,7 @@ def test_staged_read_verifies_pieces_split_across_windows(tmp_path: Path) -> Non
     big = next(i for i, r in enumerate(manifest.tensors) if r.name == "bag/big")
     piece = manifest.tensors[big].pieces[0]
     flip_byte(step_dir / piece.file, piece.offset + piece.length // 2)
-    fds = {f.name: _open_regular(step_dir / f.name)[0] for f in manifest.files}
+    fds = {f.name: open_checkpoint_file(step_dir / f.name)[0] for f in manifest.files}
     try:
         record = manifest.tensors[big]
         destinations = {big: torch.empty(record.nbytes, dtype=torch.uint8)}
