@@ -39,7 +39,7 @@ from .errors import (
     WorldSizeError,
 )
 from .flatplan import FlattenCache
-from .flatten import FlatState, flatten_state
+from .flatten import FlatState, adopt_live_types, check_state_name, flatten_state
 from .layers import tensor_layers
 from .layout import ALIGNMENT, describe, layout_signature, plan_layout, plan_layout_for_count
 from .manifest import TensorRecord
@@ -173,6 +173,7 @@ class _Core:
                 "Checkpointer(config, model=model, optimizer=optimizer)"
             )
         for name, obj in stateful.items():
+            check_state_name(name)
             if not isinstance(obj, Stateful):
                 raise TypeError(
                     f"{name}={type(obj).__name__} has no state_dict()/load_state_dict(); pass "
@@ -550,6 +551,8 @@ class _Core:
     def apply(self, state: dict[str, Any], request: _RestoreRequest) -> None:
         for name in request.names:
             obj = self.objects[name]
+            # Namedtuples and IntEnums come back as the classes the object uses now.
+            state[name] = adopt_live_types(state[name], obj.state_dict)
             if name in request.partial:
                 # Only the matching layers were read; the rest of the module keeps its values.
                 obj.load_state_dict(state[name], strict=False)
