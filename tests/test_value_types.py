@@ -583,3 +583,23 @@ def test_hostile_payloads_of_the_new_tags_are_corrupt_checkpoints(
     reseal(path, change)
     with pytest.raises(aiockpt.CorruptCheckpointError):
         aiockpt.load(path)
+
+
+@pytest.mark.parametrize("chunk_count", [1, 8])
+def test_a_negative_view_that_appears_on_the_replay_path_is_stored_as_its_values(
+    tmp_path: Path, chunk_count: int
+) -> None:
+    real = torch.randn(40_000, dtype=torch.float64)
+    bag = Bag({"x": real.clone(), "y": torch.ones(3)})
+
+    async def go() -> int:
+        config = make_config(tmp_path, chunk_count=chunk_count)
+        async with aiockpt.Checkpointer(config, values=bag) as ckpt:
+            await (await ckpt.checkpoint(1))
+            bag.state = {"x": torch._neg_view(real), "y": torch.ones(3)}
+            await (await ckpt.checkpoint(2))
+            return ckpt._core.plans.hits
+
+    assert run(go()) == 1  # the structure (dtype, shape, device) is unchanged: replayed
+    loaded = aiockpt.load(tmp_path / "ckpt" / "step-2")["values"]
+    assert torch.equal(loaded["x"], -real)
