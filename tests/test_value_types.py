@@ -537,38 +537,39 @@ def reseal(path: Path, change: Any) -> None:
     (path / MANIFEST_NAME).write_bytes(json.dumps(document, separators=(",", ":")).encode())
 
 
-HOSTILE: dict[str, tuple[dict[str, Any], Any]] = {
+# name: (the state saved, made when the test runs; the edit of its skeleton)
+HOSTILE: dict[str, tuple[Any, Any]] = {
     "enum dunder member": (
-        {"e": Level.LOW},
+        lambda: {"e": Level.LOW},
         lambda s: s["e"]["members"].append(["__new__", 3]),
     ),
-    "enum value not a member": ({"e": Level.LOW}, lambda s: s["e"].update({"$intenum": 9})),
+    "enum value not a member": (lambda: {"e": Level.LOW}, lambda s: s["e"].update({"$intenum": 9})),
     "namedtuple dotted name": (
-        {"p": Pair(1, 2)},
+        lambda: {"p": Pair(1, 2)},
         lambda s: s["p"].update({"name": "os.system"}),
     ),
-    "namedtuple field count": ({"p": Pair(1, 2)}, lambda s: s["p"]["fields"].append("z")),
+    "namedtuple field count": (lambda: {"p": Pair(1, 2)}, lambda s: s["p"]["fields"].append("z")),
     "defaultdict factory": (
-        {"d": defaultdict(int)},
+        lambda: {"d": defaultdict(int)},
         lambda s: s["d"].update({"factory": "eval"}),
     ),
     "sparse index out of range": (
-        {"s": torch.sparse_coo_tensor(torch.tensor([[0, 1]]), torch.ones(2), (2,))},
+        lambda: {"s": torch.sparse_coo_tensor(torch.tensor([[0, 1]]), torch.ones(2), (2,))},
         lambda s: s["s"].update({"shape": [1]}),
     ),
     "sparse layout": (
-        {"s": torch.eye(2).to_sparse_csr()},
+        lambda: {"s": torch.eye(2).to_sparse_csr()},
         lambda s: s["s"].update({"$sparse": "dense"}),
     ),
     "parameter of integers that requires grad": (
-        {"p": torch.nn.Parameter(torch.ones(1, dtype=torch.int64), requires_grad=False)},
+        lambda: {"p": torch.nn.Parameter(torch.ones(1, dtype=torch.int64), requires_grad=False)},
         lambda s: s["p"].update({"requires_grad": True}),
     ),
-    "size of strings": ({"z": torch.Size([1])}, lambda s: s["z"].update({"$size": ["1"]})),
-    "set of a list": ({"s": {1}}, lambda s: s["s"].update({"$set": [[1, 2]]})),
-    "complex of strings": ({"c": 1j}, lambda s: s["c"].update({"$complex": ["1", 0.0]})),
+    "size of strings": (lambda: {"z": torch.Size([1])}, lambda s: s["z"].update({"$size": ["1"]})),
+    "set of a list": (lambda: {"s": {1}}, lambda s: s["s"].update({"$set": [[1, 2]]})),
+    "complex of strings": (lambda: {"c": 1j}, lambda s: s["c"].update({"$complex": ["1", 0.0]})),
     "numpy scalar of longdouble": (
-        {"n": np.float64(1.0)},
+        lambda: {"n": np.float64(1.0)},
         lambda s: s["n"].update({"$npscalar": np.dtype(np.longdouble).str}),
     ),
 }
@@ -578,8 +579,8 @@ HOSTILE: dict[str, tuple[dict[str, Any], Any]] = {
 def test_hostile_payloads_of_the_new_tags_are_corrupt_checkpoints(
     tmp_path: Path, name: str
 ) -> None:
-    state, change = HOSTILE[name]
-    path = save(tmp_path, state)
+    make, change = HOSTILE[name]
+    path = save(tmp_path, make())
     reseal(path, change)
     with pytest.raises(aiockpt.CorruptCheckpointError):
         aiockpt.load(path)
