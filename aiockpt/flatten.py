@@ -414,20 +414,22 @@ class _Flattener:
 
     def _encode_intenum(self, value: enum.IntEnum, path: str) -> Any:
         kind = type(value)
-        members = [[name, int(member)] for name, member in kind.__members__.items()]
-        if not _safe_name(kind.__name__) or not all(_safe_name(m[0]) for m in members):
-            raise _refuse(path, value, "its class or member names are private or not identifiers")
-        return {"$intenum": int(value), "name": kind.__name__, "members": members}
+        members = tuple((name, int(member)) for name, member in kind.__members__.items())
+        try:  # the class a reader builds from these names (cached): refused now, not then
+            _intenum_class(kind.__name__, members)
+        except (ValueError, TypeError) as exc:
+            raise _refuse(path, value, f"a reader could not rebuild its class ({exc})") from None
+        return {"$intenum": int(value), "name": kind.__name__, "members": list(map(list, members))}
 
     def _encode_namedtuple(self, value: tuple[Any, ...], path: str) -> Any:
         kind = type(value)
-        fields = list(kind._fields)  # type: ignore[attr-defined]
-        if not _safe_name(kind.__name__) or not all(
-            f.isidentifier() and not keyword.iskeyword(f) for f in fields
-        ):
-            raise _refuse(path, value, "its type or field names are private or not identifiers")
+        fields = tuple(kind._fields)  # type: ignore[attr-defined]
+        try:
+            _namedtuple_class(kind.__name__, fields)
+        except (ValueError, TypeError) as exc:
+            raise _refuse(path, value, f"a reader could not rebuild its type ({exc})") from None
         items = [self.encode(v, f"{path}/{i}") for i, v in enumerate(value)]
-        return {"$namedtuple": items, "name": kind.__name__, "fields": fields}
+        return {"$namedtuple": items, "name": kind.__name__, "fields": list(fields)}
 
     def _encode_float(self, value: float, path: str) -> Any:
         return value if math.isfinite(value) else {"$float": repr(value)}

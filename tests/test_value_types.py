@@ -381,6 +381,8 @@ REFUSED: dict[str, tuple[Any, str]] = {
     "UserDict": (lambda: UserDict(a=1), "UserDict"),
     "structseq": (lambda: torch.max(torch.ones(2), 0), "return_types"),
     "dataclass": (lambda: Record(), "Record"),
+    "private namedtuple": (lambda: collections.namedtuple("_Hidden", "a")(1), "_Hidden"),
+    "private IntEnum": (lambda: enum.IntEnum("_Hidden", [("A", 1)]).A, "_Hidden"),
     "plain Enum": (lambda: Plain.A, "Plain"),
     "IntFlag": (lambda: Bits.R, "Bits"),
     "defaultdict of a lambda": (lambda: defaultdict(lambda: 0), "default_factory"),
