@@ -89,7 +89,6 @@ TAG_VERSIONS: dict[str, int] = {
     SPARSE_TAG: 3,
 }
 TAGS = frozenset(TAG_VERSIONS)
-_TAGS = TAGS
 # The compact JSON of a tag used as a key: no other key of a skeleton starts with "$" (a
 # dict with such a key goes through "$dict"), so finding this text finds the tag.
 _TAG_KEYS_BY_VERSION = sorted(
@@ -637,7 +636,7 @@ def _decode(node: Any, how: _Decoding) -> Any:
         return [_decode(v, how) for v in node]
     if not isinstance(node, dict):
         return node
-    if len(node) >= 1 and next(iter(node)) in _TAGS:
+    if len(node) >= 1 and next(iter(node)) in TAGS:
         return _decode_tagged(node, how)
     return {k: _decode(v, how) for k, v in node.items()}
 
@@ -934,7 +933,7 @@ def tensor_paths(skeleton: Any, prefix: str = "") -> dict[int, list[str]]:
             elif tag == SPARSE_TAG:
                 for name, ref in node["data"].items():
                     walk(ref, f"{path}/<{name}>")
-            elif tag in _TAGS:
+            elif tag in TAGS:
                 # Other tags hold their values in the payload (and "meta" holds none).
                 walk(node[tag], path)
             else:

@@ -273,6 +273,21 @@ def test_every_value_round_trips_with_its_exact_type_through_restore(
         assert_exact(state[name], restored[name], name, exact=True)
 
 
+def test_a_partial_read_keeps_the_types(tmp_path: Path) -> None:
+    state = exact_values()
+
+    async def go() -> None:
+        objects = {"values": Bag(state), "other": Bag({"t": torch.ones(4)})}
+        async with aiockpt.Checkpointer(make_config(tmp_path), **objects) as ckpt:
+            await (await ckpt.checkpoint(1))
+
+    run(go())
+    # Only the tensors of "values" are read: the rest of the state is rebuilt without them.
+    loaded = aiockpt.load(tmp_path / "ckpt" / "step-1", keys=["values"])["values"]
+    for name in state:
+        assert_exact(state[name], loaded[name], name, exact=False)
+
+
 def test_rebuilt_classes_carry_the_recorded_names_only(tmp_path: Path) -> None:
     loaded = aiockpt.load(save(tmp_path, {"p": Point(1, 2), "e": Level.TOP}))["values"]
     assert type(loaded["p"]) is not Point and loaded["p"]._fields == ("x", "y")
