@@ -513,12 +513,12 @@ class StatePlan:
 
 def _aliasing(tensors: list[torch.Tensor], group: list[int]) -> list[int]:
     """Which earlier member of ``group`` each member is stored as (the full encoder's rule:
-    same pointer, dtype, shape and strides; empty tensors alias nothing)."""
+    same pointer, dtype, shape, strides and negative bit; empty tensors alias nothing)."""
     decided: list[int] = []
     seen: list[tuple[object, ...]] = []
     for position in group:
         tensor = tensors[position]
-        key = (tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride())
+        key = (tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride(), tensor.is_neg())
         if key[0] and key in seen:
             decided.append(seen.index(key))
         else:

@@ -25,6 +25,7 @@ import math
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -122,6 +123,9 @@ _SUB_BYTE_DTYPES = frozenset(
     if isinstance(dtype := getattr(torch, name, None), torch.dtype)
 )
 _COMPLEX_DTYPES = frozenset({torch.complex32, torch.complex64, torch.complex128})
+_STRIDED = torch.strided
+_is_neg = torch.Tensor.is_neg
+_IS_NESTED = attrgetter("is_nested")
 # Marks a namedtuple or IntEnum class built on load from the names a checkpoint recorded.
 _REBUILT = "__aiockpt_rebuilt__"
 
@@ -186,7 +190,7 @@ def _alias_key(tensor: torch.Tensor) -> tuple[object, ...]:
     # data_ptr() already includes the storage offset: two tensors with the same pointer,
     # shape, strides and dtype are the same view (CUDA's unified addressing keeps host and
     # device pointers apart).
-    return (tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride())
+    return (tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride(), tensor.is_neg())
 
 
 def _plain_keys(mapping: Mapping[Any, Any]) -> bool:
@@ -288,6 +292,21 @@ class _Flattener:
         self._used_names: set[str] = set()
         self.shards: dict[int, ShardInfo] = {}
         self._dtensor = dtensor_type()
+        # The dtype of the last dense tensor that needed nothing more than a reference:
+        # consecutive tensors mostly share one, which spares them the full check.
+        self._plain_dtype: torch.dtype | None = None
+
+    def finish(self) -> None:
+        """The checks left for one C-level pass over the table, as what they find is rare:
+        nested tensors are refused, and negative-bit views (``x.conj().imag``) are stored
+        as their values (their bytes are not their values, and no byte view of them
+        exists; the alias key keeps them apart from the tensor they view)."""
+        tensors = self.tensors
+        if any(map(_IS_NESTED, tensors)):
+            index = next(i for i, t in enumerate(tensors) if t.is_nested)
+            _check_tensor(tensors[index], self.names[index])
+        if any(map(_is_neg, tensors)):
+            self.tensors = [t.resolve_neg() if t.is_neg() else t for t in tensors]
 
     def dtensor_ref(self, tensor: torch.Tensor, path: str) -> dict[str, Any]:
         """A DTensor: its local shard goes to the tensor table, with its global place."""
@@ -302,10 +321,18 @@ class _Flattener:
 
     def tensor_value(self, tensor: torch.Tensor, path: str) -> dict[str, Any]:
         """A plain tensor: its reference, marked when it requires grad."""
-        if _unusual(tensor):
-            return self._unusual_tensor(tensor, path)
-        ref = self._table_ref(tensor, path)
-        return {GRAD_TAG: ref} if tensor.requires_grad else ref
+        # Quantized, sub-byte and complex dtypes are never the remembered one, so only the
+        # layout is left to check here; nested tensors and negative views (of any dtype)
+        # are found in one pass over the table (finish); meta tensors have no data pointer.
+        dtype = tensor.dtype
+        if dtype is not self._plain_dtype or tensor.layout is not _STRIDED:
+            if _unusual(tensor):
+                return self._unusual_tensor(tensor, path)
+            if dtype not in _COMPLEX_DTYPES:
+                self._plain_dtype = dtype
+        if tensor.requires_grad:
+            return {GRAD_TAG: self._table_ref(tensor.detach(), path)}
+        return self._table_ref(tensor, path)
 
     def _unusual_tensor(self, tensor: torch.Tensor, path: str) -> dict[str, Any]:
         if tensor.layout in _SPARSE_NAMES and not tensor.is_nested:
@@ -313,8 +340,7 @@ class _Flattener:
         _check_tensor(tensor, path)
         # A conjugate or negative view: its bytes are not its values, and no byte view of
         # it exists. Store the values (a copy taken now, as capture must anyway).
-        resolved = tensor.detach().resolve_conj().resolve_neg()
-        ref = self._table_ref(resolved, path)
+        ref = self._table_ref(tensor.detach().resolve_conj().resolve_neg(), path)
         return {GRAD_TAG: ref} if tensor.requires_grad else ref
 
     def sparse_ref(self, tensor: torch.Tensor, path: str) -> dict[str, Any]:
@@ -346,20 +372,24 @@ class _Flattener:
         """A dense tensor's reference (a conjugate or negative view is stored resolved)."""
         if _unusual(tensor):  # before data_ptr(): sparse and nested tensors have none
             _check_tensor(tensor, path)
-            tensor = tensor.detach().resolve_conj().resolve_neg()
-        return self._table_ref(tensor, path)
+            tensor = tensor.resolve_conj().resolve_neg()
+        return self._table_ref(tensor.detach() if tensor.requires_grad else tensor, path)
 
     def _table_ref(self, tensor: torch.Tensor, path: str) -> dict[str, int]:
         pointer = tensor.data_ptr()
+        if not pointer and tensor.is_meta:
+            _check_tensor(tensor, path)
         seen = self._by_pointer.get(pointer) if pointer else None
         if seen is not None:
+            if tensor.is_nested:  # (no shape to compare)
+                _check_tensor(tensor, path)
             for index in seen:
                 if _alias_key(self.tensors[index]) == _alias_key(tensor):
                     return {TENSOR_TAG: index}
         index = len(self.tensors)
         if pointer:  # empty tensors all point at 0 and alias nothing
             self._by_pointer.setdefault(pointer, []).append(index)
-        self.tensors.append(tensor.detach() if tensor.requires_grad else tensor)
+        self.tensors.append(tensor)
         name = path
         while name in self._used_names:  # keys like "a/b" vs nested a -> b collide
             name += "#"
@@ -560,6 +590,7 @@ def flatten_state(state: Mapping[str, Any], plans: FlattenCache | None = None) -
             return replayed
     flattener = _Flattener()
     skeleton = {key: flattener.encode(value, key) for key, value in state.items()}
+    flattener.finish()
     flat = FlatState(flattener.tensors, flattener.names, skeleton, flattener.shards)
     return flat if plans is None else plans.learn(state, flat)
 
