@@ -621,3 +621,13 @@ def test_a_negative_view_that_appears_on_the_replay_path_is_stored_as_its_values
     assert run(go()) == 1  # the structure (dtype, shape, device) is unchanged: replayed
     loaded = aiockpt.load(tmp_path / "ckpt" / "step-2")["values"]
     assert torch.equal(loaded["x"], -real)
+
+
+def test_a_negative_view_is_not_stored_as_the_tensor_it_views(tmp_path: Path) -> None:
+    base = torch.arange(4.0)
+    state = {"base": base, "negated": torch._neg_view(base), "again": base}
+    flat = flatten_state({"values": state})
+    assert len(flat.tensors) == 2  # "again" aliases "base"; the view does not
+    loaded = aiockpt.load(save(tmp_path, state))["values"]
+    assert torch.equal(loaded["base"], base) and torch.equal(loaded["negated"], -base)
+    assert loaded["again"] is loaded["base"]
