@@ -338,6 +338,10 @@ def _names(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
+def _name_in(value: Any, names: Mapping[str, Any]) -> bool:
+    return isinstance(value, str) and value in names
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -346,7 +350,8 @@ _PAYLOAD_CHECKS: dict[str, Callable[[Any, dict[str, Any]], bool]] = {
     "$ordereddict": lambda p, _: isinstance(p, dict),
     "$counter": lambda p, _: isinstance(p, dict),
     "$defaultdict": lambda p, n: (
-        isinstance(p, dict) and (n.get("factory") is None or n.get("factory") in DEFAULT_FACTORIES)
+        isinstance(p, dict)
+        and (n.get("factory") is None or _name_in(n.get("factory"), DEFAULT_FACTORIES))
     ),
     "$namedtuple": lambda p, n: (
         isinstance(p, list)
@@ -375,7 +380,7 @@ _PAYLOAD_CHECKS: dict[str, Callable[[Any, dict[str, Any]], bool]] = {
         and isinstance(n.get("requires_grad"), bool)
     ),
     "$sparse": lambda p, n: (
-        p in SPARSE_LAYOUTS
+        _name_in(p, SPARSE_LAYOUTS)
         and isinstance(n.get("shape"), list)
         and all(_is_int(d) and d >= 0 for d in n["shape"])
         and isinstance(n.get("data"), dict)

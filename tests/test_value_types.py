@@ -578,6 +578,14 @@ HOSTILE: dict[str, tuple[Any, Any]] = {
         lambda: {"s": torch.eye(2).to_sparse_csr()},
         lambda s: s["s"].update({"$sparse": "dense"}),
     ),
+    "sparse layout not a string": (
+        lambda: {"s": torch.eye(2).to_sparse_csr()},
+        lambda s: s["s"].update({"$sparse": ["csr"]}),
+    ),
+    "defaultdict factory not a string": (
+        lambda: {"d": defaultdict(int)},
+        lambda s: s["d"].update({"factory": {"int": 1}}),
+    ),
     "parameter of integers that requires grad": (
         lambda: {"p": torch.nn.Parameter(torch.ones(1, dtype=torch.int64), requires_grad=False)},
         lambda s: s["p"].update({"requires_grad": True}),
