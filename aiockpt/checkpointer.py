@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ._engine.capture.flatten import FlatState, flatten_state
+from ._engine.capture.flatten import FlatState, adopt_live_types, check_state_name, flatten_state
 from ._engine.capture.replay import FlattenCache
 from ._engine.layers import tensor_layers
 from ._engine.layout import (
@@ -180,6 +180,7 @@ class _Core:
                 "Checkpointer(config, model=model, optimizer=optimizer)"
             )
         for name, obj in stateful.items():
+            check_state_name(name)
             if not isinstance(obj, Stateful):
                 raise TypeError(
                     f"{name}={type(obj).__name__} has no state_dict()/load_state_dict(); pass "
@@ -562,6 +563,8 @@ class _Core:
     def apply(self, state: dict[str, Any], request: _RestoreRequest) -> None:
         for name in request.names:
             obj = self.objects[name]
+            # Namedtuples and IntEnums come back as the classes the object uses now.
+            state[name] = adopt_live_types(state[name], obj.state_dict)
             if name in request.partial:
                 # Only the matching layers were read; the rest of the module keeps its values.
                 obj.load_state_dict(state[name], strict=False)

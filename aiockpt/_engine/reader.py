@@ -252,11 +252,11 @@ _NOT_READ = _NotRead()
 def _without_unread(node: Any) -> Any:
     if isinstance(node, dict):
         kept = {k: _without_unread(v) for k, v in node.items() if v is not _NOT_READ}
-        if hasattr(node, "_metadata"):  # keep OrderedDict and the module versions
-            node.clear()
-            node.update(kept)
-            return node
-        return kept
+        # Refilled in place (the decoded dict is new): keeps its type (OrderedDict, Counter,
+        # defaultdict) and the module versions.
+        node.clear()
+        node.update(kept)
+        return node
     if isinstance(node, list):
         return [_without_unread(v) for v in node if v is not _NOT_READ]
     return node

@@ -287,4 +287,6 @@ def _typed_view(buffer: torch.Tensor, offset: int, placement: TensorPlacement) -
 
 
 def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.contiguous().reshape(-1).view(torch.uint8)
+    # A conjugate or negative view has no byte view: its values are resolved into a copy
+    # (resolve_* return the tensor itself when it has no such bit).
+    return tensor.resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +19,13 @@ import crc32c
 import torch
 
 from .._engine.capture.flatten import (
-    DTENSOR_TAG,
-    RANKS_TAG,
+    DEFAULT_FACTORIES,
+    SPARSE_LAYOUTS,
+    TAGS,
     TENSOR_TAG,
     dtype_from_name,
     dtype_name,
+    format_version_for,
 )
 from ..errors import CorruptCheckpointError
 
@@ -38,9 +40,11 @@ __all__ = [
 ]
 
 FORMAT_NAME = "aiockpt"
-# Version 2 adds what runs of several ranks write ($ranks, $dtensor, world_size > 1); a
-# checkpoint of one rank is still written as version 1, readable by older releases.
-FORMAT_VERSION = 2
+# Version 2 adds what runs of several ranks write ($ranks, $dtensor, world_size > 1);
+# version 3 the tags that keep standard types exact ($counter, $namedtuple, $sparse...). A
+# checkpoint is written with the lowest version covering what it uses, so one of one rank
+# without the newer tags is still version 1, readable by older releases.
+FORMAT_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 
 # Limits a reader enforces (docs/FORMAT.md lists them too).
@@ -52,17 +56,6 @@ MAX_NAME_CHARS = 4096
 MAX_TENSOR_BYTES = 2**48
 MAX_SKELETON_DEPTH = 512
 DATA_FILE_PATTERN = re.compile(r"data-r\d{5,9}-c\d{5,9}\.bin")
-_SKELETON_TAGS = {
-    "$tuple",
-    "$dict",
-    "$float",
-    "$bytes",
-    "$dtype",
-    "$odict",
-    "$npscalar",
-    DTENSOR_TAG,
-    RANKS_TAG,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +98,10 @@ class Manifest:
         return sum(f.nbytes for f in self.files)
 
     def to_json(self) -> bytes:
+        least = 2 if self.world_size > 1 else 1
         document = {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION if self.world_size > 1 else 1,
+            "format_version": least,
             "step": self.step,
             "created": self.created,
             "world_size": self.world_size,
@@ -117,7 +111,12 @@ class Manifest:
             "tensors": [_tensor_json(t) for t in self.tensors],
             "state": self.state,
         }
-        document["manifest_crc32c"] = crc32c.crc32c(_canonical(document))
+        canonical = _canonical(document)
+        version = format_version_for(canonical, least)
+        if version != least:
+            document["format_version"] = version
+            canonical = _canonical(document)
+        document["manifest_crc32c"] = crc32c.crc32c(canonical)
         return json.dumps(document, allow_nan=False, separators=(",", ":")).encode()
 
     @classmethod
@@ -318,13 +317,78 @@ class _Parser:
                 if tag in (TENSOR_TAG, "$ndarray"):
                     self.integer(node[tag], "tensor reference", 0, tensor_count - 1)
                 elif isinstance(tag, str) and tag.startswith("$"):
-                    if tag not in _SKELETON_TAGS:
+                    if tag not in TAGS:
                         raise self.fail(f"state uses unknown tag {tag!r}")
                     if tag == "$dtype" and dtype_from_name(str(node[tag])) is None:
                         raise self.fail(f"state names unknown dtype {node[tag]!r}")
+                    self.tag_payload(tag, node)
                     stack.extend((v, depth + 1) for v in node.values())
                 else:
                     stack.extend((v, depth + 1) for v in node.values())
+
+    def tag_payload(self, tag: str, node: dict[str, Any]) -> None:
+        """The payload shapes of the tags that keep standard types exact (section 4)."""
+        payload = node[tag]
+        check = _PAYLOAD_CHECKS.get(tag)
+        if check is not None and not check(payload, node):
+            raise self.fail(f"state has a malformed {tag} object (see docs/FORMAT.md section 4)")
+
+
+def _names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _name_in(value: Any, names: Mapping[str, Any]) -> bool:
+    return isinstance(value, str) and value in names
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_PAYLOAD_CHECKS: dict[str, Callable[[Any, dict[str, Any]], bool]] = {
+    "$ordereddict": lambda p, _: isinstance(p, dict),
+    "$counter": lambda p, _: isinstance(p, dict),
+    "$defaultdict": lambda p, n: (
+        isinstance(p, dict)
+        and (n.get("factory") is None or _name_in(n.get("factory"), DEFAULT_FACTORIES))
+    ),
+    "$namedtuple": lambda p, n: (
+        isinstance(p, list)
+        and isinstance(n.get("name"), str)
+        and _names(n.get("fields"))
+        and len(n["fields"]) == len(p)
+    ),
+    "$intenum": lambda p, n: (
+        _is_int(p)
+        and isinstance(n.get("name"), str)
+        and isinstance(n.get("members"), list)
+        and all(
+            isinstance(m, list) and len(m) == 2 and isinstance(m[0], str) and _is_int(m[1])
+            for m in n["members"]
+        )
+    ),
+    "$set": lambda p, _: isinstance(p, list),
+    "$frozenset": lambda p, _: isinstance(p, list),
+    "$complex": lambda p, _: isinstance(p, list) and len(p) == 2,
+    "$bytearray": lambda p, _: isinstance(p, str),
+    "$size": lambda p, _: isinstance(p, list) and all(_is_int(d) and d >= 0 for d in p),
+    "$grad": lambda p, _: isinstance(p, dict) and next(iter(p), None) == TENSOR_TAG,
+    "$parameter": lambda p, n: (
+        isinstance(p, dict)
+        and next(iter(p), None) == TENSOR_TAG
+        and isinstance(n.get("requires_grad"), bool)
+    ),
+    "$sparse": lambda p, n: (
+        _name_in(p, SPARSE_LAYOUTS)
+        and isinstance(n.get("shape"), list)
+        and all(_is_int(d) and d >= 0 for d in n["shape"])
+        and isinstance(n.get("data"), dict)
+        and set(n["data"])
+        == ({"indices", "values"} if p == "coo" else {"compressed", "plain", "values"})
+        and (p != "coo" or isinstance(n.get("coalesced"), bool))
+    ),
+}
 
 
 def manifest_from_layout(

@@ -573,7 +573,7 @@ CORPUS: dict[str, Mutation] = {
     "dtensor-without-shards": _edit(_set_state("w", {"$dtensor": {"shape": [3]}}), r"decoded"),
     "ranks-not-a-list": _edit(_set_state("w", {"$ranks": {"0": 1}}), r"decoded"),
     "format-version-from-the-future": _edit(
-        lambda d: d.update(format_version=3), r"format_version 3 is newer.*upgrade"
+        lambda d: d.update(format_version=4), r"format_version 4 is newer.*upgrade"
     ),
     "format-not-aiockpt": _edit(lambda d: d.update(format="pickle"), r"not an aiockpt manifest"),
     "checksum-algorithm-unknown": _edit(

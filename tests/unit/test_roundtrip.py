@@ -271,11 +271,11 @@ class Opaque:
 @pytest.mark.parametrize(
     ("value", "type_name"),
     [
-        ({1, 2}, "set"),
+        (range(2), "range"),
         (Opaque(), "Opaque"),
         (np.array(["a", "b"]), "<U1"),
         (np.arange(3, dtype=">i4"), ">i4"),
-        (1j, "complex"),
+        (np.longdouble(1.5), "longdouble"),
     ],
 )
 def test_unsupported_value_raises_naming_its_path(

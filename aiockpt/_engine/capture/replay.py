@@ -36,11 +36,20 @@ from typing import Any
 
 import torch
 
-from .flatten import _PLAIN_LEAVES, TENSOR_TAG, FlatState, _Flattener, ndarray_tensor
+from .flatten import (
+    _COMPLEX_DTYPES,
+    _PLAIN_LEAVES,
+    TENSOR_TAG,
+    FlatState,
+    _Flattener,
+    _unusual,
+    ndarray_tensor,
+)
 
 __all__ = ["FlattenCache", "StatePlan"]
 
-_TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
+# Exact types: a Parameter, a subclass or a sparse tensor goes through the full encoder.
+_TENSOR_TYPES = frozenset({torch.Tensor})
 _ROW_TYPES = frozenset({dict})
 _PLAIN_KINDS = frozenset(_PLAIN_LEAVES)
 _NUMBER_KINDS = _PLAIN_KINDS | {float}
@@ -104,6 +113,18 @@ class _TensorNode(_Node):
             raise _MISS
         tensors.append(value)
         return self.encoded  # the index is checked with the aliasing, after the walk
+
+
+class _ParameterNode(_TensorNode):
+    """A Parameter: its encoding holds its requires_grad, which the tensor check compares."""
+
+    __slots__ = ()
+
+    def replay(self, value: Any, tensors: list[torch.Tensor]) -> Any:
+        if type(value) is not torch.nn.Parameter:
+            raise _MISS
+        tensors.append(value)
+        return self.encoded
 
 
 class _ArrayNode(_Node):
@@ -346,9 +367,13 @@ def _compile(value: Any, encoded: Any, path: str) -> tuple[_Node, bool]:
     """The node replaying ``value`` (encoded as ``encoded``); and whether it holds tensors."""
     kind = type(value)
     if kind in _TENSOR_TYPES:
+        if _unusual(value):
+            raise _Uncompilable  # sparse, or a view stored resolved: the full encoder's job
         return _TensorNode(encoded), True
+    if kind is torch.nn.Parameter and not _unusual(value):
+        return _ParameterNode(encoded), True
     if isinstance(value, torch.Tensor):
-        raise _Uncompilable  # subclasses may encode differently
+        raise _Uncompilable  # Parameters, DTensors and subclasses encode differently
     if type(value).__module__.startswith("numpy"):
         import numpy as np
 
@@ -357,9 +382,9 @@ def _compile(value: Any, encoded: Any, path: str) -> tuple[_Node, bool]:
         if isinstance(value, np.ndarray):
             raise _Uncompilable
         return _FreeNode(None), False
-    if isinstance(value, Mapping):
+    if kind is dict or (kind is OrderedDict and "$odict" in encoded):
         return _compile_mapping(value, encoded, path)
-    if isinstance(value, (list, tuple)):
+    if kind is list or kind is tuple:
         items = encoded if isinstance(value, list) else encoded["$tuple"]
         if (kind is list or kind is tuple) and _plain_items(list(value)) is not None:
             return _FreeNode(None), False  # replayed in bulk, whatever its length
@@ -369,6 +394,12 @@ def _compile(value: Any, encoded: Any, path: str) -> tuple[_Node, bool]:
         if not any(has for _, has in compiled):
             return _FreeNode(_SequenceNode(kind, children, encoded, items)), False
         return _SequenceNode(kind, children, encoded, items), True
+    if _is_plain(value):
+        return _FreeNode(None), False
+    # Everything else (a Counter, a namedtuple, an IntEnum, bytes...) is re-encoded whole
+    # by the full encoder at each replay, which is exact when it holds no tensor.
+    if _holds_tensors(value):
+        raise _Uncompilable
     return _FreeNode(None), False
 
 
@@ -416,6 +447,9 @@ class StatePlan:
         occurrences = self._occurrences(state)
         self.count = len(occurrences)
         self.metas = list(map(_META, occurrences))
+        # Conjugate views are stored resolved by the full encoder: a complex tensor that
+        # has become one since is left to it (only complex tensors can carry the bit).
+        self.complex = [i for i, meta in enumerate(self.metas) if meta[0] in _COMPLEX_DTYPES]
         pointers = list(map(_data_ptr, occurrences))
         self.distinct = len(set(pointers))
         by_pointer: dict[int, list[int]] = {}
@@ -472,17 +506,19 @@ class StatePlan:
             first = pointers[group[0]]
             if any(pointers[i] != first for i in group) or _aliasing(tensors, group) != aliasing:
                 return False
-        return list(map(_META, tensors)) == self.metas
+        if list(map(_META, tensors)) != self.metas:
+            return False
+        return not any(tensors[i].is_conj() or tensors[i].is_neg() for i in self.complex)
 
 
 def _aliasing(tensors: list[torch.Tensor], group: list[int]) -> list[int]:
     """Which earlier member of ``group`` each member is stored as (the full encoder's rule:
-    same pointer, dtype, shape and strides; empty tensors alias nothing)."""
+    same pointer, dtype, shape, strides and negative bit; empty tensors alias nothing)."""
     decided: list[int] = []
     seen: list[tuple[object, ...]] = []
     for position in group:
         tensor = tensors[position]
-        key = (tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride())
+        key = (tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.stride(), tensor.is_neg())
         if key[0] and key in seen:
             decided.append(seen.index(key))
         else:
