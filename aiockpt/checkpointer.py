@@ -42,7 +42,7 @@ from .flatplan import FlattenCache
 from .flatten import FlatState, flatten_state
 from .layers import tensor_layers
 from .layout import ALIGNMENT, describe, layout_signature, plan_layout, plan_layout_for_count
-from .manifest import TensorRecord
+from .manifest import MAX_STEP, TensorRecord
 from .memory import StagingMemory
 from .metrics import CheckpointerStats, CheckpointMetrics
 from .pipeline import Admitted, Pipeline, _Job
@@ -51,6 +51,7 @@ from .reshard import RankSelection, place_shards
 from .runtime import CallerLoop, MonitorLoop, PrivateLoop, Runtime
 from .sharding import RankShare, Replicated, object_kinds, optimizer_parameters
 from .staging import CaptureGuard, Capturer, Snapshot, choose_staging
+from .state_limits import StateLimits, check_layout
 from .stateful import Stateful
 from .store import CheckpointInfo, CheckpointStore, list_checkpoints
 
@@ -202,6 +203,7 @@ class _Core:
         self.capturer: Capturer | None = None
         self.layers: list[str | None] = []
         self.plans = FlattenCache()
+        self.limits = StateLimits()
         # The FlatState.structure last found to match the layout: the same object again
         # means the same dtypes, shapes and devices, so the layout still fits.
         self._fitting_structure: object | None = None
@@ -280,8 +282,8 @@ class _Core:
     def check_can_checkpoint(self, step: int) -> None:
         if self.closed:
             raise CheckpointError("this Checkpointer is closed; create a new one")
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_STEP:
+            raise ValueError(f"step must be a non-negative int up to {MAX_STEP}, got {step!r}")
         self.raise_failures()
         if step in self._in_flight and not self._in_flight[step].done():
             raise CheckpointInProgressError(
@@ -291,7 +293,7 @@ class _Core:
 
     def flatten(self) -> FlatState:
         states = {name: obj.state_dict() for name, obj in self.objects.items()}
-        return flatten_state(states, self.plans)
+        return self.limits.flatten(states, self.plans, complete=self.ranks is None)
 
     def next_shared_directory(self) -> str | None:
         """The suffix of the temporary directory all ranks write this checkpoint into."""
@@ -335,6 +337,7 @@ class _Core:
         else:
             chunk_bytes = self.config.chunk_bytes(_aligned_total(flat))
             layout = plan_layout(flat.tensors, flat.names, chunk_bytes, layers)
+        check_layout(layout)
         modes = {}
         for device in layout.devices:
             start, end = layout.device_span(device)
