@@ -105,7 +105,7 @@ class Manifest:
     def nbytes(self) -> int:
         return sum(f.nbytes for f in self.files)
 
-    def to_json(self) -> bytes:
+    def _serialize(self) -> bytes:
         document = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION if self.world_size > 1 else 1,
@@ -118,9 +118,13 @@ class Manifest:
             "tensors": [_tensor_json(t) for t in self.tensors],
             "state": self.state,
         }
+        document["manifest_crc32c"] = crc32c.crc32c(_canonical(document))
+        return json.dumps(document, allow_nan=False, separators=(",", ":")).encode()
+
+    def to_json(self) -> bytes:
+        """The manifest file's bytes; UnsupportedStateError if a reader would refuse them."""
         try:
-            document["manifest_crc32c"] = crc32c.crc32c(_canonical(document))
-            payload = json.dumps(document, allow_nan=False, separators=(",", ":")).encode()
+            payload = self._serialize()
         except ValueError as exc:  # e.g. an integer of more digits than JSON readers take
             raise self._refused(str(exc)) from exc
         # Nothing is committed that a reader would refuse: what only the written manifest
