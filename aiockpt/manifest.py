@@ -145,7 +145,14 @@ class Manifest:
     @classmethod
     def parse(cls, raw: bytes, where: str) -> Manifest:
         """Validate and decode a manifest; any flaw is a CorruptCheckpointError."""
-        return _Parser(where).manifest(raw)
+        try:
+            return _Parser(where).manifest(raw)
+        except (CorruptCheckpointError, MemoryError):
+            raise
+        except Exception as exc:  # a rule the checks above missed: still this file's flaw
+            raise CorruptCheckpointError(
+                f"{where}: manifest cannot be validated ({type(exc).__name__}: {exc})"
+            ) from exc
 
 
 def _canonical(document: dict[str, Any]) -> bytes:
@@ -193,7 +200,11 @@ class _Parser:
         # Tensor bytes have their own checksums; this one covers everything the manifest
         # says itself, the non-tensor state (learning rates, counters, RNG) included.
         recorded = doc.pop("manifest_crc32c", None)
-        if recorded != crc32c.crc32c(_canonical(doc)):
+        try:
+            canonical = _canonical(doc)
+        except (ValueError, RecursionError) as exc:  # 1e400 parses to inf, which no writer
+            raise self.fail(f"manifest cannot be checked against its seal ({exc})") from None
+        if recorded != crc32c.crc32c(canonical):
             raise self.fail("manifest fails its crc32c checksum (manifest_crc32c)")
         version = self.integer(doc.get("format_version"), "format_version", 1, 2**31)
         if version > FORMAT_VERSION:
