@@ -8,6 +8,7 @@ in-range tensor indices. Nothing is ever unpickled or executed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -742,6 +743,7 @@ class _SkeletonCheck:
         if type(shards) is not list or not shards:
             raise SkeletonError(f"{DTENSOR_TAG} shards must be a non-empty list", node)
         covered, dtypes = 0, set()
+        boxes: list[tuple[list[int], tuple[int, ...]]] = []
         for shard in shards:
             if type(shard) is not dict or set(shard) != {"offset", "data"}:
                 raise SkeletonError(f"{DTENSOR_TAG} shards must hold offset and data", node)
@@ -766,14 +768,40 @@ class _SkeletonCheck:
                 )
             covered += math.prod(size)
             dtypes.add(tensor.dtype)
+            if all(size):
+                boxes.append((offset, size))
         if len(dtypes) > 1:
             raise SkeletonError(f"the shards of a {DTENSOR_TAG} have different dtypes", node)
+        if not _disjoint_grid(boxes):
+            raise SkeletonError(
+                f"the shards of a {DTENSOR_TAG} of shape {shape} overlap, or do not lie on one "
+                "grid of the tensor",
+                node,
+            )
         if self.complete and covered != math.prod(shape):
             raise SkeletonError(
                 f"the shards of a tensor of shape {shape} cover {covered} of its "
                 f"{math.prod(shape)} elements",
                 node,
             )
+
+
+def _disjoint_grid(boxes: Sequence[tuple[Sequence[int], Sequence[int]]]) -> bool:
+    """Whether non-empty shards (offset, size) lie on one grid, each in its own cell.
+
+    DTensor shards split each dimension into consecutive ranges (torch.chunk, mesh
+    dimension by mesh dimension), so along every dimension two shards' ranges are equal or
+    apart, and two shards with the same offsets everywhere would be one cell twice. Both
+    hold exactly when no two shards overlap, found in O(n log n) where comparing every
+    pair would be quadratic in the number of ranks.
+    """
+    if len(boxes) < 2:
+        return True
+    for dim in range(len(boxes[0][0])):
+        ranges = sorted({(offset[dim], offset[dim] + size[dim]) for offset, size in boxes})
+        if any(end > start for (_, end), (start, _) in itertools.pairwise(ranges)):
+            return False
+    return len({tuple(offset) for offset, _ in boxes}) == len(boxes)
 
 
 def manifest_from_layout(

@@ -20,7 +20,7 @@ from conftest import Bag, assert_state_equal, make_config
 
 import aiockpt
 from aiockpt import flatten
-from aiockpt.manifest import MAX_SKELETON_DEPTH, Manifest
+from aiockpt.manifest import MAX_SKELETON_DEPTH, Manifest, SkeletonError, check_skeleton
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,6 +167,10 @@ EDITS: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
             or _state(w=_dtensor([14], ([0], 0), ([8], 1)))(d)
         ),
         r"shards of a \$dtensor have different dtypes",
+    ),
+    "dtensor-shards-overlap-and-leave-a-gap": (
+        _state(w=_dtensor([16], ([0], 0), ([4], 0))),
+        r"shards of a \$dtensor of shape \[16\] overlap",
     ),
     "dtensor-data-not-a-tensor": (
         _state(w={"$dtensor": {"shape": [1], "shards": [{"offset": [0], "data": 5}]}}),
@@ -390,3 +394,20 @@ def test_a_real_manifest_is_far_inside_the_container_allowance(pristine: Path) -
     containers = raw.count(b"{") + raw.count(b"[")
     per_byte_allowed = container_allowance(len(raw)) - container_allowance(0)
     assert containers * 2 < per_byte_allowed, (containers, len(raw))
+
+
+def _grid(shape: list[int], boxes: list[tuple[list[int], list[int]]]) -> None:
+    state = {"w": _dtensor(shape, *((offset, i) for i, (offset, _) in enumerate(boxes)))}
+    check_skeleton(state, [torch.empty(size) for _, size in boxes])
+
+
+def test_dtensor_shards_on_a_grid_pass_and_overlapping_ones_do_not() -> None:
+    # 2 x 3 mesh over a 5 x 7 tensor, split as torch.chunk splits (uneven, one empty).
+    rows, cols = [(0, 3), (3, 2)], [(0, 3), (3, 3), (6, 1)]
+    _grid([5, 7], [([r, c], [n, m]) for r, n in rows for c, m in cols])
+    _grid([2, 4], [([0, 0], [2, 4]), ([2, 0], [0, 4])])  # an empty shard past the end
+    # Same cover, same element count, but two shards share a corner and leave a hole.
+    with pytest.raises(SkeletonError, match="overlap"):
+        _grid([4, 4], [([0, 0], [2, 2]), ([1, 1], [2, 2]), ([0, 2], [2, 2]), ([2, 2], [2, 2])])
+    with pytest.raises(SkeletonError, match="overlap"):
+        _grid([4], [([0], [2]), ([0], [2])])
