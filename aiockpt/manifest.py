@@ -328,10 +328,15 @@ class _Parser:
                 file, end, owner = piece_file, stop, index
 
     def tensor(self, i: int, entry: Any, sizes: Mapping[str, int]) -> TensorRecord:
-        entry = self.mapping(entry, f"tensors[{i}]")
-        name = self.string(entry.get("name"), f"tensors[{i}].name")
+        # Messages are built only on failure: this runs once per tensor, millions of times
+        # in the largest manifests.
+        if type(entry) is not dict:
+            self.mapping(entry, f"tensors[{i}]")
+        name = entry.get("name")
+        if type(name) is not str:
+            self.string(name, f"tensors[{i}].name")
         dtype_text = entry.get("dtype")
-        dtype = dtype_from_name(dtype_text) if isinstance(dtype_text, str) else None
+        dtype = dtype_from_name(dtype_text) if type(dtype_text) is str else None
         if dtype is None:
             raise self.fail(
                 f"tensor {_shown(name)} has dtype {_shown(dtype_text)}, unknown to "
@@ -355,37 +360,45 @@ class _Parser:
                 f"tensor {_shown(name)}: shape {_shown(shape)} of {dtype_text} is "
                 f"{_shown(expected)} bytes, not {nbytes}"
             )
-        pieces = self.sequence(entry.get("pieces"), f"tensor {_shown(name)} pieces", MAX_FILES)
-        records = tuple(self.piece(name, j, p, sizes) for j, p in enumerate(pieces))
-        held = sum(p.length for p in records)
+        pieces = entry.get("pieces")
+        if type(pieces) is not list or len(pieces) > MAX_FILES:
+            self.sequence(pieces, f"tensor {_shown(name)} pieces", MAX_FILES)
+        records = tuple([self.piece(name, j, p, sizes) for j, p in enumerate(pieces)])
+        held = sum([p.length for p in records])
         if held != nbytes:
             raise self.fail(f"tensor {_shown(name)}: its pieces hold {held} bytes, not {nbytes}")
         layer = entry.get("layer")
-        if layer is not None:
-            layer = self.string(layer, f"tensor {_shown(name)} layer")
+        if layer is not None and type(layer) is not str:
+            self.string(layer, f"tensor {_shown(name)} layer")
         return TensorRecord(name, dtype, tuple(shape), nbytes, records, layer)
 
     def piece(self, name: str, j: int, entry: Any, sizes: Mapping[str, int]) -> PieceRecord:
         if type(entry) is not dict:
             self.mapping(entry, f"tensor {_shown(name)} piece {j}")
         file = entry.get("file")
-        if not isinstance(file, str) or file not in sizes:
+        held = sizes.get(file) if type(file) is str else None
+        if held is None:
             raise self.fail(
                 f"tensor {_shown(name)} piece {j} names file {_shown(file)}, which the "
                 "manifest does not list"
             )
         offset, length, crc = entry.get("offset"), entry.get("length"), entry.get("crc32c")
-        for value, what, high in (
-            (offset, "offset", MAX_TENSOR_BYTES),
-            (length, "length", MAX_TENSOR_BYTES),
-            (crc, "crc32c", 2**32 - 1),
+        if not (
+            type(offset) is int
+            and type(length) is int
+            and type(crc) is int
+            and 0 <= offset <= MAX_TENSOR_BYTES
+            and 0 <= length <= MAX_TENSOR_BYTES
+            and 0 <= crc < 2**32
         ):
-            if type(value) is not int or not 0 <= value <= high:
-                self.integer(value, f"tensor {_shown(name)} piece {j} {what}", 0, high)
-        if offset + length > sizes[file]:
+            where = f"tensor {_shown(name)} piece {j}"
+            self.integer(offset, f"{where} offset", 0, MAX_TENSOR_BYTES)
+            self.integer(length, f"{where} length", 0, MAX_TENSOR_BYTES)
+            self.integer(crc, f"{where} crc32c", 0, 2**32 - 1)
+        if offset + length > held:
             raise self.fail(
                 f"tensor {_shown(name)} piece {j} claims bytes {offset}..{offset + length} of "
-                f"{file}, which holds {sizes[file]} bytes"
+                f"{file}, which holds {held} bytes"
             )
         return PieceRecord(file, offset, length, crc)
 
@@ -538,7 +551,7 @@ class _SkeletonCheck:
     ) -> None:
         stack = self.stack
         stack.extend((v, 1) for v in state.values())
-        tags = self.tags
+        tags, count = self.tags, len(self.tensors)
         while stack:
             node, depth = stack.pop()
             kind = type(node)
@@ -554,7 +567,11 @@ class _SkeletonCheck:
                         f"state nests deeper than {MAX_SKELETON_DEPTH} levels", node
                     )
                 tag = next(iter(node), None)
-                if type(tag) is str and tag[:1] == "$":
+                if tag == TENSOR_TAG and len(node) == 1:  # most tagged nodes: checked inline
+                    index = node[tag]
+                    if type(index) is not int or not 0 <= index < count:
+                        self.index(index, node)
+                elif type(tag) is str and tag[:1] == "$":
                     check = tags.get(tag)
                     if check is None:
                         raise SkeletonError(f"state uses unknown tag {_shown(tag)}", node)
@@ -575,8 +592,10 @@ class _SkeletonCheck:
                 )
 
     def payload_only(self, node: dict[str, Any], *extra: str) -> None:
+        if len(node) == 1:
+            return  # the tag alone
         tag = next(iter(node))
-        if len(node) > 1 + len(extra) or not all(k == tag or k in extra for k in node):
+        if len(node) > 1 + len(extra) or any(k != tag and k not in extra for k in node):
             raise SkeletonError(f"{tag} object has unexpected keys {_shown(list(node))}", node)
 
     def array(self, value: Any, depth: int, node: dict[str, Any]) -> None:
