@@ -2,8 +2,10 @@
 
 Parsing treats the file as hostile: every field is type- and range-checked against the
 limits below before anything is allocated or opened, names must be plain data-file
-names (no separators, no ``..``), and the skeleton may only use known tags and
-in-range tensor indices. Nothing is ever unpickled or executed.
+names (no separators, no ``..``), no two pieces may share a byte, no JSON key may appear
+twice, and the skeleton may only use known tags, each with exactly the payload the format
+gives it. Nothing is ever unpickled or executed. ``Manifest.parse`` is the one validator:
+every reader calls it, and so does the writer, on what it is about to commit.
 """
 
 from __future__ import annotations
@@ -511,9 +513,8 @@ def check_skeleton(
     ``tensors`` are the tensor table's entries, anything with ``dtype`` and ``shape`` (the
     manifest's TensorRecords, or the tensors themselves at capture). The same rules serve
     the reader (every manifest) and the writer (at capture), so what one accepts the other
-    does too. ``complete=False`` is a single rank's skeleton at
-    capture, whose DTensors hold only that rank's shards (their cover is checked once the
-    ranks' parts are merged).
+    does too. ``complete=False`` is a single rank's skeleton at capture, whose DTensors
+    hold only that rank's shards (their cover is checked once the ranks' parts are merged).
 
     A writer checks a new skeleton of the same structure incrementally: ``known`` maps
     ``id(container)`` to (container, depth) for containers passed before, and those are
