@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import torch
 
 from ._engine.capture.flatten import FlatState, adopt_live_types, check_state_name, flatten_state
+from ._engine.capture.limits import StateLimits, check_layout
 from ._engine.capture.replay import FlattenCache
 from ._engine.layers import tensor_layers
 from ._engine.layout import (
@@ -41,7 +42,7 @@ from ._engine.reader import Placement, TensorFilter, read_checkpoint, tensor_fil
 from ._engine.reshard import RankSelection, place_shards
 from ._engine.runtime import CallerLoop, MonitorLoop, PrivateLoop, Runtime
 from ._engine.staging import CaptureGuard, Capturer, Snapshot, choose_staging
-from ._format.manifest import TensorRecord
+from ._format.manifest import MAX_STEP, TensorRecord
 from ._version import __version__
 from .config import Config
 from .distributed.group import RankGroup, is_rank_zero
@@ -59,7 +60,7 @@ from .errors import (
 )
 from .metrics import CheckpointerStats, CheckpointMetrics
 from .stateful import Stateful
-from .storage.local import MAX_STEP, CheckpointInfo, CheckpointStore, list_checkpoints
+from .storage.local import CheckpointInfo, CheckpointStore, list_checkpoints
 
 __all__ = ["CheckpointHandle", "Checkpointer", "SyncCheckpointHandle", "SyncCheckpointer"]
 
@@ -210,6 +211,7 @@ class _Core:
         self.capturer: Capturer | None = None
         self.layers: list[str | None] = []
         self.plans = FlattenCache()
+        self.limits = StateLimits()
         # The FlatState.structure last found to match the layout: the same object again
         # means the same dtypes, shapes and devices, so the layout still fits.
         self._fitting_structure: object | None = None
@@ -304,7 +306,7 @@ class _Core:
 
     def flatten(self) -> FlatState:
         states = {name: obj.state_dict() for name, obj in self.objects.items()}
-        return flatten_state(states, self.plans)
+        return self.limits.flatten(states, self.plans, complete=self.ranks is None)
 
     def next_shared_directory(self) -> str | None:
         """The suffix of the temporary directory all ranks write this checkpoint into."""
@@ -348,6 +350,7 @@ class _Core:
         else:
             chunk_bytes = self.config.chunk_bytes(_aligned_total(flat))
             layout = plan_layout(flat.tensors, flat.names, chunk_bytes, layers)
+        check_layout(layout)
         modes = {}
         for device in layout.devices:
             start, end = layout.device_span(device)

@@ -8,7 +8,6 @@ directory nor make the reader allocate more than the files hold.
 
 from __future__ import annotations
 
-import binascii
 import functools
 import os
 import re
@@ -21,8 +20,14 @@ from typing import Any
 
 import torch
 
-from .._format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileRecord, Manifest, TensorRecord
-from ..errors import CorruptCheckpointError, NoCheckpointError
+from .._format.manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    FileRecord,
+    Manifest,
+    TensorRecord,
+)
+from ..errors import AiockptError, CorruptCheckpointError, NoCheckpointError
 from ..storage.fileio import NotRegularFileError, open_regular, read_exact
 from ..storage.local import parse_step_dir
 from .capture.flatten import SavedShards, unflatten_state
@@ -232,7 +237,11 @@ class LoadedCheckpoint:
                 k: unflatten_state(self.manifest.state[k], tensor_at, rank=rank, dtensor=dtensor)
                 for k in wanted
             }
-        except (ValueError, TypeError, KeyError, IndexError, binascii.Error) as exc:
+        except (AiockptError, MemoryError):
+            raise  # WorldSizeError: this rank has no state here; memory: not the file's fault
+        except Exception as exc:
+            # The manifest's validator should have refused whatever cannot be decoded; any
+            # failure it missed still marks this checkpoint corrupt, so restore falls back.
             raise CorruptCheckpointError(
                 f"{self.path / MANIFEST_NAME}: its state cannot be decoded ({exc})"
             ) from exc

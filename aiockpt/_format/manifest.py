@@ -2,15 +2,19 @@
 
 Parsing treats the file as hostile: every field is type- and range-checked against the
 limits below before anything is allocated or opened, names must be plain data-file
-names (no separators, no ``..``), and the skeleton may only use known tags and
-in-range tensor indices. Nothing is ever unpickled or executed.
+names (no separators, no ``..``), no two pieces may share a byte, no JSON key may appear
+twice, and the skeleton may only use known tags, each with exactly the payload the format
+gives it. Nothing is ever unpickled or executed. ``Manifest.parse`` is the one validator:
+every reader calls it, and so does the writer, on what it is about to commit.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,14 +24,15 @@ import torch
 
 from .._engine.capture.flatten import (
     DEFAULT_FACTORIES,
+    DTENSOR_TAG,
+    RANKS_TAG,
     SPARSE_LAYOUTS,
-    TAGS,
     TENSOR_TAG,
     dtype_from_name,
     dtype_name,
     format_version_for,
 )
-from ..errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError, UnsupportedStateError
 
 __all__ = [
     "FORMAT_NAME",
@@ -36,7 +41,9 @@ __all__ = [
     "FileRecord",
     "Manifest",
     "PieceRecord",
+    "SkeletonError",
     "TensorRecord",
+    "check_skeleton",
 ]
 
 FORMAT_NAME = "aiockpt"
@@ -47,14 +54,29 @@ FORMAT_NAME = "aiockpt"
 FORMAT_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 
-# Limits a reader enforces (docs/FORMAT.md lists them too).
+# Limits a reader enforces (docs/FORMAT.md section 8). Every MAX_* below is one, and the
+# writer refuses whatever would exceed one (state_limits at capture, Manifest.to_json before
+# commit), so a committed checkpoint is never one that readers refuse.
 MAX_MANIFEST_BYTES = 256 * 2**20
+# JSON objects and arrays cost a reader far more memory than their text ("{}" is 2 bytes,
+# a Python dict ~80), so their number is bounded by the manifest's size: at most
+# MAX_CONTAINERS_BASE plus MAX_CONTAINERS_PER_MIB per MiB (one per 16 bytes). A real
+# manifest has one per ~60 bytes; a manifest of empty objects would otherwise take ~30
+# times its size in memory.
+MAX_CONTAINERS_BASE = 2**20
+MAX_CONTAINERS_PER_MIB = 2**16
 MAX_TENSORS = 10_000_000
 MAX_FILES = 1_000_000
-MAX_NDIM = 64
-MAX_NAME_CHARS = 4096
+# Far beyond any real tensor (torch itself sets no limit); bounds the work per entry.
+MAX_NDIM = 1024
+MAX_DIM = 2**63 - 1  # torch sizes are int64
 MAX_TENSOR_BYTES = 2**48
-MAX_SKELETON_DEPTH = 512
+# The decoder recurses about twice per level and must stay well inside Python's default
+# recursion limit (1000) whatever the caller's own stack depth; real state nests ~10 deep.
+MAX_SKELETON_DEPTH = 128
+MAX_STEP = 2**63 - 1
+# Data file names carry a rank in at most nine digits.
+MAX_WORLD_SIZE = 10**9
 DATA_FILE_PATTERN = re.compile(r"data-r\d{5,9}-c\d{5,9}\.bin")
 
 
@@ -97,7 +119,7 @@ class Manifest:
     def nbytes(self) -> int:
         return sum(f.nbytes for f in self.files)
 
-    def to_json(self) -> bytes:
+    def _serialize(self) -> bytes:
         least = 2 if self.world_size > 1 else 1
         document = {
             "format": FORMAT_NAME,
@@ -119,10 +141,38 @@ class Manifest:
         document["manifest_crc32c"] = crc32c.crc32c(canonical)
         return json.dumps(document, allow_nan=False, separators=(",", ":")).encode()
 
+    def to_json(self) -> bytes:
+        """The manifest file's bytes; UnsupportedStateError if a reader would refuse them."""
+        try:
+            payload = self._serialize()
+        except ValueError as exc:  # e.g. an integer of more digits than JSON readers take
+            raise self._refused(str(exc)) from exc
+        # Nothing is committed that a reader would refuse: what only the written manifest
+        # decides (its size, its number of JSON containers), and anything the checks at
+        # capture did not cover, is found here, before commit.
+        try:
+            Manifest.parse(payload, "manifest")
+        except CorruptCheckpointError as exc:
+            raise self._refused(str(exc).removeprefix("manifest: ")) from exc
+        return payload
+
+    def _refused(self, problem: str) -> UnsupportedStateError:
+        return UnsupportedStateError(
+            f"checkpoint of step {self.step} is not committed: every reader would refuse it "
+            f"({problem}); change or leave out that part of the state in state_dict()"
+        )
+
     @classmethod
     def parse(cls, raw: bytes, where: str) -> Manifest:
         """Validate and decode a manifest; any flaw is a CorruptCheckpointError."""
-        return _Parser(where).manifest(raw)
+        try:
+            return _Parser(where).manifest(raw)
+        except (CorruptCheckpointError, MemoryError):
+            raise
+        except Exception as exc:  # a rule the checks above missed: still this file's flaw
+            raise CorruptCheckpointError(
+                f"{where}: manifest cannot be validated ({type(exc).__name__}: {exc})"
+            ) from exc
 
 
 def _canonical(document: dict[str, Any]) -> bytes:
@@ -157,8 +207,11 @@ class _Parser:
     def manifest(self, raw: bytes) -> Manifest:
         if len(raw) > MAX_MANIFEST_BYTES:
             raise self.fail(f"manifest is {len(raw)} bytes, over the {MAX_MANIFEST_BYTES} limit")
+        self.containers(raw)
         try:
-            doc = json.loads(raw, parse_constant=self._reject_constant)
+            doc = json.loads(
+                raw, parse_constant=self._reject_constant, object_pairs_hook=_unique_keys
+            )
         except (ValueError, RecursionError) as exc:
             raise self.fail(f"manifest is not valid JSON ({exc})") from exc
         doc = self.mapping(doc, "manifest")
@@ -167,7 +220,11 @@ class _Parser:
         # Tensor bytes have their own checksums; this one covers everything the manifest
         # says itself, the non-tensor state (learning rates, counters, RNG) included.
         recorded = doc.pop("manifest_crc32c", None)
-        if recorded != crc32c.crc32c(_canonical(doc)):
+        try:
+            canonical = _canonical(doc)
+        except (ValueError, RecursionError) as exc:  # 1e400 parses to inf, which no writer
+            raise self.fail(f"manifest cannot be checked against its seal ({exc})") from None
+        if recorded != crc32c.crc32c(canonical):
             raise self.fail("manifest fails its crc32c checksum (manifest_crc32c)")
         version = self.integer(doc.get("format_version"), "format_version", 1, 2**31)
         if version > FORMAT_VERSION:
@@ -175,28 +232,47 @@ class _Parser:
                 f"format_version {version} is newer than this aiockpt reads ({FORMAT_VERSION}); "
                 "upgrade aiockpt"
             )
+        step = self.integer(doc.get("step"), "step", 0, MAX_STEP)
+        world_size = self.integer(doc.get("world_size", 1), "world_size", 1, MAX_WORLD_SIZE)
         files = self.files(doc.get("files"))
         sizes = {f.name: f.nbytes for f in files}
         tensors = self.tensors(doc.get("tensors"), sizes)
         state = self.mapping(doc.get("state"), "state")
-        self.skeleton(state, len(tensors))
+        try:
+            check_skeleton(state, tensors, world_size)
+        except SkeletonError as exc:
+            raise self.fail(str(exc)) from None
         versions = self.mapping(doc.get("versions", {}), "versions")
+        if not all(isinstance(v, str) for v in versions.values()):
+            raise self.fail("versions must map names to strings")
         algorithm = doc.get("checksum")
         if algorithm != "crc32c":
             raise self.fail(f"unknown checksum algorithm {algorithm!r}")
         created = doc.get("created", 0.0)
-        if not isinstance(created, (int, float)) or isinstance(created, bool):
-            raise self.fail(f"created = {created!r} is not a number")
+        if not _is_number(created) or not math.isfinite(created):
+            raise self.fail(f"created = {created!r} is not a finite number")
         return Manifest(
-            step=self.integer(doc.get("step"), "step", 0, 2**63 - 1),
+            step=step,
             created=float(created),
-            world_size=self.integer(doc.get("world_size", 1), "world_size", 1, 2**31),
-            versions={str(k): str(v) for k, v in versions.items()},
+            world_size=world_size,
+            versions=versions,
             checksum_algorithm=algorithm,
             files=files,
             tensors=tensors,
             state=state,
         )
+
+    def containers(self, raw: bytes) -> None:
+        """Refuse, before parsing, more JSON objects and arrays than the size allows."""
+        allowed = container_allowance(len(raw))
+        if raw.count(b"{") + raw.count(b"[") <= allowed:
+            return  # an upper bound: brackets inside strings are counted too
+        counted = _count_containers(raw)
+        if counted > allowed:
+            raise self.fail(
+                f"manifest holds {counted} JSON objects and arrays in {len(raw)} bytes, over "
+                f"the limit of {allowed} (MAX_CONTAINERS_BASE + MAX_CONTAINERS_PER_MIB per MiB)"
+            )
 
     def _reject_constant(self, name: str) -> Any:
         raise ValueError(f"non-standard JSON constant {name}")
@@ -214,13 +290,13 @@ class _Parser:
         return value
 
     def integer(self, value: Any, what: str, low: int, high: int) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-            raise self.fail(f"{what} = {value!r} is not an integer from {low} to {high}")
+        if type(value) is not int or not low <= value <= high:
+            raise self.fail(f"{what} = {_shown(value)} is not an integer from {low} to {high}")
         return value
 
     def string(self, value: Any, what: str) -> str:
-        if not isinstance(value, str) or len(value) > MAX_NAME_CHARS:
-            raise self.fail(f"{what} must be a string of at most {MAX_NAME_CHARS} characters")
+        if not isinstance(value, str):
+            raise self.fail(f"{what} must be a string, not {type(value).__name__}")
         return value
 
     def files(self, value: Any) -> tuple[FileRecord, ...]:
@@ -231,15 +307,12 @@ class _Parser:
             name = self.string(entry.get("name"), f"files[{i}].name")
             if not DATA_FILE_PATTERN.fullmatch(name) or name in seen:
                 raise self.fail(
-                    f"files[{i}].name = {name!r} is not a unique data file name "
+                    f"files[{i}].name = {_shown(name)} is not a unique data file name "
                     "(data-rNNNNN-cNNNNN.bin); names may not contain paths"
                 )
             seen.add(name)
-            records.append(
-                FileRecord(
-                    name, self.integer(entry.get("nbytes"), f"{name} nbytes", 0, MAX_TENSOR_BYTES)
-                )
-            )
+            nbytes = self.integer(entry.get("nbytes"), f"{name} nbytes", 0, MAX_TENSOR_BYTES)
+            records.append(FileRecord(name, nbytes))
         return tuple(records)
 
     def tensors(self, value: Any, sizes: Mapping[str, int]) -> tuple[TensorRecord, ...]:
@@ -247,91 +320,561 @@ class _Parser:
             self.tensor(i, entry, sizes)
             for i, entry in enumerate(self.sequence(value, "tensors", MAX_TENSORS))
         )
-        # Pieces may not overlap, so tensors can never claim more bytes than the files
-        # hold: a reader allocates at most what is on disk.
         claimed, held = sum(t.nbytes for t in records), sum(sizes.values())
         if claimed > held:
             raise self.fail(f"tensors claim {claimed} bytes but the data files hold {held}")
+        self.no_overlaps(records)
         return records
 
+    def no_overlaps(self, records: Sequence[TensorRecord]) -> None:
+        """No two pieces share a byte, so the bytes a reader allocates never exceed the
+        bytes the files hold, and no tensor's bytes are another's."""
+        spans = sorted(
+            (p.file, p.offset, p.offset + p.length, i)
+            for i, record in enumerate(records)
+            for p in record.pieces
+            if p.length
+        )
+        file, end, owner = "", 0, -1
+        for piece_file, start, stop, index in spans:
+            if piece_file == file and start < end:
+                raise self.fail(
+                    f"tensors {_shown(records[owner].name)} and {_shown(records[index].name)} "
+                    f"overlap in {piece_file} (bytes {start}..{min(end, stop)}); the pieces "
+                    "of different tensors may not share bytes"
+                )
+            if piece_file != file or stop > end:
+                file, end, owner = piece_file, stop, index
+
     def tensor(self, i: int, entry: Any, sizes: Mapping[str, int]) -> TensorRecord:
-        entry = self.mapping(entry, f"tensors[{i}]")
-        name = self.string(entry.get("name"), f"tensors[{i}].name")
-        where = f"tensor {name!r}"
-        dtype_text = self.string(entry.get("dtype"), f"{where} dtype")
-        dtype = dtype_from_name(dtype_text)
+        # Messages are built only on failure: this runs once per tensor, millions of times
+        # in the largest manifests.
+        if type(entry) is not dict:
+            self.mapping(entry, f"tensors[{i}]")
+        name = entry.get("name")
+        if type(name) is not str:
+            self.string(name, f"tensors[{i}].name")
+        dtype_text = entry.get("dtype")
+        dtype = dtype_from_name(dtype_text) if type(dtype_text) is str else None
         if dtype is None:
             raise self.fail(
-                f"{where} has dtype {dtype_text!r}, unknown to torch {torch.__version__}"
+                f"tensor {_shown(name)} has dtype {_shown(dtype_text)}, unknown to "
+                f"torch {torch.__version__}"
             )
-        shape = tuple(
-            self.integer(d, f"{where} shape", 0, MAX_TENSOR_BYTES)
-            for d in self.sequence(entry.get("shape"), f"{where} shape", MAX_NDIM)
-        )
-        nbytes = self.integer(entry.get("nbytes"), f"{where} nbytes", 0, MAX_TENSOR_BYTES)
+        shape = entry.get("shape")
+        if (
+            type(shape) is not list
+            or len(shape) > MAX_NDIM
+            or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)
+        ):
+            where = f"tensor {_shown(name)} shape"
+            for d in self.sequence(shape, where, MAX_NDIM):
+                self.integer(d, where, 0, MAX_DIM)
+        nbytes = entry.get("nbytes")
+        if type(nbytes) is not int or not 0 <= nbytes <= MAX_TENSOR_BYTES:
+            self.integer(nbytes, f"tensor {_shown(name)} nbytes", 0, MAX_TENSOR_BYTES)
         expected = math.prod(shape) * dtype.itemsize
         if expected != nbytes:
             raise self.fail(
-                f"{where}: shape {list(shape)} of {dtype_text} is {expected} bytes, not {nbytes}"
+                f"tensor {_shown(name)}: shape {_shown(shape)} of {dtype_text} is "
+                f"{_shown(expected)} bytes, not {nbytes}"
             )
-        pieces = tuple(
-            self.piece(where, j, p, sizes)
-            for j, p in enumerate(self.sequence(entry.get("pieces"), f"{where} pieces", MAX_FILES))
-        )
-        if sum(p.length for p in pieces) != nbytes:
-            raise self.fail(
-                f"{where}: its pieces hold {sum(p.length for p in pieces)} bytes, not {nbytes}"
-            )
+        pieces = entry.get("pieces")
+        if type(pieces) is not list or len(pieces) > MAX_FILES:
+            self.sequence(pieces, f"tensor {_shown(name)} pieces", MAX_FILES)
+        records = tuple([self.piece(name, j, p, sizes) for j, p in enumerate(pieces)])
+        held = sum([p.length for p in records])
+        if held != nbytes:
+            raise self.fail(f"tensor {_shown(name)}: its pieces hold {held} bytes, not {nbytes}")
         layer = entry.get("layer")
-        if layer is not None:
-            layer = self.string(layer, f"{where} layer")
-        return TensorRecord(name, dtype, shape, nbytes, pieces, layer)
+        if layer is not None and type(layer) is not str:
+            self.string(layer, f"tensor {_shown(name)} layer")
+        return TensorRecord(name, dtype, tuple(shape), nbytes, records, layer)
 
-    def piece(self, where: str, j: int, entry: Any, sizes: Mapping[str, int]) -> PieceRecord:
-        entry = self.mapping(entry, f"{where} piece {j}")
+    def piece(self, name: str, j: int, entry: Any, sizes: Mapping[str, int]) -> PieceRecord:
+        if type(entry) is not dict:
+            self.mapping(entry, f"tensor {_shown(name)} piece {j}")
         file = entry.get("file")
-        if file not in sizes:
+        held = sizes.get(file) if type(file) is str else None
+        if held is None:
             raise self.fail(
-                f"{where} piece {j} names file {file!r}, which the manifest does not list"
+                f"tensor {_shown(name)} piece {j} names file {_shown(file)}, which the "
+                "manifest does not list"
             )
-        offset = self.integer(entry.get("offset"), f"{where} offset", 0, MAX_TENSOR_BYTES)
-        length = self.integer(entry.get("length"), f"{where} length", 0, MAX_TENSOR_BYTES)
-        if offset + length > sizes[file]:
+        offset, length, crc = entry.get("offset"), entry.get("length"), entry.get("crc32c")
+        if not (
+            type(offset) is int
+            and type(length) is int
+            and type(crc) is int
+            and 0 <= offset <= MAX_TENSOR_BYTES
+            and 0 <= length <= MAX_TENSOR_BYTES
+            and 0 <= crc < 2**32
+        ):
+            where = f"tensor {_shown(name)} piece {j}"
+            self.integer(offset, f"{where} offset", 0, MAX_TENSOR_BYTES)
+            self.integer(length, f"{where} length", 0, MAX_TENSOR_BYTES)
+            self.integer(crc, f"{where} crc32c", 0, 2**32 - 1)
+        if offset + length > held:
             raise self.fail(
-                f"{where} claims bytes {offset}..{offset + length} of {file}, "
-                f"which holds {sizes[file]} bytes"
+                f"tensor {_shown(name)} piece {j} claims bytes {offset}..{offset + length} of "
+                f"{file}, which holds {held} bytes"
             )
-        crc = self.integer(entry.get("crc32c"), f"{where} crc32c", 0, 2**32 - 1)
         return PieceRecord(file, offset, length, crc)
 
-    def skeleton(self, state: Mapping[str, Any], tensor_count: int) -> None:
-        stack: list[tuple[Any, int]] = [(state, 0)]
+
+def container_allowance(nbytes: int) -> int:
+    """How many JSON objects and arrays a manifest of ``nbytes`` bytes may hold."""
+    return MAX_CONTAINERS_BASE + nbytes * MAX_CONTAINERS_PER_MIB // 2**20
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+
+
+def _count_containers(raw: bytes) -> int:
+    """The exact number of JSON objects and arrays: brackets outside strings."""
+    bare = _JSON_STRING.sub(b"", raw)
+    return bare.count(b"{") + bare.count(b"[")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object_pairs_hook: a key given twice is refused, not silently overwritten."""
+    mapping = dict(pairs)
+    if len(mapping) != len(pairs):
+        seen: set[str] = set()
+        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise ValueError(f"key {_shown(repeated)} appears twice in one object")
+    return mapping
+
+
+def _float_fits(value: Any, limit: float) -> bool:
+    """A finite number within ``limit``, or a ``$float`` naming a non-finite one."""
+    if _is_number(value):
+        return bool(abs(value) <= limit)
+    return type(value) is dict and list(value) == ["$float"] and value["$float"] in _FLOAT_NAMES
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) is int or type(value) is float
+
+
+def _shown(value: Any) -> str:
+    """``repr`` for a message, cut short: a hostile name may be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= 200 else f"{text[:160]}...({len(text)} characters)"
+
+
+class SkeletonError(ValueError):
+    """The state skeleton breaks a rule of FORMAT.md section 4 or 8; ``node`` is the JSON
+    container at fault (a writer finds its path from it)."""
+
+    def __init__(self, problem: str, node: Any) -> None:
+        super().__init__(problem)
+        self.node = node
+
+
+# $npscalar dtypes (numpy's dtype.str): booleans, integers, and the floats and complex
+# numbers of half, single and double precision; bytes ("|S<n>") and text ("<U<n>") are
+# matched by pattern. Anything else (object, void, datetime, long double) is refused: its
+# values need pickle, or can be made to allocate what they like.
+_INT_RANGES = {
+    f"{order}{kind}{size}": (
+        (-(2 ** (8 * size - 1)), 2 ** (8 * size - 1) - 1)
+        if kind == "i"
+        else (0, 2 ** (8 * size) - 1)
+    )
+    for kind in "iu"
+    for size in (1, 2, 4, 8)
+    for order in (("|",) if size == 1 else ("<", ">"))
+}
+_FLOAT_MAX = {
+    f"{order}{kind}{size}": largest
+    for kind, sizes in (
+        ("f", ((2, 65504.0), (4, 3.4028234663852886e38), (8, sys.float_info.max))),
+        ("c", ((8, 3.4028234663852886e38), (16, sys.float_info.max))),
+    )
+    for size, largest in sizes
+    for order in ("<", ">")
+}
+_NPSCALAR_TEXT = re.compile(r"(\|S|[<>]U)([0-9]{1,10})")
+_FLOAT_NAMES = frozenset({"nan", "inf", "-inf"})
+_BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+# Tagged values that decode to something hashable, so they may be keys of a $dict.
+_HASHABLE_TAGS = frozenset(
+    {
+        TENSOR_TAG,
+        "$tuple",
+        "$float",
+        "$bytes",
+        "$dtype",
+        "$npscalar",
+        # Exact standard types that are hashable, so they may be dict keys too.
+        "$namedtuple",
+        "$intenum",
+        "$frozenset",
+        "$complex",
+        "$size",
+    }
+)
+
+
+# The torch dtypes Tensor.numpy() converts: an $ndarray's tensor must have one of them.
+_NUMPY_DTYPES = frozenset(
+    {
+        torch.bool,
+        torch.uint8,
+        torch.uint16,
+        torch.uint32,
+        torch.uint64,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.float16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.complex128,
+    }
+)
+
+
+def check_skeleton(
+    state: Mapping[str, Any],
+    tensors: Sequence[Any],
+    world_size: int = 1,
+    *,
+    complete: bool = True,
+    known: Mapping[int, tuple[Any, int]] | None = None,
+    checked: dict[int, tuple[Any, int]] | None = None,
+) -> None:
+    """Check a state skeleton against FORMAT.md sections 4 and 8; raise SkeletonError.
+
+    ``tensors`` are the tensor table's entries, anything with ``dtype`` and ``shape`` (the
+    manifest's TensorRecords, or the tensors themselves at capture). The same rules serve
+    the reader (every manifest) and the writer (at capture), so what one accepts the other
+    does too. ``complete=False`` is a single rank's skeleton at capture, whose DTensors
+    hold only that rank's shards (their cover is checked once the ranks' parts are merged).
+
+    A writer checks a new skeleton of the same structure incrementally: ``known`` maps
+    ``id(container)`` to (container, depth) for containers passed before, and those are
+    skipped when found again (the same object, no deeper, over the same tensors; skeletons
+    are read-only). Every container passed now is added to ``checked``.
+    """
+    _SkeletonCheck(tensors, world_size, complete).run(state, known, checked)
+
+
+class _SkeletonCheck:
+    def __init__(self, tensors: Sequence[Any], world_size: int, complete: bool) -> None:
+        self.tensors = tensors
+        self.world_size = world_size
+        self.complete = complete
+        self.stack: list[tuple[Any, int]] = []
+        self.tags: dict[str, Callable[[dict[str, Any], Any, int], None]] = {
+            TENSOR_TAG: self.tensor_ref,
+            "$ndarray": self.tensor_ref,
+            "$tuple": self.tuple_tag,
+            "$dict": self.dict_tag,
+            "$odict": self.odict_tag,
+            "$float": self.float_tag,
+            "$bytes": self.bytes_tag,
+            "$dtype": self.dtype_tag,
+            "$npscalar": self.npscalar_tag,
+            RANKS_TAG: self.ranks_tag,
+            DTENSOR_TAG: self.dtensor_tag,
+        }
+        for tag in _PAYLOAD_CHECKS:
+            self.tags[tag] = self.exact_type_tag
+
+    def run(
+        self,
+        state: Mapping[str, Any],
+        known: Mapping[int, tuple[Any, int]] | None,
+        checked: dict[int, tuple[Any, int]] | None,
+    ) -> None:
+        stack = self.stack
+        stack.extend((v, 1) for v in state.values())
+        tags, count = self.tags, len(self.tensors)
         while stack:
             node, depth = stack.pop()
-            if depth > MAX_SKELETON_DEPTH:
-                raise self.fail(f"state nests deeper than {MAX_SKELETON_DEPTH} levels")
-            if isinstance(node, list):
-                stack.extend((v, depth + 1) for v in node)
-            elif isinstance(node, dict):
+            kind = type(node)
+            if checked is not None and (kind is dict or kind is list):
+                seen = None if known is None else known.get(id(node))
+                checked[id(node)] = (node, depth)
+                if seen is not None and seen[0] is node and depth <= seen[1]:
+                    checked[id(node)] = seen
+                    continue
+            if kind is dict:
+                if depth > MAX_SKELETON_DEPTH:
+                    raise SkeletonError(
+                        f"state nests deeper than {MAX_SKELETON_DEPTH} levels", node
+                    )
                 tag = next(iter(node), None)
-                if tag in (TENSOR_TAG, "$ndarray"):
-                    self.integer(node[tag], "tensor reference", 0, tensor_count - 1)
-                elif isinstance(tag, str) and tag.startswith("$"):
-                    if tag not in TAGS:
-                        raise self.fail(f"state uses unknown tag {tag!r}")
-                    if tag == "$dtype" and dtype_from_name(str(node[tag])) is None:
-                        raise self.fail(f"state names unknown dtype {node[tag]!r}")
-                    self.tag_payload(tag, node)
-                    stack.extend((v, depth + 1) for v in node.values())
+                if tag == TENSOR_TAG and len(node) == 1:  # most tagged nodes: checked inline
+                    index = node[tag]
+                    if type(index) is not int or not 0 <= index < count:
+                        self.index(index, node)
+                elif type(tag) is str and tag[:1] == "$":
+                    check = tags.get(tag)
+                    if check is None:
+                        raise SkeletonError(f"state uses unknown tag {_shown(tag)}", node)
+                    check(node, node[tag], depth)
                 else:
                     stack.extend((v, depth + 1) for v in node.values())
+            elif kind is list:
+                if depth > MAX_SKELETON_DEPTH:
+                    raise SkeletonError(
+                        f"state nests deeper than {MAX_SKELETON_DEPTH} levels", node
+                    )
+                stack.extend((v, depth + 1) for v in node)
+            elif kind is float and not math.isfinite(node):
+                raise SkeletonError(
+                    f"state holds the number {node!r}: a JSON number out of range "
+                    "(non-finite floats are written as $float)",
+                    None,
+                )
 
-    def tag_payload(self, tag: str, node: dict[str, Any]) -> None:
-        """The payload shapes of the tags that keep standard types exact (section 4)."""
-        payload = node[tag]
-        check = _PAYLOAD_CHECKS.get(tag)
-        if check is not None and not check(payload, node):
-            raise self.fail(f"state has a malformed {tag} object (see docs/FORMAT.md section 4)")
+    def payload_only(self, node: dict[str, Any], *extra: str) -> None:
+        if len(node) == 1:
+            return  # the tag alone
+        tag = next(iter(node))
+        if len(node) > 1 + len(extra) or any(k != tag and k not in extra for k in node):
+            raise SkeletonError(f"{tag} object has unexpected keys {_shown(list(node))}", node)
+
+    def array(self, value: Any, depth: int, node: dict[str, Any]) -> None:
+        if type(value) is not list:
+            raise SkeletonError(f"{next(iter(node))} payload must be a JSON array", node)
+        if depth > MAX_SKELETON_DEPTH:
+            raise SkeletonError(f"state nests deeper than {MAX_SKELETON_DEPTH} levels", node)
+
+    def index(self, value: Any, node: dict[str, Any]) -> int:
+        if type(value) is not int or not 0 <= value < len(self.tensors):
+            raise SkeletonError(
+                f"tensor reference = {_shown(value)} is not an integer from 0 to "
+                f"{len(self.tensors) - 1}",
+                node,
+            )
+        return value
+
+    def tensor_ref(self, node: dict[str, Any], payload: Any, depth: int) -> None:
+        self.payload_only(node)
+        index = self.index(payload, node)
+        if TENSOR_TAG not in node and self.tensors[index].dtype not in _NUMPY_DTYPES:
+            raise SkeletonError(
+                f"$ndarray names tensor {index} of dtype {self.tensors[index].dtype}, "
+                "which numpy cannot hold",
+                node,
+            )
+
+    def tuple_tag(self, node: dict[str, Any], payload: Any, depth: int) -> None:
+        self.payload_only(node)
+        self.array(payload, depth + 1, node)
+        self.stack.extend((v, depth + 2) for v in payload)
+
+    def dict_tag(self, node: dict[str, Any], payload: Any, depth: int) -> None:
+        self.payload_only(node)
+        self.array(payload, depth + 1, node)
+        plain_keys: set[Any] = set()
+        for pair in payload:
+            if type(pair) is not list or len(pair) != 2:
+                raise SkeletonError("$dict entries must be [key, value] pairs", node)
+            key = pair[0]
+            if type(key) in (str, int, float, bool) or key is None:
+                if key in plain_keys:
+                    raise SkeletonError(f"$dict has the key {_shown(key)} twice", node)
+                plain_keys.add(key)
+            else:
+                self.hashable(key, depth + 3, node)
+            self.stack.append((key, depth + 3))
+            self.stack.append((pair[1], depth + 3))
+        if depth + 2 > MAX_SKELETON_DEPTH and payload:
+            raise SkeletonError(f"state nests deeper than {MAX_SKELETON_DEPTH} levels", node)
+
+    def hashable(self, key: Any, depth: int, node: dict[str, Any]) -> None:
+        """A $dict key must decode to something hashable (lists decode to tuples)."""
+        pending = [(key, depth)]
+        while pending:
+            value, level = pending.pop()
+            if level > MAX_SKELETON_DEPTH:
+                raise SkeletonError(f"state nests deeper than {MAX_SKELETON_DEPTH} levels", node)
+            if type(value) is list:
+                pending.extend((v, level + 1) for v in value)
+            elif type(value) is dict:
+                tag = next(iter(value), None)
+                if tag not in _HASHABLE_TAGS:
+                    raise SkeletonError(f"$dict key {_shown(value)} is not hashable", node)
+                if tag in ("$tuple", "$namedtuple", "$frozenset") and type(value[tag]) is list:
+                    pending.extend((v, level + 2) for v in value[tag])
+
+    def exact_type_tag(self, node: dict[str, Any], payload: Any, depth: int) -> None:
+        """A tag that keeps a standard type exact (section 4): its payload's shape, then
+        everything it holds, checked like the rest of the state."""
+        tag = next(iter(node))
+        if not _PAYLOAD_CHECKS[tag](payload, node):
+            raise SkeletonError(
+                f"state has a malformed {tag} object (see docs/FORMAT.md section 4)", node
+            )
+        self.stack.extend((v, depth + 1) for v in node.values())
+
+    def odict_tag(self, node: dict[str, Any], payload: Any, depth: int) -> None:
+        self.payload_only(node, "meta")
+        first = next(iter(payload), None) if type(payload) is dict else "$"
+        if type(first) is str and first[:1] == "$" and first != "$dict":
+            raise SkeletonError("$odict payload must be a JSON object or a $dict", node)
+        meta = node.get("meta")
+        if meta is not None and type(meta) is not dict:
+            raise SkeletonError("$odict meta must be a JSON object", node)
+        self.stack.append((payload, depth + 1))
+        if meta is not None:
+            self.stack.append((meta, depth + 1))
+
+    def float_tag(self, node: dict[str, Any], payload: Any, depth: int) -> None:
+        self.payload_only(node)
+        if payload not in _FLOAT_NAMES:
+            raise SkeletonError(
+                f"$float is {_shown(payload)}, not one of 'nan', 'inf', '-inf'", node
+            )
+
+    def bytes_tag(self, node: dict[str, Any], payload: Any, depth: int) -> None:
+        self.payload_only(node)
+        if type(payload) is not str or not _BASE64.fullmatch(payload):
+            raise SkeletonError("$bytes is not standard base64 with padding", node)
+
+    def dtype_tag(self, node: dict[str, Any], payload: Any, depth: int) -> None:
+        self.payload_only(node)
+        if type(payload) is not str or dtype_from_name(payload) is None:
+            raise SkeletonError(f"state names unknown dtype {_shown(payload)}", node)
+
+    def npscalar_tag(self, node: dict[str, Any], payload: Any, depth: int) -> None:
+        self.payload_only(node, "value")
+        if "value" not in node:
+            raise SkeletonError("$npscalar has no value", node)
+        value = node["value"]
+        if type(payload) is not str:
+            raise SkeletonError("$npscalar dtype must be a string", node)
+        if payload == "|b1":
+            fits = type(value) is bool
+        elif payload in _INT_RANGES:
+            low, high = _INT_RANGES[payload]
+            fits = type(value) is int and low <= value <= high
+        elif payload in _FLOAT_MAX:
+            limit = _FLOAT_MAX[payload]
+            if type(value) is dict and list(value) == ["$complex"] and payload[1] == "c":
+                parts = value["$complex"]  # a complex scalar: its real and imaginary parts
+                fits = type(parts) is list and len(parts) == 2
+                fits = fits and all(_float_fits(part, limit) for part in parts)
+            else:
+                fits = _float_fits(value, limit)
+        elif (text := _NPSCALAR_TEXT.fullmatch(payload)) is not None:
+            length = int(text[2])
+            if text[1] == "|S":
+                encoded = value.get("$bytes") if type(value) is dict and len(value) == 1 else None
+                fits = (
+                    type(encoded) is str
+                    and _BASE64.fullmatch(encoded) is not None
+                    and len(encoded) // 4 * 3 - encoded[-2:].count("=") <= length
+                )
+            else:
+                fits = type(value) is str and len(value) <= length
+            fits = fits and length <= MAX_MANIFEST_BYTES
+        else:
+            raise SkeletonError(
+                f"$npscalar dtype {_shown(payload)} is not allowed (booleans, integers, "
+                "half/single/double floats and complex, bytes and text only)",
+                node,
+            )
+        if not fits:
+            raise SkeletonError(
+                f"$npscalar value {_shown(value)} is not a value of dtype {payload}", node
+            )
+
+    def ranks_tag(self, node: dict[str, Any], payload: Any, depth: int) -> None:
+        self.payload_only(node)
+        self.array(payload, depth + 1, node)
+        if len(payload) != self.world_size:
+            raise SkeletonError(
+                f"{RANKS_TAG} holds {len(payload)} ranks' state, but world_size is "
+                f"{self.world_size}",
+                node,
+            )
+        self.stack.extend((v, depth + 2) for v in payload)
+
+    def dtensor_tag(self, node: dict[str, Any], payload: Any, depth: int) -> None:
+        self.payload_only(node)
+        if type(payload) is not dict or set(payload) != {"shape", "shards"}:
+            raise SkeletonError(f"{DTENSOR_TAG} payload must hold shape and shards", node)
+        shape, shards = payload["shape"], payload["shards"]
+        if (
+            type(shape) is not list
+            or len(shape) > MAX_NDIM
+            or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)
+        ):
+            raise SkeletonError(
+                f"{DTENSOR_TAG} shape {_shown(shape)} is not a list of at most {MAX_NDIM} "
+                "non-negative integers",
+                node,
+            )
+        if type(shards) is not list or not shards:
+            raise SkeletonError(f"{DTENSOR_TAG} shards must be a non-empty list", node)
+        covered, dtypes = 0, set()
+        boxes: list[tuple[list[int], tuple[int, ...]]] = []
+        for shard in shards:
+            if type(shard) is not dict or set(shard) != {"offset", "data"}:
+                raise SkeletonError(f"{DTENSOR_TAG} shards must hold offset and data", node)
+            data, offset = shard["data"], shard["offset"]
+            if type(data) is not dict or list(data) != [TENSOR_TAG]:
+                raise SkeletonError(f"{DTENSOR_TAG} shard data must be a {TENSOR_TAG}", node)
+            tensor = self.tensors[self.index(data[TENSOR_TAG], node)]
+            size = tuple(tensor.shape)
+            fits = (
+                type(offset) is list
+                and len(offset) == len(shape) == len(size)
+                and all(
+                    type(o) is int and o >= 0 and o + n <= d
+                    for o, n, d in zip(offset, size, shape, strict=True)
+                )
+            )
+            if not fits:
+                raise SkeletonError(
+                    f"a shard of shape {list(size)} at {_shown(offset)} lies outside its "
+                    f"tensor of shape {shape}",
+                    node,
+                )
+            covered += math.prod(size)
+            dtypes.add(tensor.dtype)
+            if all(size):
+                boxes.append((offset, size))
+        if len(dtypes) > 1:
+            raise SkeletonError(f"the shards of a {DTENSOR_TAG} have different dtypes", node)
+        if not _disjoint_grid(boxes):
+            raise SkeletonError(
+                f"the shards of a {DTENSOR_TAG} of shape {shape} overlap, or do not lie on one "
+                "grid of the tensor",
+                node,
+            )
+        if self.complete and covered != math.prod(shape):
+            raise SkeletonError(
+                f"the shards of a tensor of shape {shape} cover {covered} of its "
+                f"{math.prod(shape)} elements",
+                node,
+            )
+
+
+def _disjoint_grid(boxes: Sequence[tuple[Sequence[int], Sequence[int]]]) -> bool:
+    """Whether non-empty shards (offset, size) lie on one grid, each in its own cell.
+
+    DTensor shards split each dimension into consecutive ranges (torch.chunk, mesh
+    dimension by mesh dimension), so along every dimension two shards' ranges are equal or
+    apart, and two shards with the same offsets everywhere would be one cell twice. Both
+    hold exactly when no two shards overlap, found in O(n log n) where comparing every
+    pair would be quadratic in the number of ranks.
+    """
+    if len(boxes) < 2:
+        return True
+    for dim in range(len(boxes[0][0])):
+        ranges = sorted({(offset[dim], offset[dim] + size[dim]) for offset, size in boxes})
+        if any(end > start for (_, end), (start, _) in itertools.pairwise(ranges)):
+            return False
+    return len({tuple(offset) for offset, _ in boxes}) == len(boxes)
 
 
 def _names(value: Any) -> bool:

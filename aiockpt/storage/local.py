@@ -32,7 +32,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._format.manifest import MANIFEST_NAME
+from .._format.manifest import MANIFEST_NAME, MAX_STEP
 from ..errors import CheckpointError, ConfigError, DirectoryLockedError
 from .fileio import fsync_directory, open_regular, read_small_file, write_file_atomically
 
@@ -41,9 +41,7 @@ __all__ = ["CheckpointInfo", "CheckpointStore", "list_checkpoints", "read_latest
 LOCK_NAME = ".aiockpt.lock"
 LATEST_NAME = "latest"
 SUPERSEDED_PREFIX = ".superseded-"
-# The largest step the format can hold (FORMAT.md section 3); step-<N> names have at most
-# 19 digits because of it.
-MAX_STEP = 2**63 - 1
+# step-<N> names have at most 19 digits: MAX_STEP (FORMAT.md section 3) has 19.
 _STEP_DIR = re.compile(r"step-(0|[1-9]\d{0,18})")
 _TEMPORARY_PREFIXES = (".tmp-", ".trash-")
 # `latest` holds one step-<N> name; anything longer is not ours and is never read whole.

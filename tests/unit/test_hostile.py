@@ -519,7 +519,8 @@ CORPUS: dict[str, Mutation] = {
     ),
     "piece-names-an-unlisted-file": _edit(_unlisted_piece_file, r"does not list"),
     # absurd shapes, sizes and offsets
-    "shape-2**60": _edit(_set_tensor(shape=[2**60]), r"shape = \d+ is not an integer from 0"),
+    "shape-2**60": _edit(_set_tensor(shape=[2**60]), r"shape \[\d+\] of float32 is \d+ bytes"),
+    "shape-2**63": _edit(_set_tensor(shape=[2**63]), r"shape = \d+ is not an integer from 0"),
     "shape-negative": _edit(_set_tensor(shape=[-1]), r"shape = -1 is not an integer"),
     "shape-boolean": _edit(_set_tensor(shape=[True]), r"shape = True is not an integer"),
     "shape-too-many-dims": _edit(
@@ -570,8 +571,10 @@ CORPUS: dict[str, Mutation] = {
         ),
         r"tensor reference = 7 is not an integer",
     ),
-    "dtensor-without-shards": _edit(_set_state("w", {"$dtensor": {"shape": [3]}}), r"decoded"),
-    "ranks-not-a-list": _edit(_set_state("w", {"$ranks": {"0": 1}}), r"decoded"),
+    "dtensor-without-shards": _edit(
+        _set_state("w", {"$dtensor": {"shape": [3]}}), r"must hold shape and shards"
+    ),
+    "ranks-not-a-list": _edit(_set_state("w", {"$ranks": {"0": 1}}), r"must be a JSON array"),
     "format-version-from-the-future": _edit(
         lambda d: d.update(format_version=4), r"format_version 4 is newer.*upgrade"
     ),
@@ -580,7 +583,7 @@ CORPUS: dict[str, Mutation] = {
         lambda d: d.update(checksum="md5"), r"unknown checksum algorithm 'md5'"
     ),
     "step-negative": _edit(lambda d: d.update(step=-1), r"step = -1 is not an integer"),
-    "name-too-long": _edit(_set_tensor(name="x" * 5000), r"at most 4096 characters"),
+    "name-not-a-string": _edit(_set_tensor(name=["x"]), r"name must be a string"),
     # unsealed edits: the manifest's own checksum catches them first
     "unsealed-dot-dot-name": _edit(_rename_file("../../x.bin"), None, reseal=False),
     "unsealed-learning-rate": _edit(_set_state("lr", 0.25), None, reseal=False),

@@ -540,7 +540,8 @@ def test_a_reader_of_an_older_version_refuses_the_new_tags(
         aiockpt.load(path)
     # And one that ignored the version would still refuse the tag it does not know.
     monkeypatch.setattr(manifest_module, "FORMAT_VERSION", 3)
-    monkeypatch.setattr(manifest_module, "TAGS", manifest_module.TAGS - {"$counter"})
+    checks = {k: v for k, v in manifest_module._PAYLOAD_CHECKS.items() if k != "$counter"}
+    monkeypatch.setattr(manifest_module, "_PAYLOAD_CHECKS", checks)
     with pytest.raises(aiockpt.CorruptCheckpointError, match="unknown tag '\\$counter'"):
         aiockpt.load(path)
 
