@@ -25,9 +25,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from ._engine.capture.flatten import FlatState, adopt_live_types, check_state_name, flatten_state
+from ._engine.capture import FlatState, FlattenCache, check_state_name, flatten_state
 from ._engine.capture.limits import StateLimits, check_layout
-from ._engine.capture.replay import FlattenCache
 from ._engine.layers import tensor_layers
 from ._engine.layout import (
     ALIGNMENT,
@@ -43,6 +42,7 @@ from ._engine.reshard import RankSelection, place_shards
 from ._engine.runtime import CallerLoop, MonitorLoop, PrivateLoop, Runtime
 from ._engine.staging import CaptureGuard, Capturer, Snapshot, choose_staging
 from ._format.manifest import MAX_STEP, TensorRecord
+from ._format.skeleton import adopt_live_types
 from ._version import __version__
 from .config import Config
 from .distributed.group import RankGroup, is_rank_zero

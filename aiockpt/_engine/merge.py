@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._format.manifest import FileRecord, Manifest, TensorRecord
+from .._format.tags import DTENSOR_TAG, RANKS_TAG, TENSOR_TAG
 from ..distributed.sharding import PER_RANK
-from .capture.flatten import DTENSOR_TAG, RANKS_TAG, TENSOR_TAG
 
 __all__ = ["RankPart", "merge_parts"]
 

@@ -27,10 +27,10 @@ from .._format.manifest import (
     Manifest,
     TensorRecord,
 )
+from .._format.skeleton import SavedShards, unflatten_state
 from ..errors import AiockptError, CorruptCheckpointError, NoCheckpointError
 from ..storage.fileio import NotRegularFileError, open_regular, read_exact
 from ..storage.local import parse_step_dir
-from .capture.flatten import SavedShards, unflatten_state
 from .restore_io import (
     SLOT_BYTES,
     CudaTransfer,

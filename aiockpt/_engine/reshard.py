@@ -18,6 +18,8 @@ from typing import Any
 import torch
 
 from .._format.manifest import Manifest, TensorRecord
+from .._format.skeleton import SavedShards
+from .._format.tags import DTENSOR_TAG, RANKS_TAG, TENSOR_TAG
 from ..distributed.sharding import (
     dtensor_type,
     holds_dtensors,
@@ -26,7 +28,7 @@ from ..distributed.sharding import (
     shard_box,
 )
 from ..errors import RestoreError
-from .capture.flatten import DTENSOR_TAG, RANKS_TAG, TENSOR_TAG, SavedShards, flatten_state
+from .capture import flatten_state
 
 __all__ = ["RankSelection", "place_shards"]
 

@@ -22,7 +22,8 @@ from typing import Any
 import crc32c
 import torch
 
-from .._engine.capture.flatten import (
+from ..errors import CorruptCheckpointError, UnsupportedStateError
+from .tags import (
     DEFAULT_FACTORIES,
     DTENSOR_TAG,
     RANKS_TAG,
@@ -32,7 +33,6 @@ from .._engine.capture.flatten import (
     dtype_name,
     format_version_for,
 )
-from ..errors import CorruptCheckpointError, UnsupportedStateError
 
 __all__ = [
     "FORMAT_NAME",

@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
-from .._engine.capture.flatten import dtype_name, tensor_paths
 from .._engine.reader import read_checkpoint, read_manifest
 from .._format.manifest import Manifest, TensorRecord
+from .._format.skeleton import tensor_paths
+from .._format.tags import dtype_name
 from .._util.console import note
 from ..errors import AiockptError, ConversionError, UnsupportedStateError
 from ..storage.local import (

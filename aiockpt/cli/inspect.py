@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
-from .._engine.capture.flatten import TENSOR_TAG, dtype_name, tensor_paths
 from .._engine.memory import byte_view
 from .._engine.reader import read_checkpoint, validate_checkpoint
 from .._format.manifest import Manifest, TensorRecord
+from .._format.skeleton import tensor_paths
+from .._format.tags import TENSOR_TAG, dtype_name
 from .._util.console import (
     CliError,
     human_bytes,

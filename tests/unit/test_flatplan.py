@@ -21,7 +21,7 @@ import torch
 from conftest import MixedModel
 
 import aiockpt
-from aiockpt._engine.capture.flatten import FlatState, flatten_state
+from aiockpt._engine.capture import FlatState, flatten_state
 from aiockpt._engine.capture.replay import FlattenCache
 
 Mutation = Callable[[dict[str, Any]], None]

@@ -19,7 +19,7 @@ import torch
 from conftest import Bag, assert_state_equal, make_config
 
 import aiockpt
-from aiockpt._engine.capture import flatten
+from aiockpt._format import skeleton
 from aiockpt._format.manifest import MAX_SKELETON_DEPTH, Manifest, SkeletonError, check_skeleton
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -314,14 +314,14 @@ def test_any_failure_while_decoding_is_corrupt_and_restore_falls_back(
     checkpoint corrupt (its cause kept) instead of escaping as a raw exception."""
     root = _copy(pristine, tmp_path)
     _edited(root, _state(lr={"$float": "inf"}))  # valid: only step 2 holds a $float
-    original = flatten._decode_tagged
+    original = skeleton._decode_tagged
 
     def failing(node: dict[str, Any], how: Any) -> Any:
         if next(iter(node)) == "$float":  # stands in for a decoder surprise
             raise RecursionError("maximum recursion depth exceeded")
         return original(node, how)
 
-    monkeypatch.setattr(flatten, "_decode_tagged", failing)
+    monkeypatch.setattr(skeleton, "_decode_tagged", failing)
     with pytest.raises(aiockpt.CorruptCheckpointError, match="cannot be decoded") as caught:
         aiockpt.load(root / "step-2")
     assert isinstance(caught.value.__cause__, RecursionError)

@@ -27,7 +27,7 @@ import torch
 from conftest import Bag, make_config, run
 
 import aiockpt
-from aiockpt._engine.capture.flatten import flatten_state
+from aiockpt._engine.capture import flatten_state
 from aiockpt._engine.capture.replay import FlattenCache
 from aiockpt._format.manifest import MANIFEST_NAME
 

@@ -21,9 +21,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..._format import manifest
+from ..._format.tags import dtype_from_name, dtype_name
 from ...errors import UnsupportedStateError
 from ..layout import Layout
-from .flatten import FlatState, dtype_from_name, dtype_name, flatten_state
+from . import flatten_state
+from .flatten import FlatState
 from .replay import FlattenCache
 
 __all__ = ["StateLimits", "check_layout", "check_tensors"]

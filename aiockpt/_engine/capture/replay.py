@@ -36,15 +36,8 @@ from typing import Any
 
 import torch
 
-from .flatten import (
-    _COMPLEX_DTYPES,
-    _PLAIN_LEAVES,
-    TENSOR_TAG,
-    FlatState,
-    _Flattener,
-    _unusual,
-    ndarray_tensor,
-)
+from ..._format.tags import TENSOR_TAG
+from .flatten import _COMPLEX_DTYPES, _PLAIN_LEAVES, FlatState, _Flattener, _unusual, ndarray_tensor
 
 __all__ = ["FlattenCache", "StatePlan"]
 
