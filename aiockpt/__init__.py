@@ -16,9 +16,11 @@ from .errors import (
     ConfigError,
     CorruptCheckpointError,
     DirectoryLockedError,
+    EventLoopError,
     NoCheckpointError,
     RestoreError,
     UnsupportedStateError,
+    UsageError,
     WorldSizeError,
 )
 from .metrics import CheckpointMetrics
@@ -54,6 +56,7 @@ __all__ = [
     "ConfigError",
     "CorruptCheckpointError",
     "DirectoryLockedError",
+    "EventLoopError",
     "EveryNSeconds",
     "EveryNSteps",
     "IntervalPolicy",
@@ -69,6 +72,7 @@ __all__ = [
     "SyncTrainer",
     "Trainer",
     "UnsupportedStateError",
+    "UsageError",
     "WorldSizeError",
     "__version__",
     "list_checkpoints",

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import torch
 
 from ._version import __version__
-from .config import Config
+from .config import Config, resolve_config
 from .distributed import RankGroup, is_rank_zero
 from .errors import (
     BackgroundError,
@@ -36,6 +36,7 @@ from .errors import (
     NoCheckpointError,
     RestoreError,
     UnsupportedStateError,
+    UsageError,
     WorldSizeError,
 )
 from .flatplan import FlattenCache
@@ -168,13 +169,13 @@ class _Core:
 
     def __init__(self, config: Config, stateful: Mapping[str, Any], runtime: Runtime) -> None:
         if not stateful:
-            raise TypeError(
+            raise UsageError(
                 "Checkpointer needs at least one object to save, e.g. "
                 "Checkpointer(config, model=model, optimizer=optimizer)"
             )
         for name, obj in stateful.items():
             if not isinstance(obj, Stateful):
-                raise TypeError(
+                raise UsageError(
                     f"{name}={type(obj).__name__} has no state_dict()/load_state_dict(); pass "
                     "modules, optimizers, schedulers, aiockpt.RNGState() or your own Stateful"
                 )
@@ -748,8 +749,13 @@ async def _start(pipeline: Pipeline, job: _Job) -> Path | None:
 
 
 class _FrontEnd:
-    def __init__(self, config: Config | None, stateful: Mapping[str, Any], sync: bool) -> None:
-        config = config or Config()
+    def __init__(
+        self,
+        config: Config | str | os.PathLike[str] | None,
+        stateful: Mapping[str, Any],
+        sync: bool,
+    ) -> None:
+        config = resolve_config(config, type(self).__name__)
         if config.use_monitor:
             runtime: Runtime = MonitorLoop()
         else:
@@ -777,7 +783,9 @@ class Checkpointer(_FrontEnd):
     >>> await handle                           # durable
     """
 
-    def __init__(self, config: Config | None = None, /, **stateful: Any) -> None:
+    def __init__(
+        self, config: Config | str | os.PathLike[str] | None = None, /, **stateful: Any
+    ) -> None:
         super().__init__(config, stateful, sync=False)
 
     async def checkpoint(self, step: int, *, block: bool | None = None) -> CheckpointHandle:
@@ -837,7 +845,9 @@ class SyncCheckpointer(_FrontEnd):
     only once the checkpoint is durable (the direct, blocking mode).
     """
 
-    def __init__(self, config: Config | None = None, /, **stateful: Any) -> None:
+    def __init__(
+        self, config: Config | str | os.PathLike[str] | None = None, /, **stateful: Any
+    ) -> None:
         super().__init__(config, stateful, sync=True)
 
     def _bridge(self, coro: Coroutine[Any, Any, Any]) -> _Ready:

@@ -13,7 +13,9 @@
      │    ├── NoCheckpointError       nothing committed (or not the asked-for step)
      │    ├── CorruptCheckpointError  a file is missing, torn, hostile or fails its checksum
      │    └── WorldSizeError          state saved per rank has nothing for this rank
-     └── UnsupportedStateError     a state_dict holds a value aiockpt cannot store safely
+     ├── UnsupportedStateError     a state_dict holds a value aiockpt cannot store safely
+ ├── UsageError                an argument aiockpt cannot take as given (a reserved name)
+ └── EventLoopError            a call from a thread or event loop the checkpointer can't serve
 
 Every message names what was wrong and what to do about it.
 """
@@ -32,6 +34,8 @@ __all__ = [
     "RestoreError",
     "UnsupportedStateError",
     "WorldSizeError",
+    "UsageError",
+    "EventLoopError",
 ]
 
 
@@ -77,3 +81,11 @@ class WorldSizeError(RestoreError):
 
 class UnsupportedStateError(AiockptError, TypeError):
     """A state_dict holds a value that aiockpt cannot store without pickling."""
+
+
+class UsageError(AiockptError, TypeError):
+    """An argument aiockpt cannot take as given: a reserved or doubled name, a non-Stateful."""
+
+
+class EventLoopError(AiockptError, RuntimeError):
+    """A call from a thread or event loop that this checkpointer cannot serve from."""
