@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import logging
 import math
 import os
@@ -33,6 +34,7 @@ from .errors import (
     CheckpointError,
     CheckpointInProgressError,
     CorruptCheckpointError,
+    EventLoopError,
     NoCheckpointError,
     RestoreError,
     UnsupportedStateError,
@@ -775,6 +777,39 @@ class _FrontEnd:
         return self._core.stats
 
 
+class _OneThreadAtATime:
+    """Lets the calls of one thread in (any number of its tasks at once), and refuses a
+    second thread's call while they run: capture's state (layout, staging, the commit
+    chain) is the caller's, and an async call cannot wait for another thread without
+    stalling its own event loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._calls = 0
+
+    @contextlib.contextmanager
+    def entered(self, runtime: Runtime) -> Generator[None, None, None]:
+        runtime.check_caller()
+        me = threading.get_ident()
+        with self._lock:
+            if self._owner not in (None, me):
+                raise EventLoopError(
+                    "this Checkpointer is in a call from another thread: an async "
+                    "Checkpointer serves one thread (and its event loop) at a time. Await "
+                    "it from one thread, give each thread its own, or use SyncCheckpointer, "
+                    "which serialises calls from several threads"
+                )
+            self._owner, self._calls = me, self._calls + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._calls -= 1
+                if not self._calls:
+                    self._owner = None
+
+
 class Checkpointer(_FrontEnd):
     """Asynchronous checkpoints of any Stateful objects, given as keyword arguments.
 
@@ -787,6 +822,7 @@ class Checkpointer(_FrontEnd):
         self, config: Config | str | os.PathLike[str] | None = None, /, **stateful: Any
     ) -> None:
         super().__init__(config, stateful, sync=False)
+        self._callers = _OneThreadAtATime()
 
     async def checkpoint(self, step: int, *, block: bool | None = None) -> CheckpointHandle:
         """Capture the state now and persist it in the background.
@@ -794,12 +830,14 @@ class Checkpointer(_FrontEnd):
         Returns once the snapshot is exact (training may change tensors right after).
         ``block`` overrides on_backpressure for this call.
         """
-        metrics, future = await _checkpoint(self._core, step, block, self._core.runtime.run)
+        with self._callers.entered(self._core.runtime):
+            metrics, future = await _checkpoint(self._core, step, block, self._core.runtime.run)
         return CheckpointHandle(self._core, step, metrics, future)
 
     async def wait(self) -> None:
         """Wait for every checkpoint in flight; re-raise a background failure."""
-        await _wait(self._core, self._core.runtime.run)
+        with self._callers.entered(self._core.runtime):
+            await _wait(self._core, self._core.runtime.run)
 
     async def restore(
         self,
@@ -815,7 +853,8 @@ class Checkpointer(_FrontEnd):
         restores only those layers of the modules. Either way only the needed bytes are
         read (``stats.last_restore_bytes``).
         """
-        return await _restore(self._core, step, only, layers, self._core.runtime.run)
+        with self._callers.entered(self._core.runtime):
+            return await _restore(self._core, step, only, layers, self._core.runtime.run)
 
     async def close(self, *, cancel: bool = False) -> None:
         """Drain what is in flight, release memory, threads and the directory lock.
@@ -823,7 +862,8 @@ class Checkpointer(_FrontEnd):
         ``cancel=True`` abandons checkpoints in flight instead of finishing them: none of
         them becomes visible, and their handles raise CheckpointError.
         """
-        await _close(self._core, self._core.runtime.run, cancel)
+        with self._callers.entered(self._core.runtime):
+            await _close(self._core, self._core.runtime.run, cancel)
 
     async def __aenter__(self) -> Checkpointer:
         return self
@@ -849,16 +889,25 @@ class SyncCheckpointer(_FrontEnd):
         self, config: Config | str | os.PathLike[str] | None = None, /, **stateful: Any
     ) -> None:
         super().__init__(config, stateful, sync=True)
+        # One call at a time: capture reads and updates shared state (layout, staging
+        # memory, the commit chain), and without the monitor the event loop itself is
+        # the caller's, which runs in one thread at a time.
+        self._serial = threading.RLock()
 
     def _bridge(self, coro: Coroutine[Any, Any, Any]) -> _Ready:
         return _Ready(self._core.runtime.run_sync(coro))
 
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run one public call: serialised between threads, Ctrl-C taken at a safe point."""
+        with self._serial, self._core.runtime.interrupts.guarding():
+            return _drive(coro)
+
     def checkpoint(self, step: int, *, block: bool | None = None) -> SyncCheckpointHandle:
-        metrics, future = _drive(_checkpoint(self._core, step, block, self._bridge))
+        metrics, future = self._call(_checkpoint(self._core, step, block, self._bridge))
         return SyncCheckpointHandle(self._core, step, metrics, future)
 
     def wait(self) -> None:
-        _drive(_wait(self._core, self._bridge))
+        self._call(_wait(self._core, self._bridge))
 
     def restore(
         self,
@@ -867,10 +916,10 @@ class SyncCheckpointer(_FrontEnd):
         only: Iterable[str] | None = None,
         layers: str | None = None,
     ) -> int | None:
-        return _drive(_restore(self._core, step, only, layers, self._bridge))
+        return self._call(_restore(self._core, step, only, layers, self._bridge))
 
     def close(self, *, cancel: bool = False) -> None:
-        _drive(_close(self._core, self._bridge, cancel))
+        self._call(_close(self._core, self._bridge, cancel))
 
     def __enter__(self) -> SyncCheckpointer:
         return self

@@ -6,8 +6,15 @@ Every refusal is an aiockpt error whose message names what was wrong and what to
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +26,9 @@ from torch import nn
 
 import aiockpt
 from aiockpt.config import _KEYS, Config
-from aiockpt.errors import AiockptError, ConfigError, UsageError
+from aiockpt.errors import AiockptError, ConfigError, EventLoopError, UsageError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write(tmp_path: Path, data: bytes | str, name: str = "aiockpt.toml") -> Path:
@@ -286,3 +295,337 @@ def test_trainer_refuses_a_second_rng_or_a_stranger_under_rng(tmp_path: Path) ->
 def test_errors_are_aiockpt_errors() -> None:
     assert issubclass(UsageError, AiockptError) and issubclass(UsageError, TypeError)
     assert issubclass(aiockpt.EventLoopError, AiockptError)
+
+
+# -- Ctrl-C while checkpoints are in flight, without the monitor thread -----------------------
+# The child trains a small model on CPU, checkpoints every step, and is sent SIGINT at a
+# random instant. Training step k is a pure function of k, so the test can replay it.
+def recipe() -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 32))
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(16, 32, generator=g)
+    model(x).pow(2).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def sigint_config(directory: Path) -> Config:
+    return Config(directory=directory, use_monitor=False, keep_last=2, chunk_count=4, num_threads=2)
+
+
+async def async_child(directory: Path) -> None:
+    model, optimizer = recipe()
+    async with aiockpt.Checkpointer(
+        sigint_config(directory), model=model, optimizer=optimizer
+    ) as ckpt:
+        step = 0
+        while True:
+            step += 1
+            train_step(model, optimizer, step)
+            await ckpt.checkpoint(step)
+            await asyncio.sleep(0)  # the pipeline runs on this loop: let it move
+            if step == 2:
+                await ckpt.wait()
+                (directory / "ready").touch()
+
+
+def sync_child(directory: Path) -> None:
+    model, optimizer = recipe()
+    with aiockpt.SyncCheckpointer(
+        sigint_config(directory), model=model, optimizer=optimizer
+    ) as ckpt:
+        step = 0
+        while True:
+            step += 1
+            train_step(model, optimizer, step)
+            ckpt.checkpoint(step)
+            if step == 2:
+                (directory / "ready").touch()
+
+
+def child_main(front: str, directory: Path) -> int:
+    try:
+        if front == "sync":
+            sync_child(directory)
+        else:
+            asyncio.run(async_child(directory))
+    except KeyboardInterrupt:
+        return 3  # interrupted, and close() returned
+    return 1
+
+
+def serve_trials() -> None:
+    """Fork one child per trial: torch is imported once, each child is a real process.
+
+    Reads ``FRONT DIRECTORY`` lines; answers ``pid N`` at once and ``exit CODE`` when the
+    child has ended.
+    """
+    recipe()  # the first model built pays seconds of lazy initialisation: not per child
+    for line in sys.stdin:
+        front, directory = line.split()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                code = child_main(front, Path(directory))
+            finally:
+                os._exit(code)
+        print(f"pid {pid}", flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(f"exit {os.waitstatus_to_exitcode(status)}", flush=True)
+
+
+def expected_model(step: int) -> dict[str, Any]:
+    model, optimizer = recipe()
+    for k in range(1, step + 1):
+        train_step(model, optimizer, k)
+    return clone_state(model.state_dict())
+
+
+def read_line(server: subprocess.Popen[str], timeout: float) -> str | None:
+    assert server.stdout is not None
+    ready, _, _ = select.select([server.stdout], [], [], timeout)
+    return server.stdout.readline().strip() if ready else None
+
+
+@pytest.mark.parametrize(("front", "trials"), [("sync", 20), ("async", 10)])
+def test_sigint_with_checkpoints_in_flight_always_exits(
+    tmp_path: Path, front: str, trials: int
+) -> None:
+    rng = random.Random(1234)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
+    server = subprocess.Popen(
+        [sys.executable, __file__, "sigint-server"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert server.stdin is not None
+    try:
+        for trial in range(trials):
+            directory = tmp_path / f"trial-{trial}"
+            server.stdin.write(f"{front} {directory}\n")
+            server.stdin.flush()
+            answer = read_line(server, 60)
+            assert answer is not None and answer.startswith("pid "), answer
+            pid = int(answer.split()[1])
+            deadline = time.monotonic() + 60
+            while not (directory / "ready").exists():
+                assert time.monotonic() < deadline, f"trial {trial}: the child never got ready"
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.3))
+            os.kill(pid, signal.SIGINT)
+            ended = read_line(server, 30)
+            if ended is None:
+                os.kill(pid, signal.SIGKILL)
+                pytest.fail(f"trial {trial}: the child still runs 30 s after SIGINT")
+            assert ended == "exit 3", f"trial {trial}: {ended}"
+            steps = [info.step for info in aiockpt.list_checkpoints(directory)]
+            assert steps, f"trial {trial}: nothing committed"
+            model, optimizer = recipe()
+            with aiockpt.SyncCheckpointer(
+                Config(directory=directory), model=model, optimizer=optimizer
+            ) as ckpt:
+                assert ckpt.restore() == steps[-1]
+            assert_state_equal(clone_state(model.state_dict()), expected_model(steps[-1]))
+    finally:
+        server.stdin.close()
+        server.wait(timeout=30)
+
+
+class SlowWrites:
+    """Holds every chunk write for ``seconds``: time for Ctrl-C to land mid-checkpoint."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+        self.seconds = seconds
+        self.real = os.pwrite
+        monkeypatch.setattr(os, "pwrite", self)
+
+    def __call__(self, fd: int, data: Any, offset: int) -> int:
+        time.sleep(self.seconds)
+        return self.real(fd, data, offset)
+
+
+def sigint_after(*delays: float) -> None:
+    def send() -> None:
+        for delay in delays:
+            time.sleep(delay)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=send, daemon=True).start()
+
+
+@pytest.fixture
+def default_sigint() -> None:
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("the test runner replaced the SIGINT handler")
+
+
+@pytest.mark.usefixtures("default_sigint")
+def test_first_ctrl_c_lets_the_checkpoint_finish_then_interrupts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, optimizer = recipe()
+    with aiockpt.SyncCheckpointer(
+        sigint_config(tmp_path / "ckpt"), model=model, optimizer=optimizer
+    ) as ckpt:
+        ckpt.checkpoint(1)
+        SlowWrites(monkeypatch, 0.3)
+        sigint_after(0.1)
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.checkpoint(2)
+        # Raised once the call was done: step 2 is durable, and the checkpointer still works.
+        assert [i.step for i in aiockpt.list_checkpoints(tmp_path / "ckpt")] == [1, 2]
+        monkeypatch.undo()
+        ckpt.checkpoint(3)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.usefixtures("default_sigint")
+def test_second_ctrl_c_abandons_the_checkpoint_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, optimizer = recipe()
+    directory = tmp_path / "ckpt"
+    with aiockpt.SyncCheckpointer(
+        sigint_config(directory), model=model, optimizer=optimizer
+    ) as ckpt:
+        ckpt.checkpoint(1)
+        SlowWrites(monkeypatch, 1.0)
+        sigint_after(0.1, 0.1)
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.checkpoint(2)
+        assert time.monotonic() - started < 5
+        monkeypatch.undo()
+        # Nothing of step 2 became visible, and the next checkpoint is not stuck behind it.
+        assert [i.step for i in aiockpt.list_checkpoints(directory)] == [1]
+        ckpt.checkpoint(3)
+    assert [i.step for i in aiockpt.list_checkpoints(directory)] == [1, 3]
+    assert sorted(p.name for p in directory.iterdir() if p.name.startswith(".tmp")) == []
+
+
+# -- several threads at once -------------------------------------------------------------------
+@pytest.mark.parametrize("use_monitor", [False, True], ids=["direct", "monitor"])
+def test_sync_checkpointer_serialises_threads(tmp_path: Path, use_monitor: bool) -> None:
+    model, optimizer = recipe()
+    directory = tmp_path / "ckpt"
+    cfg = Config(directory=directory, use_monitor=use_monitor, keep_last=None, num_threads=2)
+    errors: list[BaseException] = []
+    handles: list[Any] = []
+    with aiockpt.SyncCheckpointer(cfg, model=model, optimizer=optimizer) as ckpt:
+        start = threading.Barrier(4)
+
+        def worker(first: int) -> None:
+            try:
+                start.wait()
+                for step in range(first, first + 20, 4):
+                    handles.append(ckpt.checkpoint(step))
+                ckpt.wait()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not any(thread.is_alive() for thread in threads), "a thread is stuck"
+        assert errors == []
+    assert sorted(h.wait().step for h in handles) == list(range(20))
+    assert [i.step for i in aiockpt.list_checkpoints(directory)] == list(range(20))
+    assert_state_equal(aiockpt.load(directory / "step-19")["model"], model.state_dict())
+
+
+def test_async_checkpointer_without_monitor_refuses_a_second_loop(tmp_path: Path) -> None:
+    model, optimizer = recipe()
+    cfg = sigint_config(tmp_path / "ckpt")
+    ckpt = aiockpt.Checkpointer(cfg, model=model, optimizer=optimizer)
+
+    async def first() -> None:
+        await (await ckpt.checkpoint(1))
+
+    async def from_another_thread() -> None:
+        await ckpt.checkpoint(2)
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(first())
+    outcome: list[BaseException] = []
+    thread = threading.Thread(
+        target=lambda: outcome.append(_raised(lambda: asyncio.run(from_another_thread())))
+    )
+    thread.start()
+    thread.join(timeout=30)
+    assert len(outcome) == 1 and isinstance(outcome[0], EventLoopError), outcome
+    message = str(outcome[0])
+    assert "binds a checkpointer to the one event loop" in message
+    assert "use_monitor = true" in message
+    loop.run_until_complete(ckpt.close())
+    loop.close()
+    assert [i.step for i in aiockpt.list_checkpoints(cfg.directory)] == [1]
+
+
+def test_async_checkpointer_refuses_a_second_thread_while_one_is_in_a_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, optimizer = recipe()
+    directory = tmp_path / "ckpt"
+    cfg = Config(directory=directory, keep_last=None, num_threads=2)  # with the monitor
+    held, writing = threading.Event(), threading.Event()
+    real_pwrite = os.pwrite
+
+    def held_pwrite(fd: int, data: Any, offset: int) -> int:
+        writing.set()
+        held.wait(30)
+        return real_pwrite(fd, data, offset)
+
+    async def checkpoint_and_wait(ckpt: aiockpt.Checkpointer, step: int) -> None:
+        await ckpt.checkpoint(step)
+        await ckpt.wait()
+
+    ckpt = aiockpt.Checkpointer(cfg, model=model, optimizer=optimizer)
+    monkeypatch.setattr(os, "pwrite", held_pwrite)
+    first = threading.Thread(target=lambda: asyncio.run(checkpoint_and_wait(ckpt, 1)))
+    first.start()
+    assert writing.wait(30)
+    # The first thread is inside wait(): a second thread is refused at once.
+    error = _raised(lambda: asyncio.run(ckpt.checkpoint(2)))
+    assert isinstance(error, EventLoopError), error
+    assert "one thread (and its event loop) at a time" in str(error)
+    assert "SyncCheckpointer" in str(error)
+    held.set()
+    first.join(30)
+    assert not first.is_alive()
+    # One thread after the other is fine.
+    asyncio.run(checkpoint_and_wait(ckpt, 2))
+    asyncio.run(ckpt.close())
+    assert [i.step for i in aiockpt.list_checkpoints(directory)] == [1, 2]
+
+
+def _raised(call: Any) -> BaseException | None:
+    try:
+        call()
+    except BaseException as exc:
+        return exc
+    return None
+
+
+def test_async_checkpointer_without_a_running_loop(tmp_path: Path) -> None:
+    model, _ = recipe()
+    ckpt = aiockpt.Checkpointer(sigint_config(tmp_path / "ckpt"), model=model)
+    coro = ckpt.checkpoint(1)
+    with pytest.raises(EventLoopError, match="call aiockpt from inside a running loop"):
+        coro.send(None)
+    coro.close()
+    asyncio.run(ckpt.close())  # the first loop it runs on is the one it keeps
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["sigint-server"]:
+    serve_trials()
