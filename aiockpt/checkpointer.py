@@ -54,7 +54,7 @@ from .reshard import RankSelection, place_shards
 from .runtime import CallerLoop, MonitorLoop, PrivateLoop, Runtime
 from .sharding import RankShare, Replicated, object_kinds, optimizer_parameters
 from .staging import CaptureGuard, Capturer, Snapshot, choose_staging
-from .stateful import Stateful
+from .stateful import Stateful, is_zero_optimizer, state_to_save
 from .store import CheckpointInfo, CheckpointStore, list_checkpoints
 
 __all__ = ["CheckpointHandle", "Checkpointer", "SyncCheckpointHandle", "SyncCheckpointer"]
@@ -182,7 +182,13 @@ class _Core:
                     "modules, optimizers, schedulers, aiockpt.RNGState() or your own Stateful"
                 )
         self.config = config
-        self.kinds = object_kinds(stateful)
+        # A ZeRO optimizer's state is saved whole, the same on every rank (state_to_save).
+        self.kinds = object_kinds(
+            {
+                name: Replicated(obj) if is_zero_optimizer(obj) else obj
+                for name, obj in stateful.items()
+            }
+        )
         self.objects = {
             name: obj.wrapped if isinstance(obj, Replicated) else obj
             for name, obj in stateful.items()
@@ -293,7 +299,7 @@ class _Core:
             )
 
     def flatten(self) -> FlatState:
-        states = {name: obj.state_dict() for name, obj in self.objects.items()}
+        states = {name: state_to_save(obj) for name, obj in self.objects.items()}
         return flatten_state(states, self.plans)
 
     def next_shared_directory(self) -> str | None:
@@ -481,7 +487,10 @@ class _Core:
         # The manifest is read once, inside read_checkpoint; a missing key reads nothing
         # for that key, so checking after the read costs no extra I/O.
         rank = 0 if self.ranks is None else self.ranks.rank
-        selection = RankSelection({n: self.objects[n] for n in request.names}, rank)
+        # RankSelection and place_shards read the live state_dict() for DTensors, which a
+        # ZeRO optimizer never holds (and whose state_dict() is a collective).
+        live = [n for n in request.names if not is_zero_optimizer(self.objects[n])]
+        selection = RankSelection({n: self.objects[n] for n in live}, rank)
         loaded = read_checkpoint(
             info.path,
             select=request.select(),
@@ -499,7 +508,10 @@ class _Core:
         self.stats.last_restore_bytes = loaded.bytes_read
         state = loaded.state(None, keys=request.names, rank=rank, dtensor=lambda saved: saved)
         # DTensors come back sharded as the live objects shard them now.
-        return {name: place_shards(state[name], self.objects[name]) for name in state}
+        return {
+            name: place_shards(state[name], self.objects[name]) if name in live else state[name]
+            for name in state
+        }
 
     def placement(self, request: _RestoreRequest) -> Placement | None:
         """Where each restored tensor should be read to (None: all to host memory).
@@ -515,6 +527,14 @@ class _Core:
         devices: dict[str, torch.device] = {}
         for name in request.names:
             obj = self.objects[name]
+            if is_zero_optimizer(obj):
+                # Its state_dict() is a collective (and refused before one): its
+                # parameters alone say where its state goes.
+                params = optimizer_parameters(obj)
+                devices.update(
+                    (f"{name}/state/{i}", p.device) for i, p in enumerate(params) if p.is_cuda
+                )
+                continue
             try:
                 flat = flatten_state({name: obj.state_dict()})
             except UnsupportedStateError:  # restore never needed to save it: read to host
