@@ -21,7 +21,7 @@ The knobs:
 * ``staging`` -- where the snapshot is staged: ``"gpu"``, ``"host"`` or ``"auto"``.
 * ``use_monitor`` -- run the pipeline on a background thread with its own uvloop event
   loop; false runs it on the caller's running loop (SyncCheckpointer then blocks until
-  each checkpoint is durable).
+  each checkpoint is durable), which binds an async Checkpointer to that one loop.
 * ``on_error`` -- a background failure is re-raised at the next ``checkpoint()`` or
   ``wait()`` (``"raise"``) or logged as a warning while training goes on (``"warn"``).
 * ``durable`` -- fsync files before a checkpoint is committed.
