@@ -4,10 +4,11 @@
 moves it GPU -> pinned host memory -> files in the background and commits it atomically.
 """
 
+from ._engine.reader import load
 from ._version import __version__
 from .checkpointer import Checkpointer, CheckpointHandle, SyncCheckpointer, SyncCheckpointHandle
 from .config import Config
-from .data import ResumableSampler
+from .distributed.sharding import Replicated
 from .errors import (
     AiockptError,
     BackgroundError,
@@ -24,7 +25,9 @@ from .errors import (
     WorldSizeError,
 )
 from .metrics import CheckpointMetrics
-from .policy import (
+from .stateful import RNGState, Stateful
+from .storage.local import CheckpointInfo, list_checkpoints
+from .training.policy import (
     AdaptiveOverhead,
     AnyOf,
     BasePolicy,
@@ -34,11 +37,8 @@ from .policy import (
     Never,
     policy_from_config,
 )
-from .reader import load
-from .sharding import Replicated
-from .stateful import RNGState, Stateful
-from .store import CheckpointInfo, list_checkpoints
-from .trainer import SyncTrainer, Trainer
+from .training.sampler import ResumableSampler
+from .training.trainer import SyncTrainer, Trainer
 
 __all__ = [
     "AdaptiveOverhead",

@@ -26,9 +26,27 @@ from typing import Any, TypeVar
 
 import torch
 
+from ._engine.capture.flatten import FlatState, flatten_state
+from ._engine.capture.replay import FlattenCache
+from ._engine.layers import tensor_layers
+from ._engine.layout import (
+    ALIGNMENT,
+    describe,
+    layout_signature,
+    plan_layout,
+    plan_layout_for_count,
+)
+from ._engine.memory import StagingMemory
+from ._engine.pipeline import Admitted, Pipeline, _Job
+from ._engine.reader import Placement, TensorFilter, read_checkpoint, tensor_filter
+from ._engine.reshard import RankSelection, place_shards
+from ._engine.runtime import CallerLoop, MonitorLoop, PrivateLoop, Runtime
+from ._engine.staging import CaptureGuard, Capturer, Snapshot, choose_staging
+from ._format.manifest import TensorRecord
 from ._version import __version__
 from .config import Config, resolve_config
-from .distributed import RankGroup, is_rank_zero
+from .distributed.group import RankGroup, is_rank_zero
+from .distributed.sharding import RankShare, Replicated, object_kinds, optimizer_parameters
 from .errors import (
     BackgroundError,
     CheckpointError,
@@ -41,21 +59,9 @@ from .errors import (
     UsageError,
     WorldSizeError,
 )
-from .flatplan import FlattenCache
-from .flatten import FlatState, flatten_state
-from .layers import tensor_layers
-from .layout import ALIGNMENT, describe, layout_signature, plan_layout, plan_layout_for_count
-from .manifest import TensorRecord
-from .memory import StagingMemory
 from .metrics import CheckpointerStats, CheckpointMetrics
-from .pipeline import Admitted, Pipeline, _Job
-from .reader import Placement, TensorFilter, read_checkpoint, tensor_filter
-from .reshard import RankSelection, place_shards
-from .runtime import CallerLoop, MonitorLoop, PrivateLoop, Runtime
-from .sharding import RankShare, Replicated, object_kinds, optimizer_parameters
-from .staging import CaptureGuard, Capturer, Snapshot, choose_staging
 from .stateful import Stateful, is_zero_optimizer, state_to_save
-from .store import CheckpointInfo, CheckpointStore, list_checkpoints
+from .storage.local import CheckpointInfo, CheckpointStore, list_checkpoints
 
 __all__ = ["CheckpointHandle", "Checkpointer", "SyncCheckpointHandle", "SyncCheckpointer"]
 

@@ -1,0 +1,1 @@
+"""The pipeline: capture, staging memory, copy and write tasks, commit, restore."""

@@ -1,0 +1,364 @@
+"""Reading checkpoints back: concurrent reads, every checksum verified, nothing executed.
+
+Files are opened with O_NOFOLLOW under names the manifest parser already restricted to
+plain data-file names, and each file's real size must equal what the manifest claims
+before any buffer is allocated, so a hostile checkpoint can neither reach outside its
+directory nor make the reader allocate more than the files hold.
+"""
+
+from __future__ import annotations
+
+import binascii
+import functools
+import os
+import re
+import stat
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, TensorRecord
+from ..errors import CorruptCheckpointError, NoCheckpointError
+from ..storage.fileio import read_exact
+from ..storage.local import parse_step_dir
+from .capture.flatten import SavedShards, unflatten_state
+from .restore_io import (
+    SLOT_BYTES,
+    CudaTransfer,
+    PinnedRing,
+    Segment,
+    SegmentReader,
+    gpu_room,
+    plan_segments,
+)
+
+__all__ = ["LoadedCheckpoint", "Placement", "load", "read_checkpoint", "read_manifest"]
+
+MapLocation = str | torch.device | None
+TensorFilter = Callable[[TensorRecord], bool]
+# Which device a tensor should be read onto (restore: where the object being loaded keeps it).
+Placement = Callable[[TensorRecord], str | torch.device]
+
+
+def _open_regular(path: Path) -> tuple[int, int]:
+    """Open ``path`` read-only without following links; (fd, size).
+
+    O_NONBLOCK: a FIFO planted under a data file's name would otherwise block open()
+    forever; this way it is opened at once and refused as not a regular file.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise CorruptCheckpointError(f"{path}: file is missing") from exc
+    except OSError as exc:
+        raise CorruptCheckpointError(f"{path}: cannot be opened safely ({exc.strerror})") from exc
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise CorruptCheckpointError(f"{path}: is not a regular file")
+    return fd, info.st_size
+
+
+def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
+    path = Path(directory) / MANIFEST_NAME
+    if not Path(directory).is_dir():
+        raise NoCheckpointError(f"{directory}: no such checkpoint directory")
+    fd, size = _open_regular(path)
+    try:
+        if size > MAX_MANIFEST_BYTES:
+            raise CorruptCheckpointError(
+                f"{path}: manifest is {size} bytes, over the {MAX_MANIFEST_BYTES} limit"
+            )
+        raw = bytearray(size)
+        read_exact(fd, memoryview(raw), 0)
+    except EOFError as exc:
+        raise CorruptCheckpointError(f"{path}: {exc}") from exc
+    except OSError as exc:  # EIO from a bad sector: this checkpoint is unreadable
+        raise CorruptCheckpointError(f"{path}: cannot be read ({exc.strerror})") from exc
+    finally:
+        os.close(fd)
+    return Manifest.parse(bytes(raw), str(path))
+
+
+@dataclass
+class LoadedCheckpoint:
+    """Tensors read and verified from one checkpoint, and how many bytes that took."""
+
+    manifest: Manifest
+    path: Path
+    tensors: dict[int, torch.Tensor]
+    bytes_read: int = 0
+    placed: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+    def state(
+        self,
+        map_location: MapLocation = "cpu",
+        keys: Iterable[str] | None = None,
+        *,
+        rank: int = 0,
+        dtensor: Callable[[SavedShards], Any] = SavedShards.assemble,
+    ) -> dict[str, Any]:
+        """The nested state, tensors on ``map_location`` (None: where they were read);
+        aliases stay one tensor.
+
+        Tensors that were not read (a partial read) are left out of their dicts. State
+        saved per rank comes back as ``rank`` saved it; DTensors as ``dtensor`` makes them
+        (whole tensors by default).
+        """
+        device = None if map_location is None else torch.device(map_location)
+
+        def tensor_at(index: int) -> Any:
+            if index not in self.tensors:
+                if not 0 <= index < len(self.manifest.tensors):
+                    raise IndexError(f"tensor index {index} out of range")
+                return _NOT_READ
+            if device is None:
+                return self.tensors[index]
+            key = (index, str(device))
+            tensor = self.placed.get(key)
+            if tensor is None:
+                tensor = self.tensors[index].to(device)
+                self.placed[key] = tensor
+            return tensor
+
+        wanted = self.manifest.state.keys() if keys is None else keys
+        try:
+            decoded = {
+                k: unflatten_state(self.manifest.state[k], tensor_at, rank=rank, dtensor=dtensor)
+                for k in wanted
+            }
+        except (ValueError, TypeError, KeyError, IndexError, binascii.Error) as exc:
+            raise CorruptCheckpointError(
+                f"{self.path / MANIFEST_NAME}: its state cannot be decoded ({exc})"
+            ) from exc
+        return (
+            _without_unread(decoded) if len(self.tensors) < len(self.manifest.tensors) else decoded
+        )
+
+
+class _NotRead:
+    def __repr__(self) -> str:
+        return "<tensor not read>"
+
+
+_NOT_READ = _NotRead()
+
+
+def _without_unread(node: Any) -> Any:
+    if isinstance(node, dict):
+        kept = {k: _without_unread(v) for k, v in node.items() if v is not _NOT_READ}
+        if hasattr(node, "_metadata"):  # keep OrderedDict and the module versions
+            node.clear()
+            node.update(kept)
+            return node
+        return kept
+    if isinstance(node, list):
+        return [_without_unread(v) for v in node if v is not _NOT_READ]
+    return node
+
+
+def tensor_filter(
+    keys: Iterable[str] | None = None,
+    layers: str | None = None,
+    *,
+    layered: Iterable[str] | None = None,
+) -> TensorFilter | None:
+    """Select tensors by top-level key and by a regular expression on their layer.
+
+    Tensors without a layer (non-module state) are kept when their key is selected, and
+    so are all tensors of keys outside ``layered`` (when given): those are taken whole.
+    """
+    if keys is None and layers is None:
+        return None
+    wanted = None if keys is None else set(keys)
+    pattern = None if layers is None else re.compile(layers)
+    by_layer = None if layered is None else set(layered)
+
+    def accept(record: TensorRecord) -> bool:
+        key = record.name.split("/", 1)[0]
+        if wanted is not None and key not in wanted:
+            return False
+        if pattern is None or record.layer is None:
+            return True
+        if by_layer is not None and key not in by_layer:
+            return True
+        return pattern.search(record.layer) is not None
+
+    return accept
+
+
+def read_checkpoint(
+    directory: str | os.PathLike[str],
+    *,
+    select: TensorFilter | None = None,
+    threads: int = 8,
+    verify: bool = True,
+    rank_select: Callable[[Manifest, TensorFilter | None], TensorFilter] | None = None,
+    place: Placement | None = None,
+    pinned: Sequence[torch.Tensor] = (),
+) -> LoadedCheckpoint:
+    """Read (and verify) the tensors of a checkpoint, into CPU memory unless ``place``
+    puts a tensor on a CUDA device.
+
+    With ``select``, only the tensors it accepts are read: their byte ranges alone.
+    ``rank_select`` narrows ``select`` further once the manifest is known (what one rank
+    of a run needs).
+    ``place(record)`` names the device each tensor should land on; CUDA tensors are read
+    through a ring of pinned buffers (``pinned``: buffers to borrow for it, else a small
+    ring is pinned for this read). A tensor for which the device lacks free memory is read
+    into CPU memory instead.
+    """
+    path = Path(directory)
+    manifest = read_manifest(path)
+    if rank_select is not None:
+        select = rank_select(manifest, select)
+    named_step = parse_step_dir(path.name)
+    if named_step is not None and named_step != manifest.step:
+        raise CorruptCheckpointError(
+            f"{path}: directory says step {named_step} but its manifest says {manifest.step}"
+        )
+    wanted = [i for i, t in enumerate(manifest.tensors) if select is None or select(t)]
+    loaded = LoadedCheckpoint(manifest, path, {})
+    fds: dict[str, int] = {}
+    try:
+        for record in manifest.files:
+            fd, size = _open_regular(path / record.name)
+            fds[record.name] = fd
+            if size != record.nbytes:
+                raise CorruptCheckpointError(
+                    f"{path / record.name}: file holds {size} bytes, the manifest says "
+                    f"{record.nbytes} (truncated or overwritten)"
+                )
+        destinations = _allocate(manifest.tensors, _devices(manifest.tensors, wanted, place))
+        reader = SegmentReader(path, manifest.tensors, fds, destinations, verify)
+        _read_segments(reader, threads, pinned)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    for index in wanted:
+        tensor = manifest.tensors[index]
+        loaded.tensors[index] = destinations[index].view(tensor.dtype).view(tensor.shape)
+        loaded.bytes_read += tensor.nbytes
+    return loaded
+
+
+def _devices(
+    records: Sequence[TensorRecord], wanted: list[int], place: Placement | None
+) -> dict[int, torch.device]:
+    """Where each wanted tensor is read to: its placement while the device has room."""
+    cpu = torch.device("cpu")
+    if place is None or not torch.cuda.is_available():
+        return dict.fromkeys(wanted, cpu)
+    devices: dict[int, torch.device] = {}
+    room: dict[torch.device, int] = {}
+    for index in wanted:
+        device = torch.device(place(records[index]))
+        if device.type != "cuda":  # other accelerators: host memory, load_state_dict moves it
+            devices[index] = cpu
+            continue
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in room:
+            room[device] = gpu_room(device)
+        size = -(-records[index].nbytes // 512) * 512  # the caching allocator's rounding
+        if size > room[device]:
+            device = cpu  # no room for a temporary: load_state_dict copies from host
+        else:
+            room[device] -= size
+        devices[index] = device
+    return devices
+
+
+def _allocate(
+    records: Sequence[TensorRecord], devices: dict[int, torch.device]
+) -> dict[int, torch.Tensor]:
+    destinations: dict[int, torch.Tensor] = {}
+    for index, device in devices.items():
+        nbytes = records[index].nbytes
+        try:
+            destinations[index] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        except torch.cuda.OutOfMemoryError:  # fragmentation beat the estimate
+            devices[index] = torch.device("cpu")
+            destinations[index] = torch.empty(nbytes, dtype=torch.uint8)
+    return destinations
+
+
+def _read_segments(reader: SegmentReader, threads: int, pinned: Sequence[torch.Tensor]) -> None:
+    """Read every destination's bytes on ``threads`` threads; the first failure raises."""
+    by_device: dict[torch.device, list[tuple[int, TensorRecord]]] = {}
+    for index, data in reader.destinations.items():
+        by_device.setdefault(data.device, []).append((index, reader.records[index]))
+    jobs: list[Callable[[], None]] = []
+    staged: dict[torch.device, list[Segment]] = {}
+    for device, records in by_device.items():
+        segments = plan_segments(records)
+        if device.type == "cpu":
+            jobs += [functools.partial(reader.direct, s) for s in segments]
+        else:
+            staged[device] = segments
+    ring = _ring(staged, threads, pinned) if staged else None
+    transfers = {device: CudaTransfer(device) for device in staged}
+    try:
+        for device, segments in staged.items():
+            assert ring is not None
+            jobs += [functools.partial(reader.staged, s, ring, transfers[device]) for s in segments]
+        with ThreadPoolExecutor(
+            max_workers=max(1, threads), thread_name_prefix="aiockpt-read"
+        ) as pool:
+            for future in [pool.submit(job) for job in jobs]:
+                future.result()
+    finally:
+        if ring is not None:
+            ring.settle()
+        for transfer in transfers.values():
+            transfer.finish()
+
+
+def _ring(
+    staged: dict[torch.device, list[Segment]], threads: int, pinned: Sequence[torch.Tensor]
+) -> PinnedRing:
+    """Enough pinned slots for every reader thread and one copy in flight, never more
+    than the reads need; borrowed from ``pinned`` when it has room for a few."""
+    lengths = [s.length for segments in staged.values() for s in segments]
+    slot = min(SLOT_BYTES, -(-max(lengths, default=1) // 4096) * 4096)
+    windows = sum(-(-n // slot) for n in lengths)
+    count = max(1, min(max(1, threads) + 2, windows))
+    borrowed = PinnedRing.carve(pinned, count, slot)
+    if len(borrowed) >= min(count, 2):
+        return PinnedRing(borrowed)
+    ring = torch.empty(count * slot, dtype=torch.uint8, pin_memory=True)
+    return PinnedRing(PinnedRing.carve([ring], count, slot))
+
+
+def load(
+    path: str | os.PathLike[str],
+    map_location: MapLocation = "cpu",
+    *,
+    keys: Iterable[str] | None = None,
+    layers: str | None = None,
+    verify: bool = True,
+    rank: int = 0,
+) -> dict[str, Any]:
+    """Load a checkpoint directory as ``{name: state_dict}`` without the original objects.
+
+    ``keys`` picks top-level entries (e.g. ``["model"]``); ``layers`` is a regular
+    expression on layer names (``"blocks\\.[0-3]\\b"``): only those tensors' bytes are read.
+    A checkpoint of several ranks gives whole tensors for sharded state, and the per-rank
+    state (RNG, ...) of ``rank``.
+    """
+    wanted = None if keys is None else list(keys)
+    device = torch.device(map_location or "cpu")
+    loaded = read_checkpoint(
+        path,
+        select=tensor_filter(wanted, layers),
+        verify=verify,
+        place=(lambda record: device) if device.type == "cuda" else None,
+    )
+    absent = [k for k in wanted or () if k not in loaded.manifest.state]
+    if absent:
+        raise KeyError(f"{path} has no entry {absent}; it holds {sorted(loaded.manifest.state)}")
+    return loaded.state(device, keys=wanted, rank=rank)

@@ -1,0 +1,1 @@
+"""The on-disk format: the manifest and the one registry of tags (docs/FORMAT.md)."""

@@ -1,0 +1,1 @@
+"""The ``aiockpt`` command line: one module per command over checkpoints at rest."""

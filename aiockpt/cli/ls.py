@@ -1,0 +1,190 @@
+"""``aiockpt ls``: the committed checkpoints of a directory, and what else lies there.
+
+Without ``--verify`` a checkpoint's status is what can be known cheaply: its manifest
+parses and passes its own checksum, and every data file has the size the manifest lists
+("unverified": the tensor bytes were not read). ``--verify`` reads every byte.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from .._engine.reader import read_manifest
+from .._format.manifest import MANIFEST_NAME, Manifest
+from .._util.console import (
+    byte_progress,
+    human_bytes,
+    human_time,
+    iso_time,
+    print_json,
+    stdout_console,
+)
+from ..errors import AiockptError
+from ..storage.local import LATEST_NAME, CheckpointInfo
+from .scan import WriterState, committed_checkpoints, probe_writer, scan_leftovers
+from .verify import verify_checkpoints
+
+__all__ = ["list_directory", "run"]
+
+
+def _quick_check(info: CheckpointInfo) -> tuple[Manifest | None, list[str]]:
+    """Manifest and file sizes only: a torn or half-deleted checkpoint shows up, cheaply."""
+    try:
+        manifest = read_manifest(info.path)
+    except AiockptError as exc:
+        return None, [f"{MANIFEST_NAME}: {exc}"]
+    problems = []
+    if manifest.step != info.step:
+        problems.append(f"directory says step {info.step} but the manifest says {manifest.step}")
+    for record in manifest.files:
+        try:
+            st = os.lstat(info.path / record.name)
+        except FileNotFoundError:
+            problems.append(f"{record.name}: file is missing")
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            problems.append(f"{record.name}: is not a regular file")
+        elif st.st_size != record.nbytes:
+            problems.append(
+                f"{record.name}: file holds {st.st_size} bytes, the manifest says {record.nbytes}"
+            )
+    return manifest, problems
+
+
+def list_directory(
+    root: Path, *, verify: bool = False, threads: int = 8, progress: bool = False
+) -> dict[str, Any]:
+    """The ``ls`` report as a JSON-ready dict."""
+    committed = committed_checkpoints(root)
+    writer = probe_writer(root)
+    try:
+        latest = (root / LATEST_NAME).read_text().strip() or None
+    except (FileNotFoundError, UnicodeDecodeError):
+        latest = None
+    rows = []
+    for info in committed:
+        manifest, problems = _quick_check(info)
+        rows.append(
+            {
+                "step": info.step,
+                "path": str(info.path),
+                "created": manifest.created if manifest else info.mtime,
+                "created_iso": iso_time(manifest.created if manifest else info.mtime),
+                "nbytes": info.nbytes,
+                "world_size": manifest.world_size if manifest else None,
+                "tensors": len(manifest.tensors) if manifest else None,
+                "files": len(manifest.files) if manifest else None,
+                "keys": list(manifest.state) if manifest else None,
+                "status": "corrupt" if problems else "unverified",
+                "valid": False if problems else None,
+                "latest": info.path.name == latest,
+                "problems": problems,
+            }
+        )
+    if verify:
+        # Those already found corrupt by the quick check need no reading.
+        todo = [(r, i) for r, i in zip(rows, committed, strict=True) if r["valid"] is None]
+        with byte_progress(0, "verifying", enabled=progress) as count:
+            paths = [info.path for _, info in todo]
+            verdicts = verify_checkpoints(
+                paths, threads=threads, on_bytes=count, on_total=count.set_total
+            )
+        for (row, _), verdict in zip(todo, verdicts, strict=True):
+            row["status"] = verdict.status
+            row["valid"] = verdict.valid if not verdict.vanished else None
+            row["problems"] = [p.describe() for p in verdict.problems]
+    leftovers = [
+        {
+            "name": left.path.name,
+            "path": str(left.path),
+            "kind": left.kind,
+            "step": left.step,
+            "nbytes": left.nbytes,
+            "in_progress": writer.live and left.kind != "no-manifest",
+            "explanation": left.explain(writer),
+        }
+        for left in scan_leftovers(root)
+    ]
+    return {
+        "directory": str(root),
+        "writer": {"live": writer.live, "pid": writer.pid},
+        "latest": latest,
+        "verified": verify,
+        "checkpoints": rows,
+        "leftovers": leftovers,
+    }
+
+
+def render(report: dict[str, Any]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = stdout_console()
+    writer = WriterState(report["writer"]["live"], report["writer"]["pid"])
+    console.print(f"[bold]{escape(report['directory'])}[/bold]  ({writer.describe()})")
+    rows = report["checkpoints"]
+    if not rows:
+        console.print("no committed checkpoints")
+    else:
+        table = Table(box=None, pad_edge=False)
+        for column, justify in (
+            ("step", "right"),
+            ("created", "left"),
+            ("size", "right"),
+            ("world", "right"),
+            ("tensors", "right"),
+            ("status", "left"),
+            ("", "left"),
+        ):
+            table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+        colour = {"valid": "green", "corrupt": "red", "removed": "yellow"}
+        for row in rows:
+            status = row["status"]
+            style = colour.get(status)
+            table.add_row(
+                str(row["step"]),
+                human_time(row["created"]),
+                human_bytes(row["nbytes"]),
+                str(row["world_size"] or "?"),
+                str(row["tensors"] if row["tensors"] is not None else "?"),
+                f"[{style}]{status}[/{style}]" if style else status,
+                "latest" if row["latest"] else "",
+            )
+        console.print(table)
+        for row in rows:
+            for problem in row["problems"]:
+                console.print(f"  [red]step {row['step']}[/red]: {escape(problem)}")
+        if not report["verified"]:
+            console.print(
+                "status 'unverified': manifest and file sizes are fine, tensor bytes not read "
+                "(`--verify` reads them)"
+            )
+    if report["leftovers"]:
+        console.print("\n[bold]not checkpoints[/bold] (readers ignore these):")
+        table = Table(box=None, pad_edge=False, show_header=False)
+        table.add_column("name", no_wrap=True)
+        table.add_column("size", justify="right", no_wrap=True)
+        table.add_column("what", no_wrap=True)
+        for left in report["leftovers"]:
+            size = human_bytes(left["nbytes"])
+            table.add_row(escape(f"  {left['name']}"), size, escape(left["explanation"]))
+        console.print(table)
+        if not writer.live:
+            console.print(
+                "leftovers of a dead writer are deleted when a writer next opens the "
+                "directory, or by `aiockpt prune`"
+            )
+
+
+def run(args: Any) -> int:
+    report = list_directory(
+        Path(args.directory), verify=args.verify, threads=args.threads, progress=not args.json
+    )
+    if args.json:
+        print_json(report)
+    else:
+        render(report)
+    return 1 if any(row["status"] == "corrupt" for row in report["checkpoints"]) else 0

@@ -1,0 +1,245 @@
+"""``aiockpt prune``: delete old checkpoints by rule, never the one a restart would need.
+
+Safety rules, in order:
+
+- The newest *valid* checkpoint is never removed, whatever the rules say. Validity is
+  checked the way restore checks it (every checksum), newest first, stopping at the first
+  valid one; if none verifies, nothing is removed, so the bytes stay for salvage.
+- A directory with a live writer is left alone unless ``--force``: the writer prunes by
+  its own ``keep_last``, and may be reading an older step to restore it. With ``--force``
+  only committed checkpoints are removed, never the writer's temporaries or ``latest``.
+- Otherwise prune takes the writer lock itself for the few milliseconds it works, so no
+  writer can start in the middle; opening the directory as a writer also clears a dead
+  writer's temporaries (and restores an interrupted replace), as FORMAT.md requires.
+- Removal is the store's rename-then-delete: a checkpoint never looks half-deleted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .._util.console import CliError, byte_progress, human_bytes, note, print_json, stdout_console
+from ..errors import DirectoryLockedError
+from ..storage.local import LATEST_NAME, CheckpointInfo, CheckpointStore
+from .scan import Leftover, WriterState, committed_checkpoints, probe_writer, scan_leftovers
+from .verify import verify_checkpoints
+
+__all__ = ["prune", "run"]
+
+
+def _rules(
+    committed: list[CheckpointInfo], keep_last: int, keep_every: int | None
+) -> dict[int, list[str]]:
+    reasons: dict[int, list[str]] = {info.step: [] for info in committed}
+    for info in committed[len(committed) - keep_last :] if keep_last else []:
+        reasons[info.step].append(f"last {keep_last}")
+    if keep_every:
+        for info in committed:
+            if info.step % keep_every == 0:
+                reasons[info.step].append(f"every {keep_every}")
+    return reasons
+
+
+def _newest_valid(
+    committed: list[CheckpointInfo], threads: int, progress: bool
+) -> tuple[int | None, list[dict[str, Any]]]:
+    """Verify newest first until one is valid; (its step, the corrupt ones passed over)."""
+    corrupt: list[dict[str, Any]] = []
+    for info in reversed(committed):
+        with byte_progress(0, f"verifying step {info.step}", enabled=progress) as count:
+            (verdict,) = verify_checkpoints(
+                [info.path], threads=threads, on_bytes=count, on_total=count.set_total
+            )
+        if verdict.valid:
+            return info.step, corrupt
+        if not verdict.vanished:
+            corrupt.append(
+                {"step": info.step, "problems": [p.describe() for p in verdict.problems]}
+            )
+    return None, corrupt
+
+
+def _leftover_action(left: Leftover, writer: WriterState, committed_steps: set[int]) -> str:
+    if writer.live or left.kind == "no-manifest":
+        return "keep"
+    if left.kind == "trash-replace" and left.step not in committed_steps:
+        return "restore"
+    return "delete"
+
+
+def prune(
+    root: Path,
+    *,
+    keep_last: int,
+    keep_every: int | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+    threads: int = 8,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Apply the rules to ``root``; the JSON-ready report of what was (or would be) done."""
+    if keep_last < 0 or (keep_every is not None and keep_every < 1):
+        raise CliError(
+            "--keep-last must be 0 or more and --keep-every 1 or more",
+            hint="e.g. --keep-last 3 --keep-every 1000",
+        )
+    committed = committed_checkpoints(root)
+    writer = probe_writer(root)
+    if writer.live and not force and not dry_run:
+        raise CliError(
+            f"{root} is being written right now ({writer.describe()}); its writer prunes "
+            "by its own keep_last, and may be restoring from an older checkpoint",
+            hint="stop the training job first, set keep_last in its config, or pass --force "
+            "to remove committed checkpoints anyway (the writer's temporaries and its newest "
+            "checkpoint are never touched); --dry-run shows the plan",
+        )
+    leftovers = scan_leftovers(root)
+    steps = {info.step for info in committed}
+    left_plan = [(left, _leftover_action(left, writer, steps)) for left in leftovers]
+
+    store = CheckpointStore(root, durable=True)
+    locked = False
+    if not dry_run and not writer.live:
+        try:
+            store.open()  # the writer lock; also clears the dead writer's leftovers
+        except DirectoryLockedError as exc:
+            raise CliError(
+                str(exc).split(";")[0] + " (it started just now)",
+                hint="run prune again once that writer is done, or pass --force",
+            ) from exc
+        locked = True
+        committed = committed_checkpoints(root)  # an interrupted replace may be back
+    try:
+        reasons = _rules(committed, keep_last, keep_every)
+        newest_valid: int | None = None
+        corrupt: list[dict[str, Any]] = []
+        doomed = [info for info in committed if not reasons[info.step]]
+        if doomed:
+            newest_valid, corrupt = _newest_valid(committed, threads, progress)
+            if newest_valid is None:
+                for info in doomed:
+                    reasons[info.step].append("no checkpoint verifies: nothing is removed")
+            else:
+                reasons[newest_valid].append("newest valid")
+            doomed = [info for info in committed if not reasons[info.step]]
+        removed = []
+        if not dry_run:
+            for info in doomed:
+                try:
+                    store.remove(info.path)
+                except FileNotFoundError:
+                    continue  # the live writer's own retention got there first
+                removed.append(info.step)
+            if locked:
+                _repoint_latest(store, committed, {info.step for info in doomed})
+    finally:
+        if locked:
+            store.close()
+    doomed_steps = {info.step for info in doomed}
+    return {
+        "directory": str(root),
+        "dry_run": dry_run,
+        "forced": force and writer.live,
+        "writer": {"live": writer.live, "pid": writer.pid},
+        "newest_valid": newest_valid,
+        "corrupt": corrupt,
+        "checkpoints": [
+            {
+                "step": info.step,
+                "path": str(info.path),
+                "nbytes": info.nbytes,
+                "action": "remove" if info.step in doomed_steps else "keep",
+                "reasons": reasons[info.step],
+            }
+            for info in committed
+        ],
+        "removed": removed,
+        "leftovers": [
+            {
+                "name": left.path.name,
+                "kind": left.kind,
+                "nbytes": left.nbytes,
+                "action": action,
+                "explanation": left.explain(writer),
+            }
+            for left, action in left_plan
+        ],
+        "freed_bytes": sum(info.nbytes for info in doomed)
+        + sum(left.nbytes for left, action in left_plan if action == "delete"),
+    }
+
+
+def _repoint_latest(
+    store: CheckpointStore, committed: list[CheckpointInfo], gone: set[int]
+) -> None:
+    # `latest` is a hint; if it names a checkpoint we removed (only possible when a corrupt
+    # newest one went), point it at the newest that is left.
+    current = store.latest_name()
+    remaining = [info for info in committed if info.step not in gone]
+    if current and not (store.root / current).exists() and remaining:
+        store.point_latest(remaining[-1].path.name)
+    elif current and not remaining:
+        (store.root / LATEST_NAME).unlink(missing_ok=True)
+
+
+def render(report: dict[str, Any]) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = stdout_console()
+    writer = WriterState(report["writer"]["live"], report["writer"]["pid"])
+    dry = report["dry_run"]
+    heading = f"[bold]{escape(report['directory'])}[/bold] ({writer.describe()})"
+    console.print(heading + (": dry run, nothing changed" if dry else ""))
+    for bad in report["corrupt"]:
+        console.print(f"  [red]step {bad['step']} is corrupt[/red]: {escape(bad['problems'][0])}")
+    table = Table(box=None, pad_edge=False, show_header=False)
+    table.add_column("step", justify="right", no_wrap=True)
+    table.add_column("action", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("why", no_wrap=True)
+    verb = "would remove" if dry else "removed"
+    for row in report["checkpoints"]:
+        action = f"[red]{verb}[/red]" if row["action"] == "remove" else "keep"
+        why = ", ".join(row["reasons"]) if row["action"] == "keep" else ""
+        table.add_row(f"step {row['step']}", action, human_bytes(row["nbytes"]), escape(why))
+    console.print(table if report["checkpoints"] else "no committed checkpoints")
+    if report["leftovers"]:
+        console.print("not checkpoints:")
+        table = Table(box=None, pad_edge=False, show_header=False)
+        for _ in range(4):
+            table.add_column(no_wrap=True)
+        verbs = {
+            "delete": "would delete" if dry else "deleted",
+            "restore": "would restore" if dry else "restored",
+            "keep": "keep",
+        }
+        for left in report["leftovers"]:
+            size = human_bytes(left["nbytes"])
+            name = escape(f"  {left['name']}")
+            table.add_row(name, verbs[left["action"]], size, escape(left["explanation"]))
+        console.print(table)
+    freed = human_bytes(report["freed_bytes"])
+    console.print(f"{'would free' if dry else 'freed'} {freed}")
+    if dry and writer.live:
+        console.print("a live writer holds the directory: a real run needs --force")
+
+
+def run(args: Any) -> int:
+    report = prune(
+        Path(args.directory),
+        keep_last=args.keep_last,
+        keep_every=args.keep_every,
+        dry_run=args.dry_run,
+        force=args.force,
+        threads=args.threads,
+        progress=not args.json,
+    )
+    if report["forced"]:
+        note("--force: a live writer holds this directory; only committed checkpoints were touched")
+    if args.json:
+        print_json(report)
+    else:
+        render(report)
+    return 0

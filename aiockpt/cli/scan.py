@@ -1,0 +1,195 @@
+"""Looking at a checkpoint directory from the outside: the live writer, leftovers, paths.
+
+Tools read a directory that a training job may be writing at the same moment, so nothing
+here takes the writer lock for longer than a probe, and every listing tolerates entries
+that vanish between ``scandir`` and ``stat`` (the writer's retention renames them away).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .._format.manifest import MANIFEST_NAME
+from .._util.console import CliError, note
+from ..storage.local import LOCK_NAME, CheckpointInfo, list_checkpoints, parse_step_dir
+
+__all__ = [
+    "Leftover",
+    "WriterState",
+    "committed_checkpoints",
+    "directory_size",
+    "probe_writer",
+    "resolve_checkpoint",
+    "scan_leftovers",
+]
+
+
+@dataclass(frozen=True)
+class WriterState:
+    """Whether a live process holds the directory's writer lock, and its pid if known."""
+
+    live: bool
+    pid: int | None = None
+
+    def describe(self) -> str:
+        if not self.live:
+            return "no live writer"
+        return f"pid {self.pid} is writing" if self.pid else "a live process is writing"
+
+
+def probe_writer(root: Path) -> WriterState:
+    """Is ``root``'s lock held by a live writer? Never blocks, never holds the lock.
+
+    The lock file is opened read-only (no create, no truncate) and a shared lock is tried
+    and dropped at once. A writer holds LOCK_EX for its whole life, so our LOCK_SH fails
+    exactly when one is alive. The only window in which the probe can disturb anyone is a
+    writer calling ``open()`` in the same microseconds, which then reports the directory
+    as locked and can simply be retried.
+    """
+    try:
+        fd = os.open(root / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return WriterState(False)  # no writer ever opened this directory
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return WriterState(True, int(text) if text.isdigit() else None)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return WriterState(False)
+    finally:
+        os.close(fd)
+
+
+def committed_checkpoints(root: Path) -> list[CheckpointInfo]:
+    """``list_checkpoints`` that survives a live writer's retention deleting under it."""
+    if not root.is_dir():
+        raise CliError(
+            f"{root}: no such directory",
+            hint="pass the checkpoint directory (the Config's `directory`), e.g. checkpoints/",
+        )
+    for _ in range(5):
+        try:
+            return list_checkpoints(root)
+        except FileNotFoundError:
+            continue  # a checkpoint was renamed away mid-listing; list again
+    return list_checkpoints(root)
+
+
+def directory_size(path: Path) -> int:
+    total = 0
+    try:
+        entries = list(os.scandir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_size
+        except FileNotFoundError:
+            pass
+    return total
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A directory entry that is not a committed checkpoint (FORMAT.md section 1)."""
+
+    path: Path
+    kind: str  # "tmp" | "trash" | "trash-replace" | "no-manifest" | "latest.tmp"
+    step: int | None
+    nbytes: int
+
+    def explain(self, writer: WriterState) -> str:
+        live = writer.live
+        if self.kind == "tmp":
+            return "being written now" if live else "abandoned write of a dead writer"
+        if self.kind == "trash":
+            return "being deleted now" if live else "abandoned delete of a dead writer"
+        if self.kind == "trash-replace":
+            if live:
+                return f"old copy of step-{self.step}, replaced right now"
+            return (
+                f"old copy of step-{self.step}; the next writer restores it "
+                f"if step-{self.step} is gone"
+            )
+        if self.kind == "no-manifest":
+            return "step directory without manifest.json: not a checkpoint, readers ignore it"
+        return "half-written `latest` pointer" + ("" if live else " of a dead writer")
+
+
+def scan_leftovers(root: Path) -> list[Leftover]:
+    found = []
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        name = entry.name
+        step: int | None = None
+        if name.startswith(".trash-replace-"):
+            kind = "trash-replace"
+            step = parse_step_dir(name.removeprefix(".trash-replace-").rsplit("-", 1)[0])
+        elif name.startswith(".trash-"):
+            kind = "trash"
+            step = parse_step_dir(name.removeprefix(".trash-").rsplit("-", 1)[0])
+        elif name.startswith(".tmp-"):
+            kind = "tmp"
+            step = parse_step_dir(name.removeprefix(".tmp-").rsplit("-", 1)[0])
+        elif name == "latest.tmp":
+            kind = "latest.tmp"
+        elif parse_step_dir(name) is not None and not os.path.lexists(
+            os.path.join(entry.path, MANIFEST_NAME)
+        ):
+            kind, step = "no-manifest", parse_step_dir(name)
+        else:
+            continue
+        path = Path(entry.path)
+        try:
+            is_dir = entry.is_dir(follow_symlinks=False)
+            nbytes = directory_size(path) if is_dir else entry.stat(follow_symlinks=False).st_size
+        except FileNotFoundError:
+            continue  # deleted by the writer while we looked
+        found.append(Leftover(path, kind, step, nbytes))
+    return found
+
+
+def resolve_checkpoint(path: Path, step: int | None = None) -> Path:
+    """The checkpoint directory a user means by ``path`` (and ``--step``).
+
+    ``path`` may be a checkpoint (``checkpoints/step-100``) or the directory holding them,
+    in which case the newest committed one (or ``step``) is meant.
+    """
+    if step is not None:
+        candidate = path / f"step-{step}"
+        if (candidate / MANIFEST_NAME).exists():
+            return candidate
+        steps = [info.step for info in committed_checkpoints(path)]
+        raise CliError(
+            f"{path}: no committed checkpoint of step {step}",
+            hint=f"committed steps: {steps or 'none'}; `aiockpt ls {path}` lists them",
+        )
+    if (path / MANIFEST_NAME).exists():
+        return path
+    if not path.exists():
+        raise CliError(
+            f"{path}: no such file or directory",
+            hint="pass a checkpoint such as checkpoints/step-100, or the directory holding them",
+        )
+    committed = committed_checkpoints(path) if path.is_dir() else []
+    if not committed:
+        raise CliError(
+            f"{path}: not a checkpoint (no {MANIFEST_NAME}) and holds no committed step-N "
+            "checkpoints",
+            hint="pass a checkpoint such as checkpoints/step-100; `aiockpt ls DIR` lists them",
+        )
+    # Said on stderr so that --json output stays one document.
+    note(f"{path}: using its newest checkpoint, {committed[-1].path.name}")
+    return committed[-1].path

@@ -1,0 +1,1 @@
+"""Where checkpoints live: the storage seam and its backends."""

@@ -1,0 +1,1 @@
+"""Measuring tools: ``aiockpt bench``, ``aiockpt diagnose`` and the machine probes."""

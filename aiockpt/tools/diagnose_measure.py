@@ -1,0 +1,491 @@
+"""The measuring half of ``aiockpt diagnose``: one short run with a real SyncCheckpointer.
+
+In a scratch directory under the target directory (so the disk is the one training
+writes to, and nothing of the user's is touched), in this order:
+
+1. the host and GPU memory free before anything is allocated;
+2. the disk: one writer against several, each writing and fsyncing a file (how many
+   writer threads the disk takes), and on a GPU the copy rates;
+3. a first checkpoint (layout, staging memory), then plain steps;
+4. ``rounds`` isolated checkpoints, each between plain steps, with steps timed while it
+   persists (interleaved, so the machine's drift cancels out) and every chunk write timed;
+5. ``num_steps`` training steps checkpointing at the configured interval, as training
+   would: backpressure waits and skipped requests are what this run saw.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import functools
+import math
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import torch
+from torch import nn
+
+from .._engine.staging import GPU_HEADROOM_FRACTION, choose_staging
+from ..checkpointer import SyncCheckpointer, SyncCheckpointHandle
+from ..config import Config
+from .bench import build_preset, make_step
+from .diagnose_advice import checkpoint_interval, format_bytes
+from .diagnose_data import Disk, IntervalRun, Measurements, Memory, Setup, Timings
+from .limits import Limits, measure_chunk_writes, measure_copies
+
+__all__ = [
+    "Workload",
+    "host_memory_available",
+    "measure",
+    "preset_workload",
+    "synthetic_workload",
+]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+WARMUP_STEPS = 3
+PLAIN_STEPS = 3
+# Plain steps after each isolated checkpoint: the baseline for the persisting steps.
+PLAIN_AFTER = 3
+# Disk probes: enough writers to find where the disk stops scaling, files large enough
+# that fsync latency does not dominate, small enough to take seconds.
+PROBE_WRITERS = 8
+PROBE_MAX_WRITERS = 32
+PROBE_FILE_MIN = 1 << 20
+PROBE_FILE_MAX = 256 << 20
+COPY_PROBE_MAX = 1 << 30
+# The synthetic state: a few tensors of at most this size each.
+SYNTHETIC_TENSOR_MAX = 1 << 30
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Workload:
+    """What is checkpointed and the training step that runs between checkpoints."""
+
+    label: str
+    objects: dict[str, Any]
+    step: Callable[[], None]
+    device: torch.device
+    state_bytes: int
+
+
+def _sync(device: torch.device) -> None:
+    # The training stream only, as a loop's loss.item() would: aiockpt's side-stream
+    # copies must not be charged to the step.
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def preset_workload(name: str, device: torch.device) -> Workload:
+    """A model of ``aiockpt bench``'s presets with AdamW, trained on random tokens."""
+    torch.manual_seed(0)
+    model, optimizer, preset = build_preset(name, device)
+    step = make_step(model, optimizer, preset, device)
+    for _ in range(WARMUP_STEPS):  # materialise the optimizer state, warm the kernels
+        step()
+    _sync(device)
+    nbytes = _tensor_bytes(model.state_dict()) + _tensor_bytes(optimizer.state_dict())
+    objects: dict[str, Any] = {"model": model, "optimizer": optimizer}
+    return Workload(f"preset {name}", objects, step, device, nbytes)
+
+
+class SyntheticState(nn.Module):
+    """A state of a given size, held in a few large buffers on one device."""
+
+    def __init__(self, nbytes: int, device: torch.device) -> None:
+        super().__init__()
+        count = max(4, math.ceil(nbytes / SYNTHETIC_TENSOR_MAX))
+        elements = max(1, nbytes // (4 * count))  # float32
+        for i in range(count):
+            self.register_buffer(f"tensor{i}", torch.ones(elements, device=device))
+
+
+def busy_step(step_ms: float, device: torch.device) -> Callable[[], None]:
+    """A step that keeps ``device`` busy for about ``step_ms`` with matrix products.
+
+    Products, not sleeps: on a GPU they occupy the SMs and memory bandwidth that the
+    checkpoint's copies compete for; on a CPU the cores that the writer threads need.
+    """
+    if device.type != "cuda":
+        a = torch.randn(128, 128)
+        out = torch.empty_like(a)
+
+        def cpu_step() -> None:
+            # Until the time is up rather than a calibrated count: a CPU shared with other
+            # work runs a fixed count slower or faster from one step to the next.
+            end = time.perf_counter() + step_ms / 1e3
+            while time.perf_counter() < end:
+                torch.mm(a, a, out=out)
+
+        return cpu_step
+    # Large enough that a product is GPU work, not a kernel launch.
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    out = torch.empty_like(a)
+
+    def products(count: int) -> None:
+        for _ in range(count):
+            torch.mm(a, a, out=out)
+
+    products(3)
+    count, seconds = 1, 0.0
+    while seconds < 0.05 and count < 1 << 20:
+        count *= 2
+        seconds = _timed(functools.partial(products, count), device)
+    seconds = min(seconds, *(_timed(functools.partial(products, count), device) for _ in range(3)))
+    reps = max(1, round(step_ms / 1e3 / (seconds / count)))
+
+    def gpu_step() -> None:
+        products(reps)
+        _sync(device)  # as a loop's loss.item() would
+
+    return gpu_step
+
+
+def synthetic_workload(step_ms: float, state_bytes: int, device: torch.device) -> Workload:
+    """The user's own figures: a state of ``state_bytes`` and steps of ``step_ms``."""
+    state = SyntheticState(state_bytes, device)
+    nbytes = _tensor_bytes(state.state_dict())
+    label = f"synthetic state of {format_bytes(nbytes)}, steps of {step_ms:g} ms asked for"
+    return Workload(label, {"model": state}, busy_step(step_ms, device), device, nbytes)
+
+
+def host_memory_available() -> int | None:
+    """MemAvailable from /proc/meminfo (bytes); None where there is none."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+@dataclass(frozen=True)
+class ChunkSpan:
+    queued: float
+    started: float
+    finished: float
+
+
+class ChunkWriteTimer(concurrent.futures.ThreadPoolExecutor):
+    """The pipeline's writer pool, timing each chunk write: its wait for a thread, its run.
+
+    The pipeline keeps per-chunk timings to itself; timing its pool from the outside gives
+    them without adding work to the write path. Store calls (begin, commit, retention)
+    run untimed.
+    """
+
+    def __init__(self, workers: int, store: object) -> None:
+        super().__init__(workers, thread_name_prefix="aiockpt-write")
+        self._store = store
+        self._lock = threading.Lock()
+        self._spans: list[ChunkSpan] = []
+
+    def submit(
+        self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> concurrent.futures.Future[T]:
+        if getattr(fn, "__self__", None) is self._store:
+            return super().submit(fn, *args, **kwargs)
+        queued = time.perf_counter()
+
+        def timed() -> T:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self._spans.append(ChunkSpan(queued, started, time.perf_counter()))
+
+        return super().submit(timed)
+
+    def take(self) -> list[ChunkSpan]:
+        with self._lock:
+            spans, self._spans = self._spans, []
+        return spans
+
+
+def _time_chunk_writes(ckpt: SyncCheckpointer) -> ChunkWriteTimer:
+    pipeline = ckpt._core.pipeline
+    timer = ChunkWriteTimer(ckpt.config.num_threads, ckpt._core.store)
+    idle, pipeline.writers = pipeline.writers, timer
+    idle.shutdown()
+    return timer
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))] if ordered else 0.0
+
+
+@dataclass
+class _Rounds:
+    """What the isolated checkpoints measured, per checkpoint (milliseconds)."""
+
+    plain: list[float] = field(default_factory=list)
+    persisting: list[float] = field(default_factory=list)
+    call: list[float] = field(default_factory=list)
+    stall: list[float] = field(default_factory=list)
+    state_dict: list[float] = field(default_factory=list)
+    staging: list[float] = field(default_factory=list)
+    capture: list[float] = field(default_factory=list)
+    persist: list[float] = field(default_factory=list)  # seconds
+    write: list[float] = field(default_factory=list)  # seconds
+    commit: list[float] = field(default_factory=list)
+    copy_gbps: list[float] = field(default_factory=list)
+    chunk_wait: list[float] = field(default_factory=list)
+    chunk_write: list[float] = field(default_factory=list)
+
+
+def _isolated_rounds(
+    ckpt: SyncCheckpointer, workload: Workload, timer: ChunkWriteTimer, rounds: int
+) -> _Rounds:
+    step, device = workload.step, workload.device
+    out = _Rounds()
+    for number in range(1, rounds + 1):
+        box: dict[str, Any] = {}
+
+        def checkpoint_then_step(at: int = number, box: dict[str, Any] = box) -> None:
+            start = time.perf_counter()
+            box["handle"] = ckpt.checkpoint(at)
+            box["call"] = time.perf_counter() - start
+            step()
+
+        timer.take()
+        plain = [_timed(step, device) * 1e3]
+        with_checkpoint = _timed(checkpoint_then_step, device) * 1e3
+        handle: SyncCheckpointHandle = box["handle"]
+        while not handle.done():
+            out.persisting.append(_timed(step, device) * 1e3)
+        handle.wait()
+        plain.extend(_timed(step, device) * 1e3 for _ in range(PLAIN_AFTER))
+        out.plain.extend(plain)
+        metrics = handle.metrics
+        out.call.append(box["call"] * 1e3)
+        # Against the plain steps of the same round, just before and after: the machine's
+        # speed drifts by more than one checkpoint's stall between rounds.
+        out.stall.append(with_checkpoint - statistics.median(plain))
+        out.state_dict.append(metrics.state_dict_ms)
+        out.staging.append(metrics.staging_ms)
+        out.capture.append(metrics.capture_ms)
+        out.persist.append(metrics.persist_seconds)
+        out.write.append(metrics.write_seconds)
+        out.commit.append(metrics.commit_ms)
+        if metrics.copy_seconds:
+            out.copy_gbps.append(metrics.copy_gbps)
+        for span in timer.take():
+            out.chunk_wait.append((span.started - span.queued) * 1e3)
+            out.chunk_write.append((span.finished - span.started) * 1e3)
+    return out
+
+
+def _interval_run(
+    ckpt: SyncCheckpointer,
+    workload: Workload,
+    interval: int,
+    num_steps: int,
+    max_seconds: float,
+    first_step: int,
+    plain_ms: float,
+) -> IntervalRun:
+    step, device = workload.step, workload.device
+    handles: list[SyncCheckpointHandle] = []
+    requested = steps = 0
+    _sync(device)
+    start = time.perf_counter()
+    for number in range(1, num_steps + 1):
+        step()
+        _sync(device)
+        steps = number
+        if number % interval == 0:
+            requested += 1
+            handles.append(ckpt.checkpoint(first_step + number))
+        if time.perf_counter() - start > max_seconds:
+            break
+    seconds = time.perf_counter() - start
+    ckpt.wait()  # the tail is not training time: a real run goes on stepping
+    kept = [h for h in handles if not h.skipped]
+    waits = [h.metrics.queue_wait_ms for h in kept]
+    return IntervalRun(
+        steps=steps,
+        seconds=seconds,
+        requested=requested,
+        committed=len(kept),
+        skipped=len(handles) - len(kept),
+        queue_wait_ms=_median(waits),
+        queue_wait_ms_max=max(waits) if waits else None,
+        overhead_ms_per_step=(seconds * 1e3 - steps * plain_ms) / steps if steps else None,
+    )
+
+
+def _measure_disk(directory: Path, workload: Workload, config: Config) -> Disk:
+    writers = min(max(config.num_threads, PROBE_WRITERS), PROBE_MAX_WRITERS)
+    # Files the size of one chunk, as each writer thread writes them.
+    chunk = min(config.chunk_bytes(workload.state_bytes), workload.state_bytes)
+    per_file = min(max(chunk, PROBE_FILE_MIN), PROBE_FILE_MAX)
+    pinned = workload.device.type == "cuda"  # the pool is pinned for GPU state
+    single = measure_chunk_writes(directory, per_file, 1, pinned=pinned)
+    parallel = measure_chunk_writes(directory, per_file, writers, pinned=pinned)
+    limits = Limits()
+    if workload.device.type == "cuda":
+        measure_copies(min(workload.state_bytes, COPY_PROBE_MAX), limits)
+    return Disk(parallel, writers, single, limits.d2h_pinned_gbps)
+
+
+def _gpu_memory(device: torch.device) -> tuple[int, int] | None:
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    return int(free), int(total)
+
+
+def measure(
+    workload: Workload,
+    config: Config,
+    *,
+    rounds: int,
+    num_steps: int,
+    max_seconds: float,
+    interval_override: int | None,
+    progress: Progress,
+) -> Measurements:
+    """Run the whole measurement against ``config.directory``; it is left as it was."""
+    device = workload.device
+    available = host_memory_available()
+    gpu = _gpu_memory(device)
+    # Asked before the checkpointer allocates its own GPU buffer, as at its first checkpoint.
+    auto = choose_staging("auto", device, workload.state_bytes) if gpu is not None else None
+    root = Path(config.directory)
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".diagnose-", dir=root))
+    try:
+        progress(f"disk: one writer against several, in {root}")
+        disk = _measure_disk(scratch / "probe", workload, config)
+        ckpt = SyncCheckpointer(
+            config.replace(directory=scratch / "checkpoints"), **workload.objects
+        )
+        try:
+            timer = _time_chunk_writes(ckpt)
+            progress("first checkpoint (plans the layout, allocates staging memory)")
+            first = _timed(lambda: ckpt.checkpoint(0).wait(), device)
+            timer.take()
+            plain = [_timed(workload.step, device) for _ in range(PLAIN_STEPS)]
+            progress(f"{rounds} isolated checkpoints, steps timed while each persists")
+            measured = _isolated_rounds(ckpt, workload, timer, rounds)
+            step_ms = statistics.median([p * 1e3 for p in plain] + measured.plain)
+            interval, source = checkpoint_interval(
+                config,
+                interval_override,
+                [p / 1e3 for p in measured.plain] + plain,
+                [(first, first)]
+                + [(c / 1e3, p) for c, p in zip(measured.call, measured.persist, strict=True)],
+            )
+            progress(f"{num_steps} steps checkpointing every {interval} ({source})")
+            run = _interval_run(
+                ckpt, workload, interval, num_steps, max_seconds, rounds + 1, step_ms
+            )
+            setup, memory = _layout_facts(ckpt, workload, config, interval, source, gpu)
+        finally:
+            ckpt.close()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):  # someone else put something there
+                root.rmdir()
+    memory.available_bytes = available
+    memory.auto_staging = auto
+    timings = Timings(
+        step_ms=step_ms,
+        call_ms=statistics.median(measured.call),
+        call_ms_p99=_p99(measured.call),
+        stall_ms=statistics.median(measured.stall),
+        stall_ms_p99=_p99(measured.stall),
+        state_dict_ms=statistics.median(measured.state_dict),
+        staging_ms=statistics.median(measured.staging),
+        capture_ms=statistics.median(measured.capture),
+        persist_seconds=statistics.median(measured.persist),
+        write_seconds=statistics.median(measured.write),
+        commit_ms=statistics.median(measured.commit),
+        first_checkpoint_ms=first * 1e3,
+        copy_gbps=_median(measured.copy_gbps),
+        plain_step_ms=_median(measured.plain),
+        persisting_step_ms=_median(measured.persisting),
+        persisting_steps=len(measured.persisting),
+        chunk_write_ms=_median(measured.chunk_write),
+        chunk_wait_ms=_median(measured.chunk_wait),
+        chunk_wait_ms_max=max(measured.chunk_wait) if measured.chunk_wait else None,
+    )
+    return Measurements(setup, timings, disk, run, memory)
+
+
+def _layout_facts(
+    ckpt: SyncCheckpointer,
+    workload: Workload,
+    config: Config,
+    interval: int,
+    source: str,
+    gpu: tuple[int, int] | None,
+) -> tuple[Setup, Memory]:
+    """Chunks, staging and the pool as the checkpointer set them up for this state."""
+    core = ckpt._core
+    capturer = core.capturer
+    assert capturer is not None, "measured after the first checkpoint"
+    layout = capturer.layout
+    modes = sorted(set(capturer.modes.values()))
+    device = workload.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    setup = Setup(
+        config=config,
+        device=name,
+        on_gpu=device.type == "cuda",
+        state_bytes=layout.nbytes,
+        chunks=len(layout.chunks),
+        staging_mode="+".join(modes),
+        interval_steps=interval,
+        interval_source=source,
+    )
+    memory = Memory(
+        available_bytes=None, pool_bytes=core.memory.host_nbytes, pinned=core.memory.pinned
+    )
+    if gpu is not None:
+        free, total = gpu
+        cuda = [d for d in layout.devices if d.type == "cuda"]
+        need = sum(layout.device_span(d)[1] - layout.device_span(d)[0] for d in cuda)
+        memory.gpu_free_bytes, memory.gpu_total_bytes = free, total
+        memory.gpu_headroom_fraction = GPU_HEADROOM_FRACTION
+        memory.gpu_room_bytes = int(free - GPU_HEADROOM_FRACTION * total)
+        memory.gpu_staging_bytes = need
+    return setup, memory

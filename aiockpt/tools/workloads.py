@@ -1,0 +1,210 @@
+"""What ``aiockpt bench`` trains: a built-in GPT preset, or the user's own model.
+
+A user model is named ``--model package.module:function`` (the current directory is
+importable). The function takes the ``torch.device`` to train on and returns
+``(model, optimizer, step_fn)``, ``(model, optimizer, step_fn, samples_per_step)`` or a
+:class:`Workload`:
+
+- ``model``: a ``torch.nn.Module`` on that device;
+- ``optimizer``: its optimizer (anything with ``state_dict()``/``load_state_dict()``);
+- ``step_fn()``: one whole training step (forward, backward, ``optimizer.step()``,
+  ``zero_grad()``), its batch already on the device; the bench synchronises the device
+  after it, as a loop that logs its loss does;
+- ``samples_per_step``: samples one step trains on, for samples/s (default 1).
+
+The checkpointed state is ``{"model": model, "optimizer": optimizer}`` for every system.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._util.console import CliError
+
+__all__ = [
+    "PRESETS",
+    "Preset",
+    "Workload",
+    "build_preset",
+    "load_workload",
+    "make_step",
+    "preset_parameters",
+]
+
+# Run defaults of a preset, and of a --model: 4 checkpoints a round, 3 rounds.
+DEFAULT_STEPS = 200
+DEFAULT_INTERVAL = 50
+DEFAULT_ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class Preset:
+    d_model: int
+    layers: int
+    heads: int
+    vocab: int
+    seq: int
+    batch: int
+    # Run defaults sized so that the whole bench of this preset, with every system, fits
+    # in a few minutes on one H100/H200 (the 1.3B state takes ~10 s to persist at 2 GB/s,
+    # so it checkpoints less often).
+    steps: int = DEFAULT_STEPS
+    checkpoint_interval: int = DEFAULT_INTERVAL
+    rounds: int = DEFAULT_ROUNDS
+
+
+PRESETS = {
+    "tiny": Preset(
+        d_model=64, layers=2, heads=4, vocab=512, seq=32, batch=4,
+        steps=20, checkpoint_interval=5, rounds=2,
+    ),
+    "350m": Preset(d_model=1024, layers=24, heads=16, vocab=50304, seq=512, batch=8),
+    "1.3b": Preset(
+        d_model=2048, layers=24, heads=16, vocab=50304, seq=512, batch=4,
+        steps=100, checkpoint_interval=100, rounds=2,
+    ),
+}  # fmt: skip
+
+
+class TinyGPT(nn.Module):
+    """A decoder-only transformer built from torch's own layers (tied embeddings)."""
+
+    def __init__(self, p: Preset) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(p.vocab, p.d_model)
+        self.position = nn.Parameter(torch.zeros(p.seq, p.d_model))
+        layer = nn.TransformerEncoderLayer(
+            p.d_model, p.heads, 4 * p.d_model, dropout=0.1, batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(layer, p.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(p.d_model)
+        self.head = nn.Linear(p.d_model, p.vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.position[: tokens.shape[1]]
+        mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], device=tokens.device)
+        return self.head(self.norm(self.blocks(x, mask=mask, is_causal=True)))
+
+
+def preset_parameters(name: str) -> int:
+    """Parameter count of a preset, without allocating its weights (meta tensors)."""
+    with torch.device("meta"):
+        model = TinyGPT(PRESETS[name])
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_preset(
+    name: str, device: torch.device
+) -> tuple[nn.Module, torch.optim.Optimizer, Preset]:
+    preset = PRESETS[name]
+    # Initialised on the device itself: building 1.3B parameters on the CPU first and
+    # copying them over takes longer than the rest of the setup.
+    with device:
+        model = TinyGPT(preset)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return model, optimizer, preset
+
+
+def make_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, p: Preset, device: torch.device
+) -> Callable[[], None]:
+    tokens = torch.randint(0, p.vocab, (p.batch, p.seq + 1), device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step() -> None:
+        with autocast:
+            logits = model(tokens[:, :-1])
+            loss = nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), tokens[:, 1:].flatten()
+            )
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+@dataclass
+class Workload:
+    """A model, its optimizer and one training step: what every system checkpoints."""
+
+    model: nn.Module
+    optimizer: Any
+    step: Callable[[], object]
+    samples_per_step: int = 1
+    name: str = "custom"
+
+    def state(self) -> dict[str, Any]:
+        """The objects to checkpoint, under the keyword names the Checkpointer gets."""
+        return {"model": self.model, "optimizer": self.optimizer}
+
+
+def preset_workload(name: str, device: torch.device) -> Workload:
+    model, optimizer, preset = build_preset(name, device)
+    step = make_step(model, optimizer, preset, device)
+    return Workload(model, optimizer, step, samples_per_step=preset.batch, name=name)
+
+
+def _usage(message: str) -> CliError:
+    return CliError(
+        message,
+        hint="--model takes package.module:function; the function gets the torch.device and "
+        "returns (model, optimizer, step_fn[, samples_per_step]) (see `aiockpt bench --help`)",
+        code=2,
+    )
+
+
+def load_workload(spec: str, device: torch.device) -> Workload:
+    """Import ``package.module:function``, call it with ``device``, check what it returns."""
+    module_name, colon, function_name = spec.partition(":")
+    if not colon or not module_name or not function_name:
+        raise _usage(f"--model {spec!r} is not of the form package.module:function")
+    # `aiockpt bench` is a console script: unlike `python -m`, it does not put the current
+    # directory on sys.path, yet that is where a user's own model module usually lives.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise _usage(f"--model {spec!r}: cannot import {module_name!r}: {exc}") from exc
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise _usage(f"--model {spec!r}: {module_name!r} has no function {function_name!r}")
+    result = function(device)
+    if isinstance(result, Workload):
+        workload = result
+    elif isinstance(result, tuple) and len(result) in (3, 4):
+        workload = Workload(*result)
+    else:
+        raise _usage(
+            f"--model {spec!r} returned {type(result).__name__}, not "
+            "(model, optimizer, step_fn) or (model, optimizer, step_fn, samples_per_step)"
+        )
+    workload.name = spec
+    _check(spec, workload)
+    return workload
+
+
+def _check(spec: str, w: Workload) -> None:
+    if not isinstance(w.model, nn.Module):
+        raise _usage(f"--model {spec!r}: model is a {type(w.model).__name__}, not an nn.Module")
+    if not (hasattr(w.optimizer, "state_dict") and hasattr(w.optimizer, "load_state_dict")):
+        raise _usage(
+            f"--model {spec!r}: optimizer ({type(w.optimizer).__name__}) has no "
+            "state_dict()/load_state_dict()"
+        )
+    if not callable(w.step):
+        raise _usage(f"--model {spec!r}: step_fn ({type(w.step).__name__}) is not callable")
+    if not isinstance(w.samples_per_step, int) or w.samples_per_step < 1:
+        raise _usage(
+            f"--model {spec!r}: samples_per_step = {w.samples_per_step!r}: expected a positive int"
+        )

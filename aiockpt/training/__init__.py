@@ -1,0 +1,1 @@
+"""The training loop: Trainer, its checkpoint policies, the resumable sampler."""

@@ -1,0 +1,590 @@
+"""Trainer and SyncTrainer: a training step with checkpoints by policy, and exact resume.
+
+``train_step(batch)`` puts the model in train mode if it is not, runs forward (under
+autocast when asked), backward (scaled by a GradScaler when there is one), gradient
+accumulation, clipping, the optimizer and LR scheduler steps, and then asks the
+interval policy whether to checkpoint. A checkpoint returns once captured; its handle is
+kept, not awaited, and its numbers feed the policy once it is durable. Checkpoints are
+only ever taken between optimizer steps: gradients of a half-done accumulation window
+are not state a checkpoint holds.
+
+The Checkpointer underneath saves, under these names: ``model``, ``optimizer``,
+``scheduler`` and ``scaler`` (when given), ``rng`` (an aiockpt.RNGState: the one passed as
+``rng=``, or one of its own), ``trainer`` (the step counter and the policy's measurements)
+and every extra Stateful keyword argument.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from ..checkpointer import (
+    Checkpointer,
+    CheckpointHandle,
+    SyncCheckpointer,
+    SyncCheckpointHandle,
+)
+from ..config import Config, resolve_config
+from ..distributed.group import is_rank_zero, world_size
+from ..errors import BackgroundError, CheckpointError, ConfigError, UsageError
+from ..stateful import RNGState
+from .policy import BasePolicy, IntervalPolicy, policy_from_config
+
+__all__ = ["SyncTrainer", "Trainer"]
+
+logger = logging.getLogger("aiockpt")
+
+LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+Handle = CheckpointHandle | SyncCheckpointHandle
+RESERVED = ("model", "optimizer", "scheduler", "scaler", "rng", "trainer")
+
+
+def _default_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    # Models that compute their own loss: model(**batch).loss (Hugging Face style),
+    # or a model whose output is the loss.
+    output = model(**batch) if isinstance(batch, Mapping) else model(batch)
+    if isinstance(output, torch.Tensor):
+        return output
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(
+            f"the model returned {type(output).__name__} with no loss tensor; pass "
+            "loss_fn=lambda model, batch: ... that returns a scalar loss"
+        )
+    return loss
+
+
+def _device_type(model: torch.nn.Module) -> str:
+    for tensor in model.parameters():
+        return tensor.device.type
+    return "cpu"
+
+
+class _TrainerState:
+    """The Trainer's own Stateful: the optimizer-step counter and the policy's numbers."""
+
+    def __init__(self, engine: _Engine) -> None:
+        self._engine = engine
+
+    def state_dict(self) -> dict[str, Any]:
+        policy = self._engine.policy
+        saved = policy.state_dict() if hasattr(policy, "state_dict") else {}
+        return {"step": self._engine.step, "policy": saved}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._engine.step = int(state["step"])
+        policy = self._engine.policy
+        if hasattr(policy, "load_state_dict"):
+            policy.load_state_dict(state.get("policy", {}))
+
+
+class _Engine:
+    """Everything both Trainers share; the front-ends differ only in how they wait."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        loss_fn: LossFn | None,
+        *,
+        config: Config | str | os.PathLike[str] | None,
+        optimizer_class: type[torch.optim.Optimizer] | None,
+        optimizer_kwargs: Mapping[str, Any] | None,
+        scheduler: Any,
+        grad_scaler: torch.amp.GradScaler | None,
+        amp: bool | torch.dtype,
+        grad_accumulation_steps: int,
+        max_grad_norm: float | None,
+        policy: IntervalPolicy | None,
+        clock: Callable[[], float],
+        stateful: Mapping[str, Any],
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if optimizer is None:
+            if optimizer_class is None:
+                raise TypeError(
+                    "pass an optimizer, or optimizer_class (and optimizer_kwargs) to build one "
+                    "over model.parameters()"
+                )
+            optimizer = optimizer_class(model.parameters(), **dict(optimizer_kwargs or {}))
+        elif optimizer_class is not None or optimizer_kwargs:
+            raise TypeError("pass either optimizer or optimizer_class/optimizer_kwargs, not both")
+        if not isinstance(grad_accumulation_steps, int) or grad_accumulation_steps < 1:
+            raise ValueError(
+                f"grad_accumulation_steps={grad_accumulation_steps!r}: expected an integer >= 1"
+            )
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm={max_grad_norm!r}: expected a number > 0 or None")
+        _check_extra_names(stateful)
+        self.model = model
+        self.optimizer = optimizer
+        self.loss_fn: LossFn = loss_fn or _default_loss
+        self.config = resolve_config(config, "Trainer")
+        self.scheduler = scheduler
+        self.device_type = _device_type(model)
+        self.autocast_dtype = self._autocast_dtype(amp)
+        if grad_scaler is None and self.autocast_dtype is torch.float16 and amp is True:
+            # fp16 gradients underflow without loss scaling; bf16 needs none.
+            grad_scaler = torch.amp.GradScaler(self.device_type)
+        self.scaler = grad_scaler
+        self.accumulation = grad_accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self.policy: IntervalPolicy = policy or policy_from_config(self.config)
+        if isinstance(self.policy, BasePolicy) and self.policy.decides_by_clock():
+            _check_clock_policy_is_single_rank()
+        if isinstance(self.policy, BasePolicy):
+            self.policy.max_in_flight = self.config.max_async
+        self.clock = clock
+        self.step = 0
+        self.micro_step = 0
+        self.forced: bool | None = None
+        self.last_handle: Handle | None = None
+        self.pending: list[tuple[Handle, float]] = []
+        self.stalls: list[float] = []
+        self.skipped = 0
+        self.mark: float | None = None  # when the current optimizer step began
+        self.objects: dict[str, Any] = {"model": model, "optimizer": optimizer}
+        if scheduler is not None:
+            self.objects["scheduler"] = scheduler
+        if self.scaler is not None:
+            self.objects["scaler"] = self.scaler
+        # An RNGState of the caller's own under `rng` takes the built-in one's place, so
+        # the checkpoint holds the random state once.
+        given_rng = stateful.get("rng")
+        self.objects["rng"] = given_rng if isinstance(given_rng, RNGState) else RNGState()
+        self.objects["trainer"] = _TrainerState(self)
+        self.objects.update((k, v) for k, v in stateful.items() if k != "rng")
+
+    def _autocast_dtype(self, amp: bool | torch.dtype) -> torch.dtype | None:
+        if amp is False or amp is None:
+            return None
+        if amp is True:
+            return torch.float16 if self.device_type == "cuda" else torch.bfloat16
+        if isinstance(amp, torch.dtype):
+            return amp
+        raise TypeError(f"amp={amp!r}: expected True, False or a torch dtype (torch.bfloat16)")
+
+    # -- the training step -----------------------------------------------------------------
+    def compute(self, batch: Any, enable_checkpoint: bool | None) -> tuple[torch.Tensor, bool]:
+        """One micro-step; returns the detached loss and whether to checkpoint now."""
+        if self.mark is None:
+            self.mark = self.clock()
+        if enable_checkpoint is not None:
+            self.forced = enable_checkpoint  # holds until the window's optimizer step
+        if not self.model.training:
+            self.model.train()
+        with torch.autocast(
+            self.device_type,
+            dtype=self.autocast_dtype,
+            enabled=self.autocast_dtype is not None,
+        ):
+            loss = self.loss_fn(self.model, batch)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(
+                f"loss_fn returned {type(loss).__name__}"
+                f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}: expected a "
+                "scalar loss tensor"
+            )
+        scaled = loss / self.accumulation if self.accumulation > 1 else loss
+        if self.scaler is not None:
+            scaled = self.scaler.scale(scaled)
+        scaled.backward()
+        self.micro_step += 1
+        if self.micro_step < self.accumulation:
+            return loss.detach(), False
+        self._optimizer_step()
+        now = self.clock()
+        self.policy.record_step(now - self.mark)
+        forced, self.forced = self.forced, None
+        wanted = self.policy.should_checkpoint(self.step, now) if forced is None else forced
+        return loss.detach(), wanted
+
+    def _optimizer_step(self) -> None:
+        if self.scaler is not None:
+            if self.max_grad_norm is not None:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.micro_step = 0
+        self.step += 1
+
+    def end_step(self) -> None:
+        # The next step's time starts after any checkpoint stall: the policy weighs the
+        # stall against the training time, so it must not count it twice.
+        self.mark = self.clock()
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def check_between_steps(self) -> Handle | None:
+        """Raise mid-accumulation; the handle if this step is already checkpointed."""
+        if self.micro_step:
+            raise CheckpointError(
+                f"checkpoint() after {self.micro_step} of {self.accumulation} micro-batches "
+                "of an accumulation window: the partial gradients are not saved, so the "
+                "resume would not be exact. Checkpoint after the window's optimizer step "
+                "(trainer.micro_step == 0), or pass enable_checkpoint=True to train_step"
+            )
+        last = self.last_handle
+        if last is not None and last.step == self.step and not last.skipped:
+            return last
+        return None
+
+    def taken(self, handle: Handle, stall: float) -> None:
+        if handle.skipped:
+            self.skipped += 1  # the policy asks again; the interval achieved shows in stats
+            return
+        self.last_handle = handle
+        self.stalls.append(stall)
+        if self.mark is not None:
+            self.mark += stall  # an explicit checkpoint between steps is no training time
+        self.pending.append((handle, stall))
+        taken = getattr(self.policy, "checkpoint_taken", None)
+        if taken is not None:
+            taken(self.step, self.clock())
+
+    def done_handles(self) -> list[tuple[Handle, float]]:
+        # One done() per handle: one finishing between two looks would be lost.
+        done: list[tuple[Handle, float]] = []
+        still: list[tuple[Handle, float]] = []
+        for item in self.pending:
+            (done if item[0].done() else still).append(item)
+        self.pending = still
+        return done
+
+    def finished(self, handle: Handle, stall: float, error: BackgroundError | None) -> None:
+        if error is None:
+            self.policy.record_checkpoint(stall, handle.metrics.persist_seconds)
+            return
+        reset = getattr(self.policy, "reset", None)
+        if reset is not None:
+            reset(self.step, self.clock())  # it will never report; count afresh
+        if self.config.on_error == "raise":
+            raise error
+
+    def restored(self, step: int | None) -> int:
+        # Gradients of a window begun before the resume belong to no checkpoint.
+        self.optimizer.zero_grad(set_to_none=True)
+        self.micro_step, self.forced, self.mark = 0, None, None
+        self.pending.clear()
+        self.last_handle = None
+        reset = getattr(self.policy, "reset", None)
+        if reset is not None:
+            reset(self.step, self.clock())
+        if step is not None and self.config.verbose and is_rank_zero():
+            logger.info("aiockpt: resumed at step %d from %s", step, self.config.directory)
+        return self.step
+
+    def log_summary(self) -> None:
+        if not (self.config.verbose and self.stalls and is_rank_zero()):
+            return
+        ms = sorted(s * 1e3 for s in self.stalls)
+        logger.info(
+            "aiockpt: %d checkpoints, %d skipped; stall median %.2f ms, max %.2f ms",
+            len(ms),
+            self.skipped,
+            statistics.median(ms),
+            ms[-1],
+        )
+
+
+class _TrainerBase:
+    """What Trainer and SyncTrainer share: construction and the read-only properties."""
+
+    _checkpointer_class: type[Checkpointer] | type[SyncCheckpointer]
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        loss_fn: LossFn | None = None,
+        *,
+        config: Config | str | os.PathLike[str] | None = None,
+        optimizer_class: type[torch.optim.Optimizer] | None = None,
+        optimizer_kwargs: Mapping[str, Any] | None = None,
+        scheduler: Any = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        amp: bool | torch.dtype = False,
+        grad_accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+        policy: IntervalPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        **stateful: Any,
+    ) -> None:
+        self._engine = _Engine(
+            model,
+            optimizer,
+            loss_fn,
+            config=config,
+            optimizer_class=optimizer_class,
+            optimizer_kwargs=optimizer_kwargs,
+            scheduler=scheduler,
+            grad_scaler=grad_scaler,
+            amp=amp,
+            grad_accumulation_steps=grad_accumulation_steps,
+            max_grad_norm=max_grad_norm,
+            policy=policy,
+            clock=clock,
+            stateful=stateful,
+        )
+        self.checkpointer = self._checkpointer_class(self._engine.config, **self._engine.objects)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done (a resume sets it to the checkpoint's step)."""
+        return self._engine.step
+
+    @property
+    def micro_step(self) -> int:
+        """Micro-batches of the current accumulation window done so far."""
+        return self._engine.micro_step
+
+    @property
+    def config(self) -> Config:
+        return self._engine.config
+
+    @property
+    def policy(self) -> IntervalPolicy:
+        return self._engine.policy
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._engine.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._engine.optimizer
+
+    @property
+    def scheduler(self) -> Any:
+        return self._engine.scheduler
+
+    @property
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        return self._engine.scaler
+
+    @property
+    def stalls(self) -> list[float]:
+        """Seconds training waited for each checkpoint taken (skipped ones excluded)."""
+        return list(self._engine.stalls)
+
+    @property
+    def skipped(self) -> int:
+        """Checkpoints dropped on backpressure (``on_backpressure = "skip"``)."""
+        return self._engine.skipped
+
+    @property
+    def last_checkpoint(self) -> CheckpointHandle | SyncCheckpointHandle | None:
+        """The handle of the newest checkpoint this trainer took (skipped ones excluded)."""
+        return self._engine.last_handle
+
+
+_INIT_DOC = """
+    ``Trainer(model, optimizer, loss_fn, config=cfg, **stateful)``; ``loss_fn(model, batch)``
+    returns a scalar loss (default: the model computes it). ``optimizer_class`` and
+    ``optimizer_kwargs`` build the optimizer instead. ``amp=True`` (or a dtype) runs the
+    forward under autocast, with a GradScaler for fp16 on CUDA unless ``grad_scaler`` is
+    given. ``policy`` overrides the config's interval policy; ``clock`` is for tests.
+"""
+
+
+class Trainer(_TrainerBase):
+    """An async training step that checkpoints by policy and resumes exactly.
+
+    >>> trainer = aiockpt.Trainer(model, opt, loss_fn, config="aiockpt.toml", sampler=sampler)
+    >>> start = await trainer.resume()
+    >>> loss = await trainer.train_step(batch)    # checkpoints when the policy says so
+    """
+
+    __doc__ = (__doc__ or "") + _INIT_DOC
+    _checkpointer_class = Checkpointer
+    checkpointer: Checkpointer
+
+    async def train_step(self, batch: Any, enable_checkpoint: bool | None = None) -> torch.Tensor:
+        """Forward, backward, (every k-th call) the optimizer step and maybe a checkpoint.
+
+        ``enable_checkpoint`` True/False forces the checkpoint decision for the optimizer
+        step this call completes (or, mid-accumulation, the next one).
+        """
+        engine = self._engine
+        await self._collect()
+        if not engine.config.use_monitor:
+            await asyncio.sleep(0)  # the pipeline runs on this loop: let it move
+        loss, wanted = engine.compute(batch, enable_checkpoint)
+        if wanted:
+            await self.checkpoint()
+        if engine.micro_step == 0:
+            engine.end_step()
+        return loss
+
+    async def checkpoint(self) -> CheckpointHandle:
+        """Checkpoint the current step; returns once captured (await the handle for durable)."""
+        engine = self._engine
+        existing = engine.check_between_steps()
+        if isinstance(existing, CheckpointHandle):
+            return existing
+        start = time.perf_counter()
+        handle = await self.checkpointer.checkpoint(engine.step)
+        engine.taken(handle, time.perf_counter() - start)
+        return handle
+
+    async def _collect(self) -> None:
+        for handle, stall in self._engine.done_handles():
+            assert isinstance(handle, CheckpointHandle)
+            error = None
+            try:
+                await handle  # done: returns without suspending
+            except BackgroundError as exc:
+                error = exc
+            self._engine.finished(handle, stall, error)
+
+    async def wait(self) -> None:
+        """Wait until every checkpoint in flight is durable; re-raise a background failure."""
+        await self.checkpointer.wait()
+        await self._collect()
+
+    async def resume(self, step: int | None = None) -> int:
+        """Restore the newest valid checkpoint (or ``step``); the step to go on from (0 if none)."""
+        restored = await self.checkpointer.restore(step)
+        return self._engine.restored(restored)
+
+    async def close(self) -> None:
+        """Drain what is in flight and release the checkpointer."""
+        try:
+            await self.checkpointer.close()
+        finally:
+            self._engine.log_summary()
+
+    async def __aenter__(self) -> Trainer:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class SyncTrainer(_TrainerBase):
+    """The Trainer for plain scripts: the same arguments, blocking calls.
+
+    >>> with aiockpt.SyncTrainer(model, opt, loss_fn, config=cfg) as trainer:
+    ...     start = trainer.resume()
+    ...     loss = trainer.train_step(batch)
+    """
+
+    __doc__ = (__doc__ or "") + _INIT_DOC
+    _checkpointer_class = SyncCheckpointer
+    checkpointer: SyncCheckpointer
+
+    def train_step(self, batch: Any, enable_checkpoint: bool | None = None) -> torch.Tensor:
+        """Forward, backward, (every k-th call) the optimizer step and maybe a checkpoint."""
+        engine = self._engine
+        self._collect()
+        loss, wanted = engine.compute(batch, enable_checkpoint)
+        if wanted:
+            self.checkpoint()
+        if engine.micro_step == 0:
+            engine.end_step()
+        return loss
+
+    def checkpoint(self) -> SyncCheckpointHandle:
+        """Checkpoint the current step; returns once captured (``.wait()`` for durable)."""
+        engine = self._engine
+        existing = engine.check_between_steps()
+        if isinstance(existing, SyncCheckpointHandle):
+            return existing
+        start = time.perf_counter()
+        handle = self.checkpointer.checkpoint(engine.step)
+        engine.taken(handle, time.perf_counter() - start)
+        return handle
+
+    def _collect(self) -> None:
+        for handle, stall in self._engine.done_handles():
+            assert isinstance(handle, SyncCheckpointHandle)
+            error = None
+            try:
+                handle.wait()
+            except BackgroundError as exc:
+                error = exc
+            self._engine.finished(handle, stall, error)
+
+    def wait(self) -> None:
+        """Block until every checkpoint in flight is durable; re-raise a background failure."""
+        self.checkpointer.wait()
+        self._collect()
+
+    def resume(self, step: int | None = None) -> int:
+        """Restore the newest valid checkpoint (or ``step``); the step to go on from (0 if none)."""
+        return self._engine.restored(self.checkpointer.restore(step))
+
+    def close(self) -> None:
+        try:
+            self.checkpointer.close()
+        finally:
+            self._engine.log_summary()
+
+    def __enter__(self) -> SyncTrainer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _check_extra_names(stateful: Mapping[str, Any]) -> None:
+    """Refuse extra objects that would collide with, or repeat, what the Trainer saves."""
+    rng = stateful.get("rng")
+    if rng is not None and not isinstance(rng, RNGState):
+        raise UsageError(
+            f"rng={type(rng).__name__}: under `rng` the Trainer saves the global random "
+            "generators, so it takes an aiockpt.RNGState() (or nothing: it makes its own); "
+            "pass a generator of your own under another keyword name"
+        )
+    taken = sorted(set(stateful) & set(RESERVED) - {"rng"})
+    if taken:
+        raise UsageError(
+            f"{taken} are names the Trainer saves itself ({', '.join(RESERVED)}); "
+            "pass your objects under other keyword names"
+            + ("; a GradScaler goes in grad_scaler=" if "scaler" in taken else "")
+        )
+    doubled = [
+        name for name, obj in stateful.items() if name != "rng" and isinstance(obj, RNGState)
+    ]
+    if doubled:
+        raise UsageError(
+            f"{doubled[0]}=aiockpt.RNGState(): the Trainer already saves the random "
+            "generators under `rng`, so this would save them twice; pass it as rng= "
+            "or leave it out"
+        )
+
+
+def _check_clock_policy_is_single_rank() -> None:
+    if world_size() > 1:
+        raise ConfigError(
+            "interval_seconds and max_overhead decide from each rank's own clock, so the "
+            f"{world_size()} ranks would checkpoint different steps; under torch.distributed "
+            "use interval_steps (or call trainer.checkpoint() at the same step on every rank)"
+        )
