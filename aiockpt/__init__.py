@@ -18,9 +18,11 @@ from .errors import (
     ConversionError,
     CorruptCheckpointError,
     DirectoryLockedError,
+    EventLoopError,
     NoCheckpointError,
     RestoreError,
     UnsupportedStateError,
+    UsageError,
     WorldSizeError,
 )
 from .metrics import CheckpointMetrics
@@ -56,6 +58,7 @@ __all__ = [
     "ConversionError",
     "CorruptCheckpointError",
     "DirectoryLockedError",
+    "EventLoopError",
     "EveryNSeconds",
     "EveryNSteps",
     "IntervalPolicy",
@@ -71,6 +74,7 @@ __all__ = [
     "SyncTrainer",
     "Trainer",
     "UnsupportedStateError",
+    "UsageError",
     "WorldSizeError",
     "__version__",
     "list_checkpoints",

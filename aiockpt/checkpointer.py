@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import logging
 import math
 import os
@@ -44,7 +45,7 @@ from ._engine.staging import CaptureGuard, Capturer, Snapshot, choose_staging
 from ._format.manifest import MAX_STEP, TensorRecord
 from ._format.skeleton import adopt_live_types
 from ._version import __version__
-from .config import Config
+from .config import Config, resolve_config
 from .distributed.group import RankGroup, is_rank_zero
 from .distributed.sharding import RankShare, Replicated, object_kinds, optimizer_parameters
 from .errors import (
@@ -53,13 +54,15 @@ from .errors import (
     CheckpointInProgressError,
     ConfigError,
     CorruptCheckpointError,
+    EventLoopError,
     NoCheckpointError,
     RestoreError,
     UnsupportedStateError,
+    UsageError,
     WorldSizeError,
 )
 from .metrics import CheckpointerStats, CheckpointMetrics
-from .stateful import Stateful
+from .stateful import Stateful, is_zero_optimizer, state_to_save
 from .storage.local import CheckpointInfo, CheckpointStore, list_checkpoints
 
 __all__ = ["CheckpointHandle", "Checkpointer", "SyncCheckpointHandle", "SyncCheckpointer"]
@@ -176,19 +179,25 @@ class _Core:
 
     def __init__(self, config: Config, stateful: Mapping[str, Any], runtime: Runtime) -> None:
         if not stateful:
-            raise TypeError(
+            raise UsageError(
                 "Checkpointer needs at least one object to save, e.g. "
                 "Checkpointer(config, model=model, optimizer=optimizer)"
             )
         for name, obj in stateful.items():
             check_state_name(name)
             if not isinstance(obj, Stateful):
-                raise TypeError(
+                raise UsageError(
                     f"{name}={type(obj).__name__} has no state_dict()/load_state_dict(); pass "
                     "modules, optimizers, schedulers, aiockpt.RNGState() or your own Stateful"
                 )
         self.config = config
-        self.kinds = object_kinds(stateful)
+        # A ZeRO optimizer's state is saved whole, the same on every rank (state_to_save).
+        self.kinds = object_kinds(
+            {
+                name: Replicated(obj) if is_zero_optimizer(obj) else obj
+                for name, obj in stateful.items()
+            }
+        )
         self.objects = {
             name: obj.wrapped if isinstance(obj, Replicated) else obj
             for name, obj in stateful.items()
@@ -305,7 +314,7 @@ class _Core:
             )
 
     def flatten(self) -> FlatState:
-        states = {name: obj.state_dict() for name, obj in self.objects.items()}
+        states = {name: state_to_save(obj) for name, obj in self.objects.items()}
         return self.limits.flatten(states, self.plans, complete=self.ranks is None)
 
     def next_shared_directory(self) -> str | None:
@@ -494,7 +503,10 @@ class _Core:
         # The manifest is read once, inside read_checkpoint; a missing key reads nothing
         # for that key, so checking after the read costs no extra I/O.
         rank = 0 if self.ranks is None else self.ranks.rank
-        selection = RankSelection({n: self.objects[n] for n in request.names}, rank)
+        # RankSelection and place_shards read the live state_dict() for DTensors, which a
+        # ZeRO optimizer never holds (and whose state_dict() is a collective).
+        live = [n for n in request.names if not is_zero_optimizer(self.objects[n])]
+        selection = RankSelection({n: self.objects[n] for n in live}, rank)
         loaded = read_checkpoint(
             info.path,
             select=request.select(),
@@ -512,7 +524,10 @@ class _Core:
         self.stats.last_restore_bytes = loaded.bytes_read
         state = loaded.state(None, keys=request.names, rank=rank, dtensor=lambda saved: saved)
         # DTensors come back sharded as the live objects shard them now.
-        return {name: place_shards(state[name], self.objects[name]) for name in state}
+        return {
+            name: place_shards(state[name], self.objects[name]) if name in live else state[name]
+            for name in state
+        }
 
     def placement(self, request: _RestoreRequest) -> Placement | None:
         """Where each restored tensor should be read to (None: all to host memory).
@@ -528,6 +543,14 @@ class _Core:
         devices: dict[str, torch.device] = {}
         for name in request.names:
             obj = self.objects[name]
+            if is_zero_optimizer(obj):
+                # Its state_dict() is a collective (and refused before one): its
+                # parameters alone say where its state goes.
+                params = optimizer_parameters(obj)
+                devices.update(
+                    (f"{name}/state/{i}", p.device) for i, p in enumerate(params) if p.is_cuda
+                )
+                continue
             try:
                 flat = flatten_state({name: obj.state_dict()})
             except UnsupportedStateError:  # restore never needed to save it: read to host
@@ -768,8 +791,13 @@ async def _start(pipeline: Pipeline, job: _Job) -> Path | None:
 
 
 class _FrontEnd:
-    def __init__(self, config: Config | None, stateful: Mapping[str, Any], sync: bool) -> None:
-        config = config or Config()
+    def __init__(
+        self,
+        config: Config | str | os.PathLike[str] | None,
+        stateful: Mapping[str, Any],
+        sync: bool,
+    ) -> None:
+        config = resolve_config(config, type(self).__name__)
         if config.use_monitor:
             runtime: Runtime = MonitorLoop()
         else:
@@ -789,6 +817,39 @@ class _FrontEnd:
         return self._core.stats
 
 
+class _OneThreadAtATime:
+    """Lets the calls of one thread in (any number of its tasks at once), and refuses a
+    second thread's call while they run: capture's state (layout, staging, the commit
+    chain) is the caller's, and an async call cannot wait for another thread without
+    stalling its own event loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._calls = 0
+
+    @contextlib.contextmanager
+    def entered(self, runtime: Runtime) -> Generator[None, None, None]:
+        runtime.check_caller()
+        me = threading.get_ident()
+        with self._lock:
+            if self._owner not in (None, me):
+                raise EventLoopError(
+                    "this Checkpointer is in a call from another thread: an async "
+                    "Checkpointer serves one thread (and its event loop) at a time. Await "
+                    "it from one thread, give each thread its own, or use SyncCheckpointer, "
+                    "which serialises calls from several threads"
+                )
+            self._owner, self._calls = me, self._calls + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._calls -= 1
+                if not self._calls:
+                    self._owner = None
+
+
 class Checkpointer(_FrontEnd):
     """Asynchronous checkpoints of any Stateful objects, given as keyword arguments.
 
@@ -797,8 +858,11 @@ class Checkpointer(_FrontEnd):
     >>> await handle                           # durable
     """
 
-    def __init__(self, config: Config | None = None, /, **stateful: Any) -> None:
+    def __init__(
+        self, config: Config | str | os.PathLike[str] | None = None, /, **stateful: Any
+    ) -> None:
         super().__init__(config, stateful, sync=False)
+        self._callers = _OneThreadAtATime()
 
     async def checkpoint(self, step: int, *, block: bool | None = None) -> CheckpointHandle:
         """Capture the state now and persist it in the background.
@@ -806,12 +870,14 @@ class Checkpointer(_FrontEnd):
         Returns once the snapshot is exact (training may change tensors right after).
         ``block`` overrides on_backpressure for this call.
         """
-        metrics, future = await _checkpoint(self._core, step, block, self._core.runtime.run)
+        with self._callers.entered(self._core.runtime):
+            metrics, future = await _checkpoint(self._core, step, block, self._core.runtime.run)
         return CheckpointHandle(self._core, step, metrics, future)
 
     async def wait(self) -> None:
         """Wait for every checkpoint in flight; re-raise a background failure."""
-        await _wait(self._core, self._core.runtime.run)
+        with self._callers.entered(self._core.runtime):
+            await _wait(self._core, self._core.runtime.run)
 
     async def restore(
         self,
@@ -827,7 +893,8 @@ class Checkpointer(_FrontEnd):
         restores only those layers of the modules. Either way only the needed bytes are
         read (``stats.last_restore_bytes``).
         """
-        return await _restore(self._core, step, only, layers, self._core.runtime.run)
+        with self._callers.entered(self._core.runtime):
+            return await _restore(self._core, step, only, layers, self._core.runtime.run)
 
     async def close(self, *, cancel: bool = False) -> None:
         """Drain what is in flight, release memory, threads and the directory lock.
@@ -835,7 +902,8 @@ class Checkpointer(_FrontEnd):
         ``cancel=True`` abandons checkpoints in flight instead of finishing them: none of
         them becomes visible, and their handles raise CheckpointError.
         """
-        await _close(self._core, self._core.runtime.run, cancel)
+        with self._callers.entered(self._core.runtime):
+            await _close(self._core, self._core.runtime.run, cancel)
 
     async def __aenter__(self) -> Checkpointer:
         return self
@@ -857,18 +925,29 @@ class SyncCheckpointer(_FrontEnd):
     only once the checkpoint is durable (the direct, blocking mode).
     """
 
-    def __init__(self, config: Config | None = None, /, **stateful: Any) -> None:
+    def __init__(
+        self, config: Config | str | os.PathLike[str] | None = None, /, **stateful: Any
+    ) -> None:
         super().__init__(config, stateful, sync=True)
+        # One call at a time: capture reads and updates shared state (layout, staging
+        # memory, the commit chain), and without the monitor the event loop itself is
+        # the caller's, which runs in one thread at a time.
+        self._serial = threading.RLock()
 
     def _bridge(self, coro: Coroutine[Any, Any, Any]) -> _Ready:
         return _Ready(self._core.runtime.run_sync(coro))
 
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run one public call: serialised between threads, Ctrl-C taken at a safe point."""
+        with self._serial, self._core.runtime.interrupts.guarding():
+            return _drive(coro)
+
     def checkpoint(self, step: int, *, block: bool | None = None) -> SyncCheckpointHandle:
-        metrics, future = _drive(_checkpoint(self._core, step, block, self._bridge))
+        metrics, future = self._call(_checkpoint(self._core, step, block, self._bridge))
         return SyncCheckpointHandle(self._core, step, metrics, future)
 
     def wait(self) -> None:
-        _drive(_wait(self._core, self._bridge))
+        self._call(_wait(self._core, self._bridge))
 
     def restore(
         self,
@@ -877,10 +956,10 @@ class SyncCheckpointer(_FrontEnd):
         only: Iterable[str] | None = None,
         layers: str | None = None,
     ) -> int | None:
-        return _drive(_restore(self._core, step, only, layers, self._bridge))
+        return self._call(_restore(self._core, step, only, layers, self._bridge))
 
     def close(self, *, cancel: bool = False) -> None:
-        _drive(_close(self._core, self._bridge, cancel))
+        self._call(_close(self._core, self._bridge, cancel))
 
     def __enter__(self) -> SyncCheckpointer:
         return self

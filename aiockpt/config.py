@@ -21,7 +21,7 @@ The knobs:
 * ``staging`` -- where the snapshot is staged: ``"gpu"``, ``"host"`` or ``"auto"``.
 * ``use_monitor`` -- run the pipeline on a background thread with its own uvloop event
   loop; false runs it on the caller's running loop (SyncCheckpointer then blocks until
-  each checkpoint is durable).
+  each checkpoint is durable), which binds an async Checkpointer to that one loop.
 * ``on_error`` -- a background failure is re-raised at the next ``checkpoint()`` or
   ``wait()`` (``"raise"``) or logged as a warning while training goes on (``"warn"``).
 * ``durable`` -- fsync files before a checkpoint is committed.
@@ -36,6 +36,7 @@ import dataclasses
 import difflib
 import math
 import os
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-__all__ = ["DEFAULT_CHUNK_SIZE_MB", "ENV_PREFIX", "Config"]
+__all__ = ["DEFAULT_CHUNK_SIZE_MB", "ENV_PREFIX", "Config", "resolve_config"]
 
 DEFAULT_CHUNK_SIZE_MB = 256
 ENV_PREFIX = "AIOCKPT_"
@@ -125,23 +126,49 @@ def _check(key: str, value: object) -> Any:
         raise ConfigError(f"{key} = None is not allowed: expected {spec.expected}")
     if spec.kind is Path:
         text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
-        if isinstance(text, str) and text:
+        if isinstance(text, str) and text and "\0" not in text:
             return Path(text)
-        problem = "is empty" if text == "" else f"has the wrong type ({type(value).__name__})"
-        raise ConfigError(f"{key} = {value!r} {problem}: expected {spec.expected}")
+        problem = (
+            "is empty"
+            if text == ""
+            else "contains a NUL byte, which no file system allows in a path"
+            if isinstance(text, str)
+            else f"has the wrong type ({type(value).__name__})"
+        )
+        raise ConfigError(f"{key} = {_shown(value)} {problem}: expected {spec.expected}")
     # bool is an int subclass, but True as a thread count is always a mistake.
     accepted = (int, float) if spec.kind is float else spec.kind
     if not isinstance(value, accepted) or (isinstance(value, bool) and spec.kind is not bool):
         raise ConfigError(
-            f"{key} = {value!r} has the wrong type ({type(value).__name__}): "
-            f"expected {spec.expected}"
+            f"{key} = {_shown(value)} has the wrong type ({type(value).__name__}): "
+            f"expected {spec.expected}{_type_hint(spec, value)}"
         )
     if spec.choices and value not in spec.choices:
-        raise ConfigError(f"{key} = {value!r} is not allowed: expected {spec.expected}")
-    plain = spec.kind(value)  # int -> float, and int/str subclasses to the plain type
+        raise ConfigError(f"{key} = {_shown(value)} is not allowed: expected {spec.expected}")
+    try:
+        plain = spec.kind(value)  # int -> float, and int/str subclasses to the plain type
+    except OverflowError:  # an int beyond any float
+        plain = math.inf
     if (spec.kind is float and not math.isfinite(plain)) or not spec.ok(plain):
-        raise ConfigError(f"{key} = {value!r} is out of range: expected {spec.expected}")
+        raise ConfigError(f"{key} = {_shown(value)} is out of range: expected {spec.expected}")
     return plain
+
+
+def _shown(value: object) -> str:
+    # A 400-digit integer is still named, but not spelt out in full.
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:40]}...({len(text)} characters)"
+
+
+def _type_hint(spec: _Key, value: object) -> str:
+    """What the writer of a mistyped value most likely meant, when that is clear."""
+    if isinstance(value, str) and spec.kind in (bool, int, float):
+        # Quoted in TOML, or passed on from a command line or a JSON file as text.
+        what = "a bool" if spec.kind is bool else "a number"
+        return f" ({what}, not the string {value!r}; in TOML write it without quotes)"
+    if spec.kind is int and isinstance(value, float) and value.is_integer():
+        return f" (write {int(value)}, without the fraction)"
+    return ""
 
 
 def _suggest(name: str, candidates: list[str]) -> str:
@@ -205,6 +232,54 @@ def _toml_value(value: object) -> str:
     return f'"{body}"'
 
 
+def _read_toml(path: object) -> dict[str, Any]:
+    """The parsed TOML file at ``path``; every way of failing is a ConfigError naming it."""
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise ConfigError(
+            f"config file path {path!r} has the wrong type ({type(path).__name__}): "
+            "expected a str or os.PathLike path to a TOML file"
+        )
+    name = os.fspath(path)
+    if "\0" in name:
+        raise ConfigError(f"config file path {name!r} contains a NUL byte: no such file")
+    try:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {name!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot open config file {name!r}: {exc.strerror}") from None
+    try:
+        kind = os.fstat(fd).st_mode
+        if not stat.S_ISREG(kind):
+            what = "a directory" if stat.S_ISDIR(kind) else "not a regular file"
+            raise ConfigError(
+                f"config file {name!r} is {what}: pass the path of a TOML file "
+                "with a [checkpoint] table"
+            )
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            raw = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {name!r}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {name!r} is not UTF-8 text (byte {exc.start} is "
+            f"{raw[exc.start : exc.start + 1]!r}): TOML files are UTF-8; save it as UTF-8"
+        ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {name!r} is not valid TOML: {exc}") from None
+    except RecursionError:  # arrays or tables nested thousands deep
+        raise ConfigError(
+            f"config file {name!r} is not valid TOML for aiockpt: it nests too deep"
+        ) from None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Config:
     """Validated, immutable settings of a checkpointer; see the module docstring."""
@@ -227,6 +302,19 @@ class Config:
     verbose: bool = False
     rank_timeout_s: float = 1800.0
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Config:
+        # Runs before the generated __init__, whose TypeError for a misspelt keyword
+        # would name no alternative: check the names here, as from_toml does.
+        if args:
+            raise ConfigError(
+                f"Config() takes keyword arguments only, got {len(args)} positional: "
+                f"write Config(directory={args[0]!r}, ...); valid keys are: {', '.join(_KEYS)}"
+            )
+        for key in kwargs:
+            if key not in _KEYS:
+                raise _unknown(key, "passed to Config()")
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         for key in _KEYS:
             object.__setattr__(self, key, _check(key, getattr(self, key)))
@@ -245,16 +333,8 @@ class Config:
 
         TOML has no null, so an optional key may be written as ``"none"``.
         """
+        data = _read_toml(path)
         path = Path(path)
-        try:
-            with path.open("rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {str(path)!r} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
         for name, item in data.items():
             if name != "checkpoint":
                 what = "table" if isinstance(item, dict) else "key"
@@ -344,3 +424,27 @@ class Config:
                 continue  # absent means None already
             lines.append(f"{key} = {_toml_value('none' if value is None else value)}")
         return "\n".join(lines) + "\n"
+
+
+def resolve_config(config: object, owner: str) -> Config:
+    """The Config that ``owner``'s ``config`` argument stands for.
+
+    Checkpointers and Trainers take a Config, the path of a TOML file (read with
+    :meth:`Config.from_toml`, environment overrides included) or None for the defaults.
+    """
+    if config is None:
+        return Config()
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        return Config.from_toml(config)
+    hint = (
+        "; the objects to save are keyword arguments, e.g. "
+        f"{owner}(config, model=model, optimizer=optimizer)"
+        if hasattr(config, "state_dict")
+        else ""
+    )
+    raise ConfigError(
+        f"{owner}(config={type(config).__name__}) has the wrong type: expected an "
+        f"aiockpt.Config, the path of a TOML file (str or os.PathLike) or None{hint}"
+    )

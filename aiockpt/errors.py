@@ -14,7 +14,9 @@
      │    ├── CorruptCheckpointError  a file is missing, torn, hostile or fails its checksum
      │    └── WorldSizeError          state saved per rank has nothing for this rank
      ├── UnsupportedStateError     a state_dict holds a value aiockpt cannot store safely
-     └── ConversionError           an import or export was refused (``hint`` says what to do)
+     ├── ConversionError           an import or export was refused (``hint`` says what to do)
+     ├── UsageError                an argument aiockpt cannot take as given (a reserved name)
+     └── EventLoopError            a call from a thread or event loop the checkpointer can't serve
 
 Every message names what was wrong and what to do about it.
 """
@@ -34,6 +36,8 @@ __all__ = [
     "RestoreError",
     "UnsupportedStateError",
     "WorldSizeError",
+    "UsageError",
+    "EventLoopError",
 ]
 
 
@@ -88,3 +92,11 @@ class ConversionError(AiockptError):
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
         self.hint = hint
+
+
+class UsageError(AiockptError, TypeError):
+    """An argument aiockpt cannot take as given: a reserved or doubled name, a non-Stateful."""
+
+
+class EventLoopError(AiockptError, RuntimeError):
+    """A call from a thread or event loop that this checkpointer cannot serve from."""

@@ -1,13 +1,15 @@
-"""The Stateful protocol and the random-number state that exact resume needs."""
+"""The Stateful protocol, the random-number state that exact resume needs, and how the
+state of an object that shards it across ranks is taken whole."""
 
 from __future__ import annotations
 
 import random
+import sys
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["RNGState", "Stateful"]
+__all__ = ["RNGState", "Stateful", "is_zero_optimizer", "state_to_save"]
 
 
 @runtime_checkable
@@ -66,3 +68,33 @@ def _as_tuples(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(_as_tuples(v) for v in value)
     return value
+
+
+def is_zero_optimizer(obj: object) -> bool:
+    """Whether ``obj`` is a torch.distributed ZeroRedundancyOptimizer."""
+    # Not imported here: a ZeroRedundancyOptimizer exists only if its module was loaded.
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    zero = getattr(module, "ZeroRedundancyOptimizer", None)
+    return zero is not None and isinstance(obj, zero)
+
+
+def state_to_save(obj: Any) -> Any:
+    """What a checkpoint saves of ``obj``: its state_dict(), taken whole.
+
+    A ZeroRedundancyOptimizer holds only this rank's shard of the optimizer state, and its
+    state_dict() refuses to answer until consolidate_state_dict() has gathered the shards
+    on one rank. Following torch's recipe, the shards are consolidated on rank 0 of its
+    group and the whole state is broadcast from there, so every rank saves (and later
+    loads, each taking its own shard) the same full state. Both steps are collectives:
+    every rank of the group takes part, as every rank calls checkpoint() at the same step.
+    """
+    if not is_zero_optimizer(obj):
+        return obj.state_dict()
+    import torch.distributed as dist
+
+    group = obj.process_group
+    obj.consolidate_state_dict(to=0)
+    whole = [obj.state_dict() if dist.get_rank(group) == 0 else None]
+    if dist.get_world_size(group) > 1:
+        dist.broadcast_object_list(whole, src=dist.get_global_rank(group, 0), group=group)
+    return whole[0]

@@ -9,8 +9,9 @@ only ever taken between optimizer steps: gradients of a half-done accumulation w
 are not state a checkpoint holds.
 
 The Checkpointer underneath saves, under these names: ``model``, ``optimizer``,
-``scheduler`` and ``scaler`` (when given), ``rng`` (aiockpt.RNGState), ``trainer`` (the
-step counter and the policy's measurements) and every extra Stateful keyword argument.
+``scheduler`` and ``scaler`` (when given), ``rng`` (an aiockpt.RNGState: the one passed as
+``rng=``, or one of its own), ``trainer`` (the step counter and the policy's measurements)
+and every extra Stateful keyword argument.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -33,9 +33,9 @@ from ..checkpointer import (
     SyncCheckpointer,
     SyncCheckpointHandle,
 )
-from ..config import Config
+from ..config import Config, resolve_config
 from ..distributed.group import is_rank_zero, world_size
-from ..errors import BackgroundError, CheckpointError, ConfigError
+from ..errors import BackgroundError, CheckpointError, ConfigError, UsageError
 from ..stateful import RNGState
 from .policy import BasePolicy, IntervalPolicy, policy_from_config
 
@@ -67,18 +67,6 @@ def _device_type(model: torch.nn.Module) -> str:
     for tensor in model.parameters():
         return tensor.device.type
     return "cpu"
-
-
-def _load_config(config: Config | str | os.PathLike[str] | None) -> Config:
-    if config is None:
-        return Config()
-    if isinstance(config, Config):
-        return config
-    if isinstance(config, (str, os.PathLike)):
-        return Config.from_toml(Path(config))
-    raise TypeError(
-        f"config={type(config).__name__}: expected an aiockpt.Config or a TOML file path"
-    )
 
 
 class _TrainerState:
@@ -137,16 +125,11 @@ class _Engine:
             )
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={max_grad_norm!r}: expected a number > 0 or None")
-        taken = sorted(set(stateful) & set(RESERVED))
-        if taken:
-            raise TypeError(
-                f"{taken} are names the Trainer saves itself ({', '.join(RESERVED)}); "
-                "pass your objects under other keyword names"
-            )
+        _check_extra_names(stateful)
         self.model = model
         self.optimizer = optimizer
         self.loss_fn: LossFn = loss_fn or _default_loss
-        self.config = _load_config(config)
+        self.config = resolve_config(config, "Trainer")
         self.scheduler = scheduler
         self.device_type = _device_type(model)
         self.autocast_dtype = self._autocast_dtype(amp)
@@ -175,9 +158,12 @@ class _Engine:
             self.objects["scheduler"] = scheduler
         if self.scaler is not None:
             self.objects["scaler"] = self.scaler
-        self.objects["rng"] = RNGState()
+        # An RNGState of the caller's own under `rng` takes the built-in one's place, so
+        # the checkpoint holds the random state once.
+        given_rng = stateful.get("rng")
+        self.objects["rng"] = given_rng if isinstance(given_rng, RNGState) else RNGState()
         self.objects["trainer"] = _TrainerState(self)
-        self.objects.update(stateful)
+        self.objects.update((k, v) for k, v in stateful.items() if k != "rng")
 
     def _autocast_dtype(self, amp: bool | torch.dtype) -> torch.dtype | None:
         if amp is False or amp is None:
@@ -566,6 +552,33 @@ class SyncTrainer(_TrainerBase):
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _check_extra_names(stateful: Mapping[str, Any]) -> None:
+    """Refuse extra objects that would collide with, or repeat, what the Trainer saves."""
+    rng = stateful.get("rng")
+    if rng is not None and not isinstance(rng, RNGState):
+        raise UsageError(
+            f"rng={type(rng).__name__}: under `rng` the Trainer saves the global random "
+            "generators, so it takes an aiockpt.RNGState() (or nothing: it makes its own); "
+            "pass a generator of your own under another keyword name"
+        )
+    taken = sorted(set(stateful) & set(RESERVED) - {"rng"})
+    if taken:
+        raise UsageError(
+            f"{taken} are names the Trainer saves itself ({', '.join(RESERVED)}); "
+            "pass your objects under other keyword names"
+            + ("; a GradScaler goes in grad_scaler=" if "scaler" in taken else "")
+        )
+    doubled = [
+        name for name, obj in stateful.items() if name != "rng" and isinstance(obj, RNGState)
+    ]
+    if doubled:
+        raise UsageError(
+            f"{doubled[0]}=aiockpt.RNGState(): the Trainer already saves the random "
+            "generators under `rng`, so this would save them twice; pass it as rng= "
+            "or leave it out"
+        )
 
 
 def _check_clock_policy_is_single_rank() -> None:

@@ -407,7 +407,7 @@ def test_constructor_checks(tmp_path: Path) -> None:
             optimizer_class=torch.optim.SGD,
             optimizer_kwargs={"lr": 0.1},
             config=cfg,
-            rng=aiockpt.RNGState(),
+            trainer=nn.Linear(1, 1),
         )
     with pytest.raises(ValueError, match="grad_accumulation_steps"):
         aiockpt.SyncTrainer(
