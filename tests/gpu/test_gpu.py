@@ -314,3 +314,66 @@ def test_corrupt_checkpoint_read_to_gpu_falls_back_untouched(tmp_path):
         _assert_same(_full_snapshot(fresh, fresh_optimizer), untouched)
         assert ckpt.restore() == 1
     _assert_same(_full_snapshot(fresh, fresh_optimizer), expected)
+
+
+class _Holder:
+    """A Stateful over a plain dict, for custom state that holds CUDA values."""
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
+
+
+@pytest.mark.parametrize("staging", ["gpu", "host"])
+def test_cuda_views_and_exact_types_round_trip(tmp_path, staging):
+    """Conjugate and negative views spanning chunks are stored as their values, and a
+    Parameter, a grad-requiring tensor and a sparse tensor on the GPU keep their types, with
+    both staging modes (gpu staging copies with one batched call per dtype)."""
+    torch.manual_seed(3)
+    z = torch.randn(300_000, dtype=torch.complex64, device="cuda")  # 2.4 MB: spans 1 MB chunks
+    real = torch.randn(600_000, device="cuda")
+    dense = torch.zeros(64, 64, device="cuda")
+    dense[3, 5], dense[40, 7] = 1.5, -2.0
+    state = {
+        "conj": z.conj(),
+        "neg": torch._neg_view(real),
+        "param": torch.nn.Parameter(torch.randn(33, 17, device="cuda")),
+        "grad": torch.randn(9, device="cuda", requires_grad=True),
+        "coo": dense.to_sparse(),
+        "csr": dense.to_sparse_csr(),
+        "bf16": torch.randn(1000, device="cuda").to(torch.bfloat16),
+    }
+    expected = {
+        "conj": z.conj().resolve_conj().cpu(),
+        "neg": (-real).cpu(),
+        "param": state["param"].detach().cpu(),
+        "grad": state["grad"].detach().cpu(),
+        "coo": dense.to_sparse().cpu(),
+        "csr": dense.to_sparse_csr().cpu(),
+        "bf16": state["bf16"].cpu(),
+    }
+    config = aiockpt.Config(directory=tmp_path, staging=staging, chunk_size_mb=1)
+    holder = _Holder(state)
+    with aiockpt.SyncCheckpointer(config, bag=holder) as ckpt:
+        ckpt.checkpoint(1).wait()
+        ckpt.checkpoint(2).wait()  # the replayed structure gives the same result
+    for step in (1, 2):
+        loaded = aiockpt.load(tmp_path / f"step-{step}")["bag"]
+        assert torch.equal(loaded["conj"], expected["conj"])
+        assert not loaded["conj"].is_conj()
+        assert torch.equal(loaded["neg"], expected["neg"])
+        assert type(loaded["param"]) is torch.nn.Parameter
+        assert torch.equal(loaded["param"].detach(), expected["param"])
+        assert loaded["grad"].requires_grad
+        assert torch.equal(loaded["grad"].detach(), expected["grad"])
+        assert loaded["coo"].layout == torch.sparse_coo
+        assert torch.equal(loaded["coo"].to_dense(), expected["coo"].to_dense())
+        assert loaded["csr"].layout == torch.sparse_csr
+        assert torch.equal(loaded["csr"].to_dense(), expected["csr"].to_dense())
+        assert loaded["bf16"].dtype == torch.bfloat16
+        assert torch.equal(loaded["bf16"], expected["bf16"])
