@@ -28,11 +28,23 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpointer import SyncCheckpointer
-from ..config import Config
+from ..config import Config, add_config_arguments, config_from_arguments
+from ..errors import ConfigError
 from .bench import PRESETS, TinyGPT, make_step
 from .limits import fsync_write_seconds
 
-__all__ = ["main"]
+__all__ = ["CONFIG_KEYS", "build_config", "build_parser", "main"]
+
+# The Config keys taken as flags; the directory is --directory's, below which the run
+# makes (and deletes) its own.
+CONFIG_KEYS = (
+    "max_async",
+    "chunk_size_mb",
+    "chunk_count",
+    "num_threads",
+    "staging",
+    "on_backpressure",
+)
 
 
 def _wrap(model: nn.Module, how: str, device: torch.device) -> nn.Module:
@@ -64,7 +76,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any] | None:
+def build_config(args: argparse.Namespace, root: Path) -> Config:
+    """The checkpointer's settings: flags, AIOCKPT_* variables, --config, defaults.
+
+    The directory is the run's own (it is deleted afterwards), and two checkpoints are
+    kept, whatever the environment says: the run only restores the last one.
+    """
+    return config_from_arguments(args, CONFIG_KEYS, directory=root / "ckpt", keep_last=2)
+
+
+def run(args: argparse.Namespace, config: Config) -> dict[str, Any] | None:
     backend = "nccl" if torch.cuda.is_available() and not args.cpu else "gloo"
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -88,17 +109,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     dist.barrier()
     # All ranks write at once, as a checkpoint does: the aggregate raw rate of the disk.
     share = local_bytes if args.wrap == "fsdp" else local_bytes // world
-    raw_seconds = fsync_write_seconds(root / f"limits-{rank}", share, args.num_threads)
+    raw_seconds = fsync_write_seconds(root / f"limits-{rank}", share, config.num_threads)
     raw = _gather((share, raw_seconds))
-    config = Config(
-        directory=root / "ckpt",
-        max_async=args.max_async,
-        chunk_size_mb=args.chunk_size_mb,
-        num_threads=args.num_threads,
-        staging=args.staging,
-        keep_last=2,
-        on_backpressure=args.on_backpressure,
-    )
     ckpt = SyncCheckpointer(config, model=model, optimizer=optimizer)
     start = time.perf_counter()
     ckpt.checkpoint(0).wait()  # plans the layout and pins the staging memory
@@ -220,9 +232,11 @@ def _summary(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m aiockpt.tools.bench_ranks", description=__doc__
+        prog="python -m aiockpt.tools.bench_ranks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--wrap", choices=["ddp", "fsdp"], default="ddp")
@@ -230,15 +244,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50, help="steps per run")
     parser.add_argument("--interval", type=int, default=10, help="checkpoint every N steps")
-    parser.add_argument("--max-async", type=int, default=2)
-    parser.add_argument("--chunk-size-mb", type=float, default=256)
-    parser.add_argument("--num-threads", type=int, default=8)
-    parser.add_argument("--staging", default="auto", choices=["auto", "gpu", "host"])
-    parser.add_argument("--on-backpressure", default="skip", choices=["block", "skip"])
     parser.add_argument("--cpu", action="store_true", help="gloo on the CPU even with GPUs")
     parser.add_argument("--output", help="write the JSON report here (rank 0)")
+    knobs = parser.add_argument_group(
+        "aiockpt settings (override AIOCKPT_* variables and --config)"
+    )
+    add_config_arguments(knobs, CONFIG_KEYS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    report = run(args)
+    try:
+        # Every rank checks the settings before any of them joins the process group.
+        config = build_config(args, Path(args.directory))
+    except ConfigError as exc:
+        parser.error(str(exc))
+    report = run(args, config)
     if report is not None:
         text = json.dumps(report, indent=2)
         if args.output:
