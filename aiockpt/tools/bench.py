@@ -43,7 +43,6 @@ from .._version import __version__
 from ..config import Config, config_from_arguments
 from ..errors import ConfigError
 from .bench_cli import CONFIG_KEYS, STAGINGS, SYSTEMS, build_parser
-from .bench_memory import tensor_bytes
 from .bench_report import markdown, plot, plot_available
 from .bench_summary import summarise
 from .bench_systems import (
@@ -53,7 +52,6 @@ from .bench_systems import (
     System,
     TorchSave,
     restore_timed,
-    sync,
     train_round,
     warm_up,
 )
@@ -114,25 +112,6 @@ class _Phases:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
-
-
-def _state_bytes(workload: Workload) -> int:
-    # Each tensor once: tied weights appear under two names but are one tensor.
-    seen: dict[tuple[int, int], torch.Tensor] = {}
-    for obj in workload.state().values():
-        _collect(obj.state_dict(), seen)
-    return tensor_bytes(list(seen.values()))
-
-
-def _collect(tree: Any, seen: dict[tuple[int, int], torch.Tensor]) -> None:
-    if isinstance(tree, torch.Tensor):
-        seen[(tree.data_ptr(), tree.numel() * tree.element_size())] = tree
-    elif isinstance(tree, dict):
-        for value in tree.values():
-            _collect(value, seen)
-    elif isinstance(tree, (list, tuple)):
-        for value in tree:
-            _collect(value, seen)
 
 
 def build_config(args: argparse.Namespace, root: Path) -> Config:
@@ -235,10 +214,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.model
             else preset_workload(args.preset, device)
         )
-        for _ in range(args.warmup_steps):  # optimizer state exists, kernels are warm
-            workload.step()
-        sync(device)
-        state_bytes = _state_bytes(workload)
+        workload.warm_up(args.warmup_steps)
+        state_bytes = workload.state_bytes()
     parameters = sum(p.numel() for p in workload.model.parameters())
     _log(args, f"{workload.name}: {parameters:,} parameters, {state_bytes / 1e6:,.1f} MB of state")
     base = Path(args.directory)

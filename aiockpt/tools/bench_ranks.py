@@ -27,11 +27,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._util.stats import median, p99
 from ..checkpointer import SyncCheckpointer
 from ..config import Config, add_config_arguments, config_from_arguments
 from ..errors import ConfigError
-from .bench import PRESETS, TinyGPT, make_step
 from .limits import fsync_write_seconds
+from .workloads import PRESETS, TinyGPT, make_step, sync
 
 __all__ = ["CONFIG_KEYS", "build_config", "build_parser", "main"]
 
@@ -71,11 +72,6 @@ def _local_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[tor
     return tensors
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def build_config(args: argparse.Namespace, root: Path) -> Config:
     """The checkpointer's settings: flags, AIOCKPT_* variables, --config, defaults.
 
@@ -101,7 +97,7 @@ def run(args: argparse.Namespace, config: Config) -> dict[str, Any] | None:
     step = make_step(model, optimizer, preset, device)
     for _ in range(3):
         step()
-    _sync(device)
+    sync(device)
     local_bytes = sum(t.numel() * t.element_size() for t in _local_state(model, optimizer))
     root = Path(args.directory)
     if rank == 0:
@@ -122,11 +118,11 @@ def run(args: argparse.Namespace, config: Config) -> dict[str, Any] | None:
     number = 0
     for _ in range(args.rounds):
         dist.barrier()
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(args.steps):
             step()
-        _sync(device)
+        sync(device)
         plain_rates.append(args.steps / (time.perf_counter() - start))
         dist.barrier()
         handles = []
@@ -138,7 +134,7 @@ def run(args: argparse.Namespace, config: Config) -> dict[str, Any] | None:
                 handles.append(ckpt.checkpoint(number))
                 calls.append((time.perf_counter() - called) * 1e3)
             step()
-        _sync(device)
+        sync(device)
         checkpoint_rates.append(args.steps / (time.perf_counter() - start))
         for handle in handles:
             handle.wait()
@@ -179,7 +175,7 @@ def _restore_is_exact(
         for parameter in model.parameters():
             parameter.add_(1.0)  # the restore must bring the saved bits back
     ckpt.restore()
-    _sync(device)
+    sync(device)
     got = _local_state(model, optimizer)
     return len(got) == len(expected) and all(
         torch.equal(a, b) for a, b in zip(expected, got, strict=True)
@@ -203,9 +199,11 @@ def _summary(
     written = total if args.wrap == "fsdp" else total // world
     raw_gbps = sum(b for b, _ in raw) / max(s for _, s in raw) / 1e9
     persist = [max(p) for p in zip(*(r["persist_seconds"] for r in ranks), strict=False)]
+    persist_s = median(persist)
+    persist_gbps = written / persist_s / 1e9 if persist_s else None
     plain = statistics.median(x for r in ranks for x in r["plain_steps_per_second"])
     with_ckpt = statistics.median(x for r in ranks for x in r["checkpoint_steps_per_second"])
-    calls = sorted(x for r in ranks for x in r["call_ms"])
+    calls = [x for r in ranks for x in r["call_ms"]]
     return {
         "preset": args.preset,
         "wrap": args.wrap,
@@ -215,15 +213,11 @@ def _summary(
         "checkpoint_bytes": written,
         "interval_steps": args.interval,
         "raw_fsync_write_gbps_all_ranks": raw_gbps,
-        "persist_seconds_median": statistics.median(persist) if persist else None,
-        "persist_gbps_all_ranks": written / statistics.median(persist) / 1e9 if persist else None,
-        "persist_vs_raw": (written / statistics.median(persist) / 1e9) / raw_gbps
-        if persist
-        else None,
-        "stall_ms_median": statistics.median(calls) if calls else None,
-        "stall_ms_p99": calls[min(len(calls) - 1, round(0.99 * (len(calls) - 1)))]
-        if calls
-        else None,
+        "persist_seconds_median": persist_s,
+        "persist_gbps_all_ranks": persist_gbps,
+        "persist_vs_raw": persist_gbps / raw_gbps if persist_gbps is not None else None,
+        "stall_ms_median": median(calls),
+        "stall_ms_p99": p99(calls),
         "steps_per_second_plain": plain,
         "steps_per_second_with_checkpoints": with_ckpt,
         "throughput_vs_no_checkpoint": with_ckpt / plain,

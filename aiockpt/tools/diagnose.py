@@ -22,7 +22,7 @@ from .diagnose_data import Analysis, Measurements, Thresholds
 if TYPE_CHECKING:
     import torch
 
-    from .diagnose_measure import Workload
+    from .workloads import Workload
 
 __all__ = ["CONFIG_KEYS", "add_arguments", "build_config", "report", "run"]
 
@@ -96,7 +96,7 @@ def build_config(args: argparse.Namespace) -> Config:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from .bench import PRESETS
+    from .presets import PRESETS
 
     synthetic = args.step_ms is not None or args.state_gb is not None
     if args.preset is not None and synthetic:
@@ -140,10 +140,17 @@ def _device(args: argparse.Namespace) -> torch.device:
 
 
 def _workload(args: argparse.Namespace, device: torch.device) -> Workload:
-    from .diagnose_measure import host_memory_available, preset_workload, synthetic_workload
+    from .diagnose_measure import WARMUP_STEPS, host_memory_available, synthetic_workload
+    from .workloads import preset_workload
 
     if args.preset is not None:
-        return preset_workload(args.preset, device)
+        import torch
+
+        torch.manual_seed(0)
+        workload = preset_workload(args.preset, device)
+        workload.warm_up(WARMUP_STEPS)
+        workload.name = f"preset {args.preset}"
+        return workload
     nbytes = int(args.state_gb * 1e9)
     if device.type == "cuda":
         import torch
@@ -242,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     thresholds = Thresholds.for_config(config)
     analysis = analyze(measurements, thresholds)
     if args.json:
-        print_json(report(workload.label, measurements, thresholds, analysis))
+        print_json(report(workload.name, measurements, thresholds, analysis))
     else:
-        render(workload.label, measurements, analysis)
+        render(workload.name, measurements, analysis)
     return 0

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from aiockpt._util.console import CliError
 from aiockpt.cli.main import build_parser as cli_parser
@@ -322,3 +323,99 @@ def test_bench_usage_errors_are_the_clis(
     err = capsys.readouterr().err
     assert "aiockpt bench: error: --systems 'zfs'" in err
     assert not (tmp_path / "run").exists()
+
+
+# -- one helper where there were several ----------------------------------------------------
+
+
+def test_bytes_in_human_units_one_formatter_two_conventions() -> None:
+    from aiockpt._util.console import human_bytes as console_bytes
+    from aiockpt._util.units import human_bytes
+    from aiockpt.tools.bench_report import _gb
+    from aiockpt.tools.diagnose_advice import format_bytes
+
+    assert console_bytes is human_bytes
+    assert [human_bytes(n) for n in (0, 1023, 1536, 5 * 2**30)] == [
+        "0 B",
+        "1023 B",
+        "1.5 KiB",
+        "5.0 GiB",
+    ]
+    assert [human_bytes(n, decimal=True) for n in (999, 1500, 4.46e9, 120e9)] == [
+        "999 B",
+        "1.5 kB",
+        "4.46 GB",
+        "120 GB",
+    ]
+    assert format_bytes(4.61e9) == _gb(4.61e9) == "4.61 GB"
+    assert _gb(None) == "-"
+
+
+def test_median_and_p99_of_nothing_are_none() -> None:
+    from aiockpt._util.stats import median, p99
+
+    assert median([]) is None and p99(iter([])) is None
+    assert median(x for x in (3.0, 1.0, 2.0)) == 2.0
+    assert p99(range(100)) == 98 and p99([5.0]) == 5.0
+
+
+def test_the_lock_helper_tells_held_from_failed(tmp_path: Path) -> None:
+    import os
+
+    from aiockpt.storage.locking import try_lock, unlock
+
+    path = tmp_path / ".aiockpt.lock"
+    path.write_text("")
+    writer = os.open(path, os.O_RDWR)
+    probe = os.open(path, os.O_RDONLY)  # another open file: flock sees another holder
+    try:
+        assert try_lock(writer)
+        assert not try_lock(probe, shared=True)
+        unlock(writer)
+        assert try_lock(probe, shared=True)
+        assert not try_lock(writer)  # a shared holder keeps an exclusive one out
+        unlock(probe)
+    finally:
+        os.close(writer)
+        os.close(probe)
+    with pytest.raises(OSError):  # not "held": a real failure is raised
+        try_lock(writer)
+
+
+def test_a_live_writer_is_seen_by_the_probe(tmp_path: Path) -> None:
+    import os
+
+    from aiockpt import SyncCheckpointer
+    from aiockpt.cli.scan import WriterState, probe_writer
+
+    assert not probe_writer(tmp_path).live
+    model = torch.nn.Linear(2, 2)
+    with SyncCheckpointer(Config(directory=tmp_path), model=model) as ckpt:
+        ckpt.checkpoint(1).wait()
+        assert probe_writer(tmp_path) == WriterState(True, os.getpid())
+    assert not probe_writer(tmp_path).live
+
+
+def test_one_workload_for_bench_and_diagnose() -> None:
+    from aiockpt.tools import bench_ranks, bench_systems, diagnose_measure, workloads
+
+    assert bench_systems.Workload is diagnose_measure.Workload is workloads.Workload
+    assert bench_systems.sync is diagnose_measure.sync is bench_ranks.sync is workloads.sync
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    preset = workloads.preset_workload("tiny", cpu)
+    preset.warm_up(1)
+    model = preset.model
+    # The head is tied to the embedding: one tensor, counted once.
+    unique = {p.data_ptr(): p.numel() * p.element_size() for p in model.state_dict().values()}
+    optimizer_bytes = sum(
+        t.numel() * t.element_size()
+        for state in preset.optimizer.state.values()
+        for t in state.values()
+        if isinstance(t, torch.Tensor)
+    )
+    assert preset.state_bytes() == sum(unique.values()) + optimizer_bytes
+    assert set(preset.state()) == {"model", "optimizer"} and preset.device == cpu
+    synthetic = diagnose_measure.synthetic_workload(1.0, 1 << 20, cpu)
+    assert set(synthetic.state()) == {"model"}
+    assert synthetic.state_bytes() == 1 << 20 and "1.05 MB" in synthetic.name
