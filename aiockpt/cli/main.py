@@ -31,6 +31,8 @@ examples:
   aiockpt prune checkpoints --keep-last 3 --keep-every 1000 --dry-run
   aiockpt diagnose --config aiockpt.toml --step-ms 60 --state-gb 4.5
                                           what will slow training down, and what to change
+  aiockpt bench --preset 350m --config aiockpt.toml
+                                          aiockpt, torch.save and DCP side by side
 
 Run `aiockpt COMMAND --help` for each command's options and examples.
 {_EXIT_CODES}"""
