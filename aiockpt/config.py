@@ -1,10 +1,12 @@
 """Settings of an aiockpt checkpointer, validated once, up front.
 
-A :class:`Config` is frozen. Build one directly, from the ``[checkpoint]`` table of a
-TOML file (:meth:`Config.from_toml`) or from ``AIOCKPT_<KEY>`` environment variables
-(:meth:`Config.from_env`). Precedence, lowest first: defaults, file, environment,
-keyword overrides. Every bad setting raises :class:`~aiockpt.errors.ConfigError`
-naming the key, the value and what is allowed.
+A :class:`Config` is frozen. Build one directly (``Config(max_async=4)``), from the
+``[checkpoint]`` table of a TOML file (:meth:`Config.from_toml`), or from command-line
+flags generated from the same keys (:func:`add_config_arguments`). Wherever it comes
+from, ``AIOCKPT_<KEY>`` environment variables apply too, with one precedence, highest
+first: keyword arguments (or flags), then ``AIOCKPT_<KEY>`` variables, then the file,
+then the defaults. Every bad setting raises :class:`~aiockpt.errors.ConfigError` naming
+the key, the value and what is allowed.
 
 The knobs:
 
@@ -32,12 +34,13 @@ The knobs:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import math
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -49,7 +52,14 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-__all__ = ["DEFAULT_CHUNK_SIZE_MB", "ENV_PREFIX", "Config", "resolve_config"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE_MB",
+    "ENV_PREFIX",
+    "Config",
+    "add_config_arguments",
+    "config_from_arguments",
+    "resolve_config",
+]
 
 DEFAULT_CHUNK_SIZE_MB = 256
 ENV_PREFIX = "AIOCKPT_"
@@ -183,6 +193,26 @@ def _unknown(key: str, where: str) -> ConfigError:
     )
 
 
+def _parse_text(key: str, raw: str) -> Any:
+    """The value that the text ``raw`` stands for, as an environment variable or a flag.
+
+    Raises ValueError naming what is expected; the value is not yet range-checked.
+    """
+    spec, text = _KEYS[key], raw.strip().lower()
+    if spec.optional and text in ("", "none"):
+        return None
+    if spec.kind is bool:
+        if text not in _TRUE | _FALSE:
+            raise ValueError("expected 1/0, true/false, yes/no or on/off")
+        return text in _TRUE
+    if spec.kind in (int, float):
+        try:
+            return spec.kind(raw)
+        except ValueError:
+            raise ValueError(f"expected {spec.expected}") from None
+    return raw
+
+
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for var, raw in environ.items():
@@ -195,27 +225,32 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
                 f"environment variable {var} matches no aiockpt setting"
                 f"{_suggest(var.upper(), names)}; unset it or use one of: " + ", ".join(names)
             )
-        spec, text = _KEYS[key], raw.strip().lower()
-        expected = "1/0, true/false, yes/no or on/off" if spec.kind is bool else spec.expected
         try:
-            if spec.optional and text in ("", "none"):
-                value: Any = None
-            elif spec.kind is bool:
-                if text not in _TRUE | _FALSE:
-                    raise ValueError(text)
-                value = text in _TRUE
-            elif spec.kind in (int, float):
-                value = spec.kind(raw)
-            else:
-                value = raw
-        except ValueError:
-            raise ConfigError(
-                f"{var}={raw!r} is not valid for {key}: expected {expected}"
-            ) from None
+            value = _parse_text(key, raw)
+        except ValueError as exc:
+            raise ConfigError(f"{var}={raw!r} is not valid for {key}: {exc}") from None
         try:
             values[key] = _check(key, value)
         except ConfigError as exc:
             raise ConfigError(f"{var}={raw!r}: {exc}") from None
+    return values
+
+
+# Keys that say the same thing two ways: a source that sets one of them replaces what a
+# source below it said about either, so a flag --chunk-count overrides a file's
+# chunk_size_mb instead of colliding with it.
+_EXCLUSIVE = (frozenset({"chunk_size_mb", "chunk_count"}),)
+
+
+def _layered(*sources: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of ``sources`` (lowest precedence first) as one dict."""
+    values: dict[str, Any] = {}
+    for source in sources:
+        for group in _EXCLUSIVE:
+            if group & source.keys():
+                for key in group:
+                    values.pop(key, None)
+        values.update(source)
     return values
 
 
@@ -282,7 +317,15 @@ def _read_toml(path: object) -> dict[str, Any]:
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    """Validated, immutable settings of a checkpointer; see the module docstring."""
+    """Validated, immutable settings of a checkpointer; see the module docstring.
+
+    A key not given as a keyword argument is taken from its ``AIOCKPT_<KEY>`` variable
+    when one is set, else from the default: ``Config(max_async=4)`` with
+    ``AIOCKPT_MAX_ASYNC=8`` and ``AIOCKPT_NUM_THREADS=16`` has max_async 4 and
+    num_threads 16. A variable that names no key, or holds a bad value, is a ConfigError.
+    Setting one of ``chunk_size_mb`` / ``chunk_count`` discards the other from the
+    variables (and the file) below it.
+    """
 
     directory: Path = Path("checkpoints")
     interval_steps: int | None = None
@@ -313,9 +356,19 @@ class Config:
         for key in kwargs:
             if key not in _KEYS:
                 raise _unknown(key, "passed to Config()")
-        return super().__new__(cls)
+        config = super().__new__(cls)
+        if kwargs:
+            # __post_init__ sees every field filled in: it must know which were given,
+            # since only the others are taken from the environment.
+            object.__setattr__(config, "_given", frozenset(kwargs))
+        return config
 
     def __post_init__(self) -> None:
+        given: frozenset[str] = self.__dict__.pop("_given", frozenset())
+        if len(given) < len(_KEYS):
+            keywords = {key: getattr(self, key) for key in given}
+            for key, value in _layered(_from_env(os.environ), keywords).items():
+                object.__setattr__(self, key, value)
         for key in _KEYS:
             object.__setattr__(self, key, _check(key, getattr(self, key)))
         if self.chunk_size_mb is not None and self.chunk_count is not None:
@@ -325,14 +378,9 @@ class Config:
                 "(chunk_size_mb fixes the chunk size, chunk_count the number of chunks)"
             )
 
-    @classmethod
-    def from_toml(
-        cls, path: str | os.PathLike[str], *, env: bool = True, **overrides: Any
-    ) -> Config:
-        """Read ``[checkpoint]`` of TOML file ``path``, then env, then ``overrides``.
-
-        TOML has no null, so an optional key may be written as ``"none"``.
-        """
+    @staticmethod
+    def _file_values(path: str | os.PathLike[str]) -> dict[str, Any]:
+        """The checked values of the ``[checkpoint]`` table of TOML file ``path``."""
         data = _read_toml(path)
         path = Path(path)
         for name, item in data.items():
@@ -356,20 +404,40 @@ class Config:
                 values[key] = _check(key, value)
             except ConfigError as exc:
                 raise ConfigError(f"{exc} (in {str(path)!r})") from None
-        if env:
-            values.update(_from_env(os.environ))
+        return values
+
+    @classmethod
+    def from_toml(
+        cls, path: str | os.PathLike[str], *, env: bool = True, **overrides: Any
+    ) -> Config:
+        """Read ``[checkpoint]`` of TOML file ``path``, then env, then ``overrides``.
+
+        TOML has no null, so an optional key may be written as ``"none"``.
+        """
+        file_values = cls._file_values(path)
         for key in overrides:
             if key not in _KEYS:
                 raise _unknown(key, "passed to Config.from_toml()")
-        return cls(**{**values, **overrides})
+        env_values = _from_env(os.environ) if env else {}
+        return cls._layers(file_values, env_values, overrides)
 
     @classmethod
     def from_env(cls, *, environ: Mapping[str, str] | None = None, **base: Any) -> Config:
-        """``Config(**base)`` with the ``AIOCKPT_<KEY>`` variables of ``environ``."""
+        """``Config(**base)`` with the ``AIOCKPT_<KEY>`` variables of ``environ`` over it."""
         for key in base:
             if key not in _KEYS:
                 raise _unknown(key, "passed to Config.from_env()")
-        return cls(**{**base, **_from_env(os.environ if environ is None else environ)})
+        return cls._layers(base, _from_env(os.environ if environ is None else environ))
+
+    @classmethod
+    def _layers(cls, *sources: Mapping[str, Any]) -> Config:
+        """A Config of ``sources`` (lowest precedence first) and nothing else.
+
+        Every key is passed, the defaults included, so that the environment, which a
+        caller has layered in already (or deliberately left out), is not read again.
+        """
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        return cls(**{**defaults, **_layered(*sources)})
 
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied and validated."""
@@ -448,3 +516,120 @@ def resolve_config(config: object, owner: str) -> Config:
         f"{owner}(config={type(config).__name__}) has the wrong type: expected an "
         f"aiockpt.Config, the path of a TOML file (str or os.PathLike) or None{hint}"
     )
+
+
+# -- command-line flags ------------------------------------------------------------------
+# One line per key for --help; the type, the choices and the default come from _KEYS and
+# the dataclass, so a flag can never drift from the key it sets.
+_MEANING: dict[str, str] = {
+    "directory": "where checkpoints go",
+    "interval_steps": "the Trainer checkpoints every N steps",
+    "interval_seconds": "the Trainer checkpoints every S seconds",
+    "max_overhead": "the Trainer checkpoints as often as keeps its cost below this fraction",
+    "keep_last": "committed checkpoints to keep",
+    "max_async": "checkpoints in flight at once",
+    "chunk_size_mb": "MiB per chunk (none means 256)",
+    "chunk_count": "or the number of chunks per checkpoint",
+    "num_threads": "writer threads",
+    "pinned_ratio": "host staging pool / state size",
+    "staging": "where the snapshot is staged",
+    "use_monitor": "run the pipeline on a background thread with its own event loop",
+    "on_backpressure": "a checkpoint with every in-flight place taken waits, or is skipped",
+    "on_error": "a background failure is raised at the next call, or logged",
+    "durable": "fsync files before a checkpoint is committed",
+    "verbose": "log every checkpoint",
+    "rank_timeout_s": "seconds ranks wait for each other to agree on a commit",
+}
+_METAVAR = {int: "N", float: "X", Path: "DIR"}
+CONFIG_FILE_FLAG = "config"
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _flag_type(key: str) -> Callable[[str], Any]:
+    """argparse's ``type`` for the flag of ``key``: the environment's parsing and checks."""
+
+    def parse(raw: str) -> Any:
+        try:
+            return _check(key, _parse_text(key, raw))
+        except (ValueError, ConfigError) as exc:
+            raise argparse.ArgumentTypeError(f"{raw!r}: {exc}") from None
+
+    parse.__name__ = key  # argparse names the type in some of its messages
+    return parse
+
+
+def add_config_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    keys: Iterable[str],
+    *,
+    config_file: bool = True,
+) -> None:
+    """Add a flag for each Config key in ``keys`` (``max_async`` -> ``--max-async``).
+
+    The flags default to "not given", so that :func:`config_from_arguments` can put
+    them above the ``AIOCKPT_*`` variables and the ``--config`` file (added too, unless
+    ``config_file`` is false). Bad values are usage errors naming what is allowed.
+    """
+    keys = list(keys)
+    for key in keys:
+        if key not in _KEYS:
+            raise _unknown(key, "passed to add_config_arguments()")
+    if config_file:
+        parser.add_argument(
+            "--" + CONFIG_FILE_FLAG,
+            metavar="TOML",
+            default=argparse.SUPPRESS,
+            help="read settings from the [checkpoint] table of this file; flags override "
+            "AIOCKPT_* variables, which override the file",
+        )
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    exclusive: dict[frozenset[str], Any] = {}
+    for key in keys:
+        spec, target = _KEYS[key], parser
+        for group in _EXCLUSIVE:
+            if key in group and group <= set(keys):
+                # Both on one command line is a usage error, said by argparse itself.
+                if group not in exclusive:
+                    exclusive[group] = parser.add_mutually_exclusive_group()
+                target = exclusive[group]
+        default = defaults[key]
+        shown = (
+            "none" if default is None else str(default).lower() if spec.kind is bool else default
+        )
+        help_text = f"{_MEANING[key]} (Config key {key}; default {shown})"
+        if spec.kind is bool:
+            target.add_argument(
+                _flag(key),
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        elif spec.choices:
+            target.add_argument(
+                _flag(key), choices=spec.choices, default=argparse.SUPPRESS, help=help_text
+            )
+        else:
+            metavar = _METAVAR[spec.kind] + ("|none" if spec.optional else "")
+            target.add_argument(
+                _flag(key),
+                type=_flag_type(key),
+                metavar=metavar,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+
+
+def config_from_arguments(args: argparse.Namespace, keys: Iterable[str], **fixed: Any) -> Config:
+    """The Config that parsed flags stand for, in the one precedence, highest first.
+
+    ``fixed`` (what the command itself must decide, e.g. a scratch directory), then the
+    flags of ``keys`` that were given, then the ``AIOCKPT_*`` variables, then the file
+    of ``--config``, then the defaults.
+    """
+    given = vars(args)
+    file_values = Config._file_values(given[CONFIG_FILE_FLAG]) if CONFIG_FILE_FLAG in given else {}
+    flags = {key: given[key] for key in keys if key in given}
+    return Config._layers(file_values, _from_env(os.environ), flags, fixed)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .._version import __version__
+from .options import add_json, add_step, add_threads, nonnegative
 
 __all__ = ["main"]
 
@@ -30,6 +31,8 @@ examples:
   aiockpt prune checkpoints --keep-last 3 --keep-every 1000 --dry-run
   aiockpt diagnose --config aiockpt.toml --step-ms 60 --state-gb 4.5
                                           what will slow training down, and what to change
+  aiockpt bench --preset 350m --config aiockpt.toml
+                                          aiockpt, torch.save and DCP side by side
 
 Run `aiockpt COMMAND --help` for each command's options and examples.
 {_EXIT_CODES}"""
@@ -186,31 +189,6 @@ examples:
 {_EXIT_CODES}"""
 
 
-def _threads(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--threads", type=int, default=8, metavar="N", help="files read at once (default 8)"
-    )
-
-
-def _json(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON document on stdout instead of text"
-    )
-
-
-def _step(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--step", type=int, metavar="N", help="when PATH is a directory of checkpoints: use step N"
-    )
-
-
-def _nonnegative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -231,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ls.add_argument("directory", metavar="DIR", help="the checkpoint directory")
     ls.add_argument("--verify", action="store_true", help="check every checksum (reads all)")
-    _threads(ls)
-    _json(ls)
+    add_threads(ls)
+    add_json(ls)
 
     inspect = commands.add_parser(
         "inspect",
@@ -242,13 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=raw,
     )
     inspect.add_argument("path", metavar="PATH", help="a checkpoint, or a directory of them")
-    _step(inspect)
+    add_step(inspect)
     inspect.add_argument("--tensor", metavar="NAME", help="statistics of this one tensor")
     inspect.add_argument(
         "--summary", action="store_true", help="groups only, not every tensor and value"
     )
-    _threads(inspect)
-    _json(inspect)
+    add_threads(inspect)
+    add_json(inspect)
 
     verify = commands.add_parser(
         "verify",
@@ -260,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "paths", nargs="+", metavar="PATH", help="checkpoints, or directories of them"
     )
-    _threads(verify)
-    _json(verify)
+    add_threads(verify)
+    add_json(verify)
 
     export = commands.add_parser(
         "export",
@@ -273,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("path", metavar="PATH", help="a checkpoint, or a directory of them")
     export.add_argument("--to", required=True, choices=("torch", "safetensors", "dcp"))
     export.add_argument("out", metavar="OUT", help="the file (torch, safetensors) or directory")
-    _step(export)
+    add_step(export)
     export.add_argument(
         "--key",
         action="append",
@@ -284,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--no-verify", action="store_true", help="skip checksum checks while reading"
     )
-    _threads(export)
-    _json(export)
+    add_threads(export)
+    add_json(export)
 
     imp = commands.add_parser(
         "import",
@@ -298,12 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument(
         "--from", dest="format", required=True, choices=("torch", "safetensors", "dcp")
     )
-    imp.add_argument("--step", type=_nonnegative, required=True, metavar="N", help="its step")
+    imp.add_argument("--step", type=nonnegative, required=True, metavar="N", help="its step")
     imp.add_argument("directory", metavar="DIR", help="the checkpoint directory to write into")
     imp.add_argument("--key", metavar="NAME", help="save everything under this top-level key")
     imp.add_argument("--force", action="store_true", help="replace step-N if it exists")
-    _threads(imp)
-    _json(imp)
+    add_threads(imp)
+    add_json(imp)
 
     prune = commands.add_parser(
         "prune",
@@ -314,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("directory", metavar="DIR", help="the checkpoint directory")
     prune.add_argument(
-        "--keep-last", type=_nonnegative, required=True, metavar="N", help="keep the newest N"
+        "--keep-last", type=nonnegative, required=True, metavar="N", help="keep the newest N"
     )
     prune.add_argument(
         "--keep-every", type=int, metavar="M", help="also keep steps that are multiples of M"
@@ -323,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--force", action="store_true", help="prune even while a live writer holds the directory"
     )
-    _threads(prune)
-    _json(prune)
+    add_threads(prune)
+    add_json(prune)
 
     from ..tools.diagnose import add_arguments as diagnose_arguments
 
@@ -337,12 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     diagnose_arguments(diagnose)
 
-    commands.add_parser(
+    from ..tools import bench_cli
+
+    bench = commands.add_parser(
         "bench",
         help="aiockpt, torch.save and DCP side by side in a training run, against this "
         "machine's limits",
-        add_help=False,  # `aiockpt bench --help` is bench's own parser
+        description=bench_cli.DESCRIPTION,
+        epilog=bench_cli.EPILOG,
+        formatter_class=raw,
     )
+    bench_cli.add_arguments(bench)
     return parser
 
 
@@ -361,6 +344,8 @@ def _handler(command: str) -> Callable[[Any], int]:
         from .prune import run
     elif command == "diagnose":
         from ..tools.diagnose import run
+    elif command == "bench":
+        from ..tools.bench import command as run
     else:  # pragma: no cover - argparse rejects unknown commands first
         raise AssertionError(command)
     return run
@@ -374,11 +359,6 @@ def _fail(command: str, message: str, hint: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":
-        # bench owns its arguments (and its --help): hand them over untouched.
-        from ..tools.bench import main as bench_main
-
-        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .._util.console import CliError
     from ..errors import AiockptError, CorruptCheckpointError, DirectoryLockedError

@@ -7,8 +7,6 @@ that vanish between ``scandir`` and ``stat`` (the writer's retention renames the
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from ..storage.local import (
     parse_private_step,
     parse_step_dir,
 )
+from ..storage.locking import try_lock, unlock
 
 __all__ = [
     "Leftover",
@@ -65,14 +64,10 @@ def probe_writer(root: Path) -> WriterState:
     except OSError:
         return WriterState(False)  # never opened by a writer, or not a lock any writer holds
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise
+        if not try_lock(fd, shared=True):
             text = os.pread(fd, 32, 0).decode(errors="replace").strip()
             return WriterState(True, int(text) if text.isdigit() else None)
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        unlock(fd)
         return WriterState(False)
     finally:
         os.close(fd)

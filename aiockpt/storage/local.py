@@ -20,7 +20,6 @@ writer deletes.
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import re
@@ -35,6 +34,7 @@ from pathlib import Path
 from .._format.manifest import MANIFEST_NAME, MAX_STEP
 from ..errors import CheckpointError, ConfigError, DirectoryLockedError
 from .fileio import fsync_directory, open_regular, read_small_file, write_file_atomically
+from .locking import try_lock
 
 __all__ = ["CheckpointInfo", "CheckpointStore", "list_checkpoints", "read_latest"]
 
@@ -249,19 +249,13 @@ class CheckpointStore:
         # directory is really taken.
         deadline = time.monotonic() + _LOCK_PATIENCE_S
         pause = 0.001
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                    raise
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                    raise DirectoryLockedError(
-                        f"{self.root} is being written by another process (pid {holder}); "
-                        "give each run its own checkpoint directory, or stop the other writer"
-                    ) from exc
+        while not try_lock(fd):
+            if time.monotonic() >= deadline:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise DirectoryLockedError(
+                    f"{self.root} is being written by another process (pid {holder}); "
+                    "give each run its own checkpoint directory, or stop the other writer"
+                )
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 

@@ -40,9 +40,9 @@ import torch
 
 from .._util.console import CliError, TaskProgress, iso_time, task_progress
 from .._version import __version__
-from ..config import Config
+from ..config import Config, config_from_arguments
 from ..errors import ConfigError
-from .bench_memory import tensor_bytes
+from .bench_cli import CONFIG_KEYS, STAGINGS, SYSTEMS, build_parser
 from .bench_report import markdown, plot, plot_available
 from .bench_summary import summarise
 from .bench_systems import (
@@ -52,7 +52,6 @@ from .bench_systems import (
     System,
     TorchSave,
     restore_timed,
-    sync,
     train_round,
     warm_up,
 )
@@ -72,31 +71,16 @@ from .workloads import (
 )
 
 # The presets' names stay importable from here: diagnose and bench_ranks build on them.
-__all__ = ["PRESETS", "Preset", "TinyGPT", "build_preset", "main", "make_step"]
-
-SYSTEMS = ("none", "torch.save", "dcp", "aiockpt")
-STAGINGS = ("gpu", "host", "auto", "cpu")
-
-_EPILOG = """\
-systems (--systems): none (no checkpoint), torch.save (blocking, fsync'd), dcp
-(torch.distributed.checkpoint.async_save, FileSystemWriter with --num-threads threads and
-cache_staged_state_dict=True, waiting on the previous save), aiockpt (one system per
---staging mode).
-
---model package.module:function trains your own model: the function gets the
-torch.device and returns (model, optimizer, step_fn) or (model, optimizer, step_fn,
-samples_per_step), where step_fn() runs one whole training step.
-
-Defaults per preset (--steps / --checkpoint-interval / --rounds): tiny 20/5/2,
-350m 200/50/3 (sized for about 6 minutes on one H100), 1.3b 100/100/2,
---model 200/50/3.
-
-examples:
-  aiockpt bench                                  350m on a GPU, tiny on the CPU
-  aiockpt bench --preset 1.3b --output r.json --markdown r.md --plot r.png
-  aiockpt bench --systems none,aiockpt --staging gpu --checkpoint-interval 10
-  aiockpt bench --model mytrain:bench_workload --steps 300
-  aiockpt bench --from-json r.json --markdown r.md --plot r.png   redraw a saved run"""
+__all__ = [
+    "PRESETS",
+    "Preset",
+    "TinyGPT",
+    "build_config",
+    "build_preset",
+    "command",
+    "main",
+    "make_step",
+]
 
 
 def _log(args: argparse.Namespace, message: str) -> None:
@@ -130,37 +114,14 @@ class _Phases:
         return time.perf_counter() - self.start
 
 
-def _state_bytes(workload: Workload) -> int:
-    # Each tensor once: tied weights appear under two names but are one tensor.
-    seen: dict[tuple[int, int], torch.Tensor] = {}
-    for obj in workload.state().values():
-        _collect(obj.state_dict(), seen)
-    return tensor_bytes(list(seen.values()))
+def build_config(args: argparse.Namespace, root: Path) -> Config:
+    """The aiockpt systems' settings: flags, AIOCKPT_* variables, --config, defaults.
 
-
-def _collect(tree: Any, seen: dict[tuple[int, int], torch.Tensor]) -> None:
-    if isinstance(tree, torch.Tensor):
-        seen[(tree.data_ptr(), tree.numel() * tree.element_size())] = tree
-    elif isinstance(tree, dict):
-        for value in tree.values():
-            _collect(value, seen)
-    elif isinstance(tree, (list, tuple)):
-        for value in tree:
-            _collect(value, seen)
-
-
-def _config(args: argparse.Namespace, root: Path) -> Config:
+    The directory is always the bench's own scratch directory ``root``: a directory from
+    the environment or a file must never receive (and lose) the bench's files.
+    """
     try:
-        return Config(
-            directory=root,
-            max_async=args.max_async,
-            chunk_size_mb=args.chunk_size_mb,
-            chunk_count=args.chunk_count,
-            num_threads=args.num_threads,
-            pinned_ratio=args.pinned_ratio,
-            use_monitor=args.use_monitor,
-            on_backpressure=args.on_backpressure,
-        )
+        return config_from_arguments(args, CONFIG_KEYS, directory=root)
     except ConfigError as exc:
         raise CliError(str(exc), code=2) from None
 
@@ -176,7 +137,7 @@ def _systems(
             elif name == "torch.save":
                 systems.append(TorchSave(workload, root / "torch_save"))
             elif name == "dcp":
-                systems.append(DcpSystem(workload, root / "dcp", args.num_threads))
+                systems.append(DcpSystem(workload, root / "dcp", config.num_threads))
             else:
                 for staging in args.staging:
                     systems.append(
@@ -228,7 +189,7 @@ def _names(text: str, allowed: tuple[str, ...], option: str) -> list[str]:
     return list(dict.fromkeys(names))  # in the given order, each once
 
 
-def _settings(args: argparse.Namespace, systems: list[System]) -> dict[str, Any]:
+def _settings(args: argparse.Namespace, config: Config, systems: list[System]) -> dict[str, Any]:
     return {
         "steps": args.steps,
         "checkpoint_interval": args.checkpoint_interval,
@@ -236,13 +197,7 @@ def _settings(args: argparse.Namespace, systems: list[System]) -> dict[str, Any]
         "warmup_steps": args.warmup_steps,
         "systems": [s.name for s in systems],
         "staging": args.staging,
-        "use_monitor": args.use_monitor,
-        "max_async": args.max_async,
-        "chunk_size_mb": args.chunk_size_mb,
-        "chunk_count": args.chunk_count,
-        "num_threads": args.num_threads,
-        "pinned_ratio": args.pinned_ratio,
-        "on_backpressure": args.on_backpressure,
+        **{key: getattr(config, key) for key in CONFIG_KEYS},
         "per_system": {s.name: s.settings() for s in systems},
     }
 
@@ -250,7 +205,7 @@ def _settings(args: argparse.Namespace, systems: list[System]) -> dict[str, Any]
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     _resolve(args, device)
-    config = _config(args, Path(args.directory))  # bad settings fail before any work
+    config = build_config(args, Path(args.directory))  # bad settings fail before any work
     phases = _Phases(args)
     with phases("build"):
         torch.manual_seed(0)
@@ -259,10 +214,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.model
             else preset_workload(args.preset, device)
         )
-        for _ in range(args.warmup_steps):  # optimizer state exists, kernels are warm
-            workload.step()
-        sync(device)
-        state_bytes = _state_bytes(workload)
+        workload.warm_up(args.warmup_steps)
+        state_bytes = workload.state_bytes()
     parameters = sum(p.numel() for p in workload.model.parameters())
     _log(args, f"{workload.name}: {parameters:,} parameters, {state_bytes / 1e6:,.1f} MB of state")
     base = Path(args.directory)
@@ -273,10 +226,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     systems: list[System] = []
     try:
         with phases("limits"):
-            limits = measure_limits(root / "limits", state_bytes, args.num_threads).to_dict()
+            limits = measure_limits(root / "limits", state_bytes, config.num_threads).to_dict()
         _log(args, "limits: " + _limits_line(limits))
         systems = _systems(args, workload, root, config)
-        report = _report(args, workload, device, parameters, state_bytes, limits, systems)
+        report = _report(args, config, workload, device, parameters, state_bytes, limits, systems)
         restores = sum(s.checkpoints for s in systems)
         units = (1 + args.rounds) * len(systems) + restores
         with task_progress(units, enabled=not args.json) as progress:
@@ -296,6 +249,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _report(
     args: argparse.Namespace,
+    config: Config,
     workload: Workload,
     device: torch.device,
     parameters: int,
@@ -319,7 +273,7 @@ def _report(
             "state_bytes": state_bytes,
             "samples_per_step": workload.samples_per_step,
         },
-        "settings": _settings(args, systems),
+        "settings": _settings(args, config, systems),
         "limits": limits,
         "systems": {s.name: {"warm_up": None, "rounds": [], "restore_s": None} for s in systems},
         "failed": {},
@@ -421,81 +375,6 @@ def _brief(result: dict[str, Any]) -> str:
     return text + (f", {skipped} skipped" if skipped else "")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    what = parser.add_argument_group("what to train")
-    what.add_argument(
-        "--preset", choices=sorted(PRESETS), help="built-in model (default: 350m on a GPU, tiny)"
-    )
-    what.add_argument("--model", metavar="MODULE:FUNCTION", help="your own model (see below)")
-    what.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
-    run_group = parser.add_argument_group("how to measure")
-    run_group.add_argument(
-        "--systems",
-        default=",".join(SYSTEMS),
-        metavar="LIST",
-        help=f"comma-separated, of {', '.join(SYSTEMS)}",
-    )
-    run_group.add_argument(
-        "--steps", type=int, metavar="N", help="training steps per system and round"
-    )
-    run_group.add_argument(
-        "--checkpoint-interval", type=int, metavar="N", help="a checkpoint every N steps"
-    )
-    run_group.add_argument(
-        "--rounds", type=int, metavar="N", help="rounds, systems interleaved in each"
-    )
-    run_group.add_argument(
-        "--warmup-steps", type=int, default=3, metavar="N", help="steps before anything is measured"
-    )
-    run_group.add_argument(
-        "--directory", default="bench-checkpoints", metavar="DIR", help="where files go"
-    )
-    knobs = parser.add_argument_group("aiockpt settings (Config keys of the same names)")
-    knobs.add_argument(
-        "--staging",
-        metavar="LIST",
-        help="comma-separated aiockpt systems: gpu, host, auto (default gpu,host), or cpu on "
-        "the CPU",
-    )
-    knobs.add_argument(
-        "--use-monitor",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="run the pipeline on a background thread (default); --no-use-monitor blocks "
-        "until durable",
-    )
-    chunks = knobs.add_mutually_exclusive_group()
-    chunks.add_argument(
-        "--chunk-size-mb", type=float, metavar="MB", help="chunk size (default 256)"
-    )
-    chunks.add_argument("--chunk-count", type=int, metavar="N", help="or the number of chunks")
-    knobs.add_argument(
-        "--max-async", type=int, default=2, metavar="N", help="checkpoints in flight"
-    )
-    knobs.add_argument(
-        "--num-threads",
-        type=int,
-        default=8,
-        metavar="N",
-        help="writer threads (dcp's thread_count too)",
-    )
-    knobs.add_argument(
-        "--pinned-ratio", type=float, default=1.0, metavar="R", help="host pool / state size"
-    )
-    knobs.add_argument(
-        "--on-backpressure",
-        choices=("block", "skip"),
-        default="block",
-        help="a checkpoint with every in-flight place taken waits, or is skipped",
-    )
-    out = parser.add_argument_group("output")
-    out.add_argument("--output", metavar="FILE", help="write the JSON report here")
-    out.add_argument("--json", action="store_true", help="print only the JSON report")
-    out.add_argument("--markdown", metavar="FILE", help="write the Markdown tables here")
-    out.add_argument("--plot", metavar="FILE", help="draw step times and stalls (PNG)")
-    out.add_argument("--from-json", metavar="FILE", help="render a saved report instead of running")
-
-
 def _write(report: dict[str, Any], args: argparse.Namespace) -> None:
     text = markdown(report)
     if args.markdown:
@@ -529,30 +408,32 @@ def _load(path: str) -> dict[str, Any]:
     return report
 
 
+def command(args: argparse.Namespace) -> int:
+    """``aiockpt bench`` with parsed arguments; bad usage raises CliError."""
+    if args.from_json:
+        _write(_load(args.from_json), args)
+        return 0
+    if args.plot and not plot_available():
+        print(
+            "aiockpt bench: matplotlib is not installed: the run goes on, but --plot will "
+            "draw nothing (pip install 'aiockpt[bench]')",
+            file=sys.stderr,
+        )
+    report = run(args)
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2, allow_nan=False))
+    _write(report, args)
+    for name, failure in report["failed"].items():
+        note = f"aiockpt bench: {name} failed during {failure['during']}, left out of the report"
+        print(f"{note}:\n{failure['traceback']}", file=sys.stderr)
+    return 1 if report["failed"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="aiockpt bench",
-        description="aiockpt, torch.save and DCP side by side in a training run, against "
-        "this machine's limits.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    args = parser.parse_args(argv)
+    """``python -m aiockpt.tools.bench``: the same as ``aiockpt bench``."""
+    args = build_parser().parse_args(argv)
     try:
-        if args.from_json:
-            _write(_load(args.from_json), args)
-            return 0
-        if args.plot and not plot_available():
-            print(
-                "aiockpt bench: matplotlib is not installed: the run goes on, but --plot will "
-                "draw nothing (pip install 'aiockpt[bench]')",
-                file=sys.stderr,
-            )
-        report = run(args)
-        if args.output:
-            Path(args.output).write_text(json.dumps(report, indent=2, allow_nan=False))
-        _write(report, args)
+        return command(args)
     except CliError as exc:
         print(f"aiockpt bench: error: {exc}", file=sys.stderr)
         if exc.hint:
@@ -561,10 +442,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    for name, failure in report["failed"].items():
-        note = f"aiockpt bench: {name} failed during {failure['during']}, left out of the report"
-        print(f"{note}:\n{failure['traceback']}", file=sys.stderr)
-    return 1 if report["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -27,12 +27,25 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._util.stats import median, p99
 from ..checkpointer import SyncCheckpointer
-from ..config import Config
-from .bench import PRESETS, TinyGPT, make_step
+from ..config import Config, add_config_arguments, config_from_arguments
+from ..errors import ConfigError
 from .limits import fsync_write_seconds
+from .workloads import PRESETS, TinyGPT, make_step, sync
 
-__all__ = ["main"]
+__all__ = ["CONFIG_KEYS", "build_config", "build_parser", "main"]
+
+# The Config keys taken as flags; the directory is --directory's, below which the run
+# makes (and deletes) its own.
+CONFIG_KEYS = (
+    "max_async",
+    "chunk_size_mb",
+    "chunk_count",
+    "num_threads",
+    "staging",
+    "on_backpressure",
+)
 
 
 def _wrap(model: nn.Module, how: str, device: torch.device) -> nn.Module:
@@ -59,12 +72,16 @@ def _local_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[tor
     return tensors
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def build_config(args: argparse.Namespace, root: Path) -> Config:
+    """The checkpointer's settings: flags, AIOCKPT_* variables, --config, defaults.
+
+    The directory is the run's own (it is deleted afterwards), and two checkpoints are
+    kept, whatever the environment says: the run only restores the last one.
+    """
+    return config_from_arguments(args, CONFIG_KEYS, directory=root / "ckpt", keep_last=2)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any] | None:
+def run(args: argparse.Namespace, config: Config) -> dict[str, Any] | None:
     backend = "nccl" if torch.cuda.is_available() and not args.cpu else "gloo"
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -80,7 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     step = make_step(model, optimizer, preset, device)
     for _ in range(3):
         step()
-    _sync(device)
+    sync(device)
     local_bytes = sum(t.numel() * t.element_size() for t in _local_state(model, optimizer))
     root = Path(args.directory)
     if rank == 0:
@@ -88,17 +105,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     dist.barrier()
     # All ranks write at once, as a checkpoint does: the aggregate raw rate of the disk.
     share = local_bytes if args.wrap == "fsdp" else local_bytes // world
-    raw_seconds = fsync_write_seconds(root / f"limits-{rank}", share, args.num_threads)
+    raw_seconds = fsync_write_seconds(root / f"limits-{rank}", share, config.num_threads)
     raw = _gather((share, raw_seconds))
-    config = Config(
-        directory=root / "ckpt",
-        max_async=args.max_async,
-        chunk_size_mb=args.chunk_size_mb,
-        num_threads=args.num_threads,
-        staging=args.staging,
-        keep_last=2,
-        on_backpressure=args.on_backpressure,
-    )
     ckpt = SyncCheckpointer(config, model=model, optimizer=optimizer)
     start = time.perf_counter()
     ckpt.checkpoint(0).wait()  # plans the layout and pins the staging memory
@@ -110,11 +118,11 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     number = 0
     for _ in range(args.rounds):
         dist.barrier()
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(args.steps):
             step()
-        _sync(device)
+        sync(device)
         plain_rates.append(args.steps / (time.perf_counter() - start))
         dist.barrier()
         handles = []
@@ -126,7 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
                 handles.append(ckpt.checkpoint(number))
                 calls.append((time.perf_counter() - called) * 1e3)
             step()
-        _sync(device)
+        sync(device)
         checkpoint_rates.append(args.steps / (time.perf_counter() - start))
         for handle in handles:
             handle.wait()
@@ -167,7 +175,7 @@ def _restore_is_exact(
         for parameter in model.parameters():
             parameter.add_(1.0)  # the restore must bring the saved bits back
     ckpt.restore()
-    _sync(device)
+    sync(device)
     got = _local_state(model, optimizer)
     return len(got) == len(expected) and all(
         torch.equal(a, b) for a, b in zip(expected, got, strict=True)
@@ -191,9 +199,11 @@ def _summary(
     written = total if args.wrap == "fsdp" else total // world
     raw_gbps = sum(b for b, _ in raw) / max(s for _, s in raw) / 1e9
     persist = [max(p) for p in zip(*(r["persist_seconds"] for r in ranks), strict=False)]
+    persist_s = median(persist)
+    persist_gbps = written / persist_s / 1e9 if persist_s else None
     plain = statistics.median(x for r in ranks for x in r["plain_steps_per_second"])
     with_ckpt = statistics.median(x for r in ranks for x in r["checkpoint_steps_per_second"])
-    calls = sorted(x for r in ranks for x in r["call_ms"])
+    calls = [x for r in ranks for x in r["call_ms"]]
     return {
         "preset": args.preset,
         "wrap": args.wrap,
@@ -203,15 +213,11 @@ def _summary(
         "checkpoint_bytes": written,
         "interval_steps": args.interval,
         "raw_fsync_write_gbps_all_ranks": raw_gbps,
-        "persist_seconds_median": statistics.median(persist) if persist else None,
-        "persist_gbps_all_ranks": written / statistics.median(persist) / 1e9 if persist else None,
-        "persist_vs_raw": (written / statistics.median(persist) / 1e9) / raw_gbps
-        if persist
-        else None,
-        "stall_ms_median": statistics.median(calls) if calls else None,
-        "stall_ms_p99": calls[min(len(calls) - 1, round(0.99 * (len(calls) - 1)))]
-        if calls
-        else None,
+        "persist_seconds_median": persist_s,
+        "persist_gbps_all_ranks": persist_gbps,
+        "persist_vs_raw": persist_gbps / raw_gbps if persist_gbps is not None else None,
+        "stall_ms_median": median(calls),
+        "stall_ms_p99": p99(calls),
         "steps_per_second_plain": plain,
         "steps_per_second_with_checkpoints": with_ckpt,
         "throughput_vs_no_checkpoint": with_ckpt / plain,
@@ -220,9 +226,11 @@ def _summary(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m aiockpt.tools.bench_ranks", description=__doc__
+        prog="python -m aiockpt.tools.bench_ranks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--wrap", choices=["ddp", "fsdp"], default="ddp")
@@ -230,15 +238,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50, help="steps per run")
     parser.add_argument("--interval", type=int, default=10, help="checkpoint every N steps")
-    parser.add_argument("--max-async", type=int, default=2)
-    parser.add_argument("--chunk-size-mb", type=float, default=256)
-    parser.add_argument("--num-threads", type=int, default=8)
-    parser.add_argument("--staging", default="auto", choices=["auto", "gpu", "host"])
-    parser.add_argument("--on-backpressure", default="skip", choices=["block", "skip"])
     parser.add_argument("--cpu", action="store_true", help="gloo on the CPU even with GPUs")
     parser.add_argument("--output", help="write the JSON report here (rank 0)")
+    knobs = parser.add_argument_group(
+        "aiockpt settings (override AIOCKPT_* variables and --config)"
+    )
+    add_config_arguments(knobs, CONFIG_KEYS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    report = run(args)
+    try:
+        # Every rank checks the settings before any of them joins the process group.
+        config = build_config(args, Path(args.directory))
+    except ConfigError as exc:
+        parser.error(str(exc))
+    report = run(args, config)
     if report is not None:
         text = json.dumps(report, indent=2)
         if args.output:

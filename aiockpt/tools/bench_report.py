@@ -11,6 +11,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from .._util.units import human_bytes
+
 __all__ = ["markdown", "plot", "plot_available"]
 
 _MISSING = "-"
@@ -27,12 +29,7 @@ def _x(value: float | None) -> str:
 
 def _gb(nbytes: float | int | None) -> str:
     """Bytes in decimal units, like the GB/s rates next to them."""
-    if nbytes is None:
-        return _MISSING
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(nbytes) >= scale:
-            return f"{nbytes / scale:.{2 if unit == 'GB' else 1}f} {unit}"
-    return f"{nbytes:.0f} B"
+    return _MISSING if nbytes is None else human_bytes(nbytes, decimal=True)
 
 
 def _count(n: int) -> str:

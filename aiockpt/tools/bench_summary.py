@@ -7,10 +7,9 @@ limits measured in the same run. Missing figures are None (JSON null), never NaN
 
 from __future__ import annotations
 
-import statistics
-from collections.abc import Iterable
 from typing import Any
 
+from .._util.stats import median, p99
 from .limits import capture_bound_seconds, restore_bound_seconds
 
 __all__ = ["BASELINES", "COMPARED", "median", "p99", "summarise"]
@@ -26,19 +25,6 @@ COMPARED = (
     "host_memory_bytes",
     "staging_bytes",
 )
-
-
-def median(values: Iterable[float]) -> float | None:
-    data = list(values)
-    return statistics.median(data) if data else None
-
-
-def p99(values: Iterable[float]) -> float | None:
-    """The nearest-rank 99th percentile (the largest value below 100 samples)."""
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
 
 
 def _ratio(a: float | int | None, b: float | int | None) -> float | None:

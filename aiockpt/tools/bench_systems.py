@@ -37,7 +37,7 @@ from ..checkpointer import SyncCheckpointer, SyncCheckpointHandle
 from ..config import Config
 from ..storage.local import list_checkpoints
 from .bench_memory import MemoryMark, tensor_bytes
-from .workloads import Workload
+from .workloads import Workload, sync
 
 __all__ = [
     "AiockptSystem",
@@ -48,17 +48,9 @@ __all__ = [
     "TorchSave",
     "drop_page_cache",
     "restore_timed",
-    "sync",
     "train_round",
     "warm_up",
 ]
-
-
-def sync(device: torch.device) -> None:
-    # Only the training (current) stream: a real loop syncs there (loss.item()) and is not
-    # charged for copies that a checkpointer runs concurrently on its own streams.
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
 
 
 @dataclass

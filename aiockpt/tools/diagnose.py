@@ -15,16 +15,29 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from .._util.console import CliError, json_number, note
-from ..config import Config
+from ..config import Config, add_config_arguments, config_from_arguments
 from .diagnose_advice import analyze, format_bytes
 from .diagnose_data import Analysis, Measurements, Thresholds
 
 if TYPE_CHECKING:
     import torch
 
-    from .diagnose_measure import Workload
+    from .workloads import Workload
 
-__all__ = ["add_arguments", "report", "run"]
+__all__ = ["CONFIG_KEYS", "add_arguments", "build_config", "report", "run"]
+
+# The Config keys that diagnose takes as flags: the ones its measurements depend on.
+CONFIG_KEYS = (
+    "directory",
+    "chunk_count",
+    "chunk_size_mb",
+    "max_async",
+    "num_threads",
+    "staging",
+    "pinned_ratio",
+    "on_backpressure",
+    "use_monitor",
+)
 
 SECTIONS = {
     "frequency": "Checkpoint frequency and backlog",
@@ -41,22 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     what.add_argument("--step-ms", type=float, metavar="X", help="your training step, in ms")
     what.add_argument("--state-gb", type=float, metavar="Y", help="your checkpoint state, in GB")
-    knobs = parser.add_argument_group("settings (override --config and AIOCKPT_* variables)")
-    knobs.add_argument("--config", metavar="TOML", help="read [checkpoint] of this file")
-    knobs.add_argument("--directory", metavar="DIR", help="the checkpoint directory to measure")
-    chunks = knobs.add_mutually_exclusive_group()
-    chunks.add_argument("--chunk-count", type=int, metavar="N", help="chunks per checkpoint")
-    chunks.add_argument("--chunk-size-mb", type=float, metavar="MB", help="bytes per chunk")
-    knobs.add_argument("--max-async", type=int, metavar="N", help="checkpoints in flight")
-    knobs.add_argument("--num-threads", type=int, metavar="N", help="writer threads")
+    knobs = parser.add_argument_group("settings (override AIOCKPT_* variables and --config)")
+    add_config_arguments(knobs, CONFIG_KEYS)
     knobs.add_argument(
         "--checkpoint-interval", type=int, metavar="STEPS", help="checkpoint every STEPS steps"
-    )
-    knobs.add_argument("--staging", choices=("auto", "gpu", "host"))
-    knobs.add_argument("--pinned-ratio", type=float, metavar="R", help="host pool / state size")
-    knobs.add_argument("--on-backpressure", choices=("block", "skip"))
-    knobs.add_argument(
-        "--use-monitor", action=argparse.BooleanOptionalAction, help="background event loop"
     )
     run_group = parser.add_argument_group("the run")
     run_group.add_argument(
@@ -82,23 +83,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-_FLAGS = ("max_async", "num_threads", "staging", "pinned_ratio", "on_backpressure", "use_monitor")
-
-
 def build_config(args: argparse.Namespace) -> Config:
-    """The config file (or defaults) with the environment, then the flags, applied."""
+    """The settings of the flags, the AIOCKPT_* variables and the --config file."""
     from ..errors import ConfigError
 
-    changes: dict[str, Any] = {k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None}
-    if args.chunk_count is not None:
-        changes.update(chunk_count=args.chunk_count, chunk_size_mb=None)
-    if args.chunk_size_mb is not None:
-        changes.update(chunk_size_mb=args.chunk_size_mb, chunk_count=None)
-    if args.directory is not None:
-        changes["directory"] = args.directory
     try:
-        base = Config.from_toml(args.config) if args.config else Config.from_env()
-        return base.replace(**changes)
+        return config_from_arguments(args, CONFIG_KEYS)
     except ConfigError as exc:
         raise CliError(
             str(exc), hint="fix that setting in the file, the AIOCKPT_* variable or the flag"
@@ -106,7 +96,7 @@ def build_config(args: argparse.Namespace) -> Config:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    from .bench import PRESETS
+    from .presets import PRESETS
 
     synthetic = args.step_ms is not None or args.state_gb is not None
     if args.preset is not None and synthetic:
@@ -150,10 +140,17 @@ def _device(args: argparse.Namespace) -> torch.device:
 
 
 def _workload(args: argparse.Namespace, device: torch.device) -> Workload:
-    from .diagnose_measure import host_memory_available, preset_workload, synthetic_workload
+    from .diagnose_measure import WARMUP_STEPS, host_memory_available, synthetic_workload
+    from .workloads import preset_workload
 
     if args.preset is not None:
-        return preset_workload(args.preset, device)
+        import torch
+
+        torch.manual_seed(0)
+        workload = preset_workload(args.preset, device)
+        workload.warm_up(WARMUP_STEPS)
+        workload.name = f"preset {args.preset}"
+        return workload
     nbytes = int(args.state_gb * 1e9)
     if device.type == "cuda":
         import torch
@@ -252,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     thresholds = Thresholds.for_config(config)
     analysis = analyze(measurements, thresholds)
     if args.json:
-        print_json(report(workload.label, measurements, thresholds, analysis))
+        print_json(report(workload.name, measurements, thresholds, analysis))
     else:
-        render(workload.label, measurements, analysis)
+        render(workload.name, measurements, analysis)
     return 0

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .._util.units import human_bytes
 from ..config import Config
 from ..training.policy import Never, policy_from_config
 from .diagnose_data import (
@@ -69,10 +70,7 @@ def _ms(ms: float) -> str:
 
 def format_bytes(nbytes: float) -> str:
     """Decimal units, like the GB/s figures next to them."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(nbytes) >= scale:
-            return f"{nbytes / scale:.3g} {unit}"
-    return f"{nbytes:.0f} B"
+    return human_bytes(nbytes, decimal=True)
 
 
 _size = format_bytes

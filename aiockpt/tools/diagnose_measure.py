@@ -33,20 +33,15 @@ import torch
 from torch import nn
 
 from .._engine.staging import GPU_HEADROOM_FRACTION, choose_staging
+from .._util.stats import median, p99
 from ..checkpointer import SyncCheckpointer, SyncCheckpointHandle
 from ..config import Config
-from .bench import build_preset, make_step
 from .diagnose_advice import checkpoint_interval, format_bytes
 from .diagnose_data import Disk, IntervalRun, Measurements, Memory, Setup, Timings
 from .limits import Limits, measure_chunk_writes, measure_copies
+from .workloads import Workload, sync
 
-__all__ = [
-    "Workload",
-    "host_memory_available",
-    "measure",
-    "preset_workload",
-    "synthetic_workload",
-]
+__all__ = ["host_memory_available", "measure", "synthetic_workload"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -68,53 +63,12 @@ SYNTHETIC_TENSOR_MAX = 1 << 30
 Progress = Callable[[str], None]
 
 
-@dataclass
-class Workload:
-    """What is checkpointed and the training step that runs between checkpoints."""
-
-    label: str
-    objects: dict[str, Any]
-    step: Callable[[], None]
-    device: torch.device
-    state_bytes: int
-
-
-def _sync(device: torch.device) -> None:
-    # The training stream only, as a loop's loss.item() would: aiockpt's side-stream
-    # copies must not be charged to the step.
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
-
-
 def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
-
-
-def _tensor_bytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, dict):
-        return sum(_tensor_bytes(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in value)
-    return 0
-
-
-def preset_workload(name: str, device: torch.device) -> Workload:
-    """A model of ``aiockpt bench``'s presets with AdamW, trained on random tokens."""
-    torch.manual_seed(0)
-    model, optimizer, preset = build_preset(name, device)
-    step = make_step(model, optimizer, preset, device)
-    for _ in range(WARMUP_STEPS):  # materialise the optimizer state, warm the kernels
-        step()
-    _sync(device)
-    nbytes = _tensor_bytes(model.state_dict()) + _tensor_bytes(optimizer.state_dict())
-    objects: dict[str, Any] = {"model": model, "optimizer": optimizer}
-    return Workload(f"preset {name}", objects, step, device, nbytes)
 
 
 class SyntheticState(nn.Module):
@@ -164,7 +118,7 @@ def busy_step(step_ms: float, device: torch.device) -> Callable[[], None]:
 
     def gpu_step() -> None:
         products(reps)
-        _sync(device)  # as a loop's loss.item() would
+        sync(device)  # as a loop's loss.item() would
 
     return gpu_step
 
@@ -172,9 +126,10 @@ def busy_step(step_ms: float, device: torch.device) -> Callable[[], None]:
 def synthetic_workload(step_ms: float, state_bytes: int, device: torch.device) -> Workload:
     """The user's own figures: a state of ``state_bytes`` and steps of ``step_ms``."""
     state = SyntheticState(state_bytes, device)
-    nbytes = _tensor_bytes(state.state_dict())
-    label = f"synthetic state of {format_bytes(nbytes)}, steps of {step_ms:g} ms asked for"
-    return Workload(label, {"model": state}, busy_step(step_ms, device), device, nbytes)
+    workload = Workload(state, None, busy_step(step_ms, device))
+    nbytes = workload.state_bytes()
+    workload.name = f"synthetic state of {format_bytes(nbytes)}, steps of {step_ms:g} ms asked for"
+    return workload
 
 
 def host_memory_available() -> int | None:
@@ -239,15 +194,6 @@ def _time_chunk_writes(ckpt: SyncCheckpointer) -> ChunkWriteTimer:
     idle, pipeline.writers = pipeline.writers, timer
     idle.shutdown()
     return timer
-
-
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def _p99(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))] if ordered else 0.0
 
 
 @dataclass
@@ -323,11 +269,11 @@ def _interval_run(
     step, device = workload.step, workload.device
     handles: list[SyncCheckpointHandle] = []
     requested = steps = 0
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for number in range(1, num_steps + 1):
         step()
-        _sync(device)
+        sync(device)
         steps = number
         if number % interval == 0:
             requested += 1
@@ -344,7 +290,7 @@ def _interval_run(
         requested=requested,
         committed=len(kept),
         skipped=len(handles) - len(kept),
-        queue_wait_ms=_median(waits),
+        queue_wait_ms=median(waits),
         queue_wait_ms_max=max(waits) if waits else None,
         overhead_ms_per_step=(seconds * 1e3 - steps * plain_ms) / steps if steps else None,
     )
@@ -353,14 +299,15 @@ def _interval_run(
 def _measure_disk(directory: Path, workload: Workload, config: Config) -> Disk:
     writers = min(max(config.num_threads, PROBE_WRITERS), PROBE_MAX_WRITERS)
     # Files the size of one chunk, as each writer thread writes them.
-    chunk = min(config.chunk_bytes(workload.state_bytes), workload.state_bytes)
+    state_bytes = workload.state_bytes()
+    chunk = min(config.chunk_bytes(state_bytes), state_bytes)
     per_file = min(max(chunk, PROBE_FILE_MIN), PROBE_FILE_MAX)
     pinned = workload.device.type == "cuda"  # the pool is pinned for GPU state
     single = measure_chunk_writes(directory, per_file, 1, pinned=pinned)
     parallel = measure_chunk_writes(directory, per_file, writers, pinned=pinned)
     limits = Limits()
     if workload.device.type == "cuda":
-        measure_copies(min(workload.state_bytes, COPY_PROBE_MAX), limits)
+        measure_copies(min(state_bytes, COPY_PROBE_MAX), limits)
     return Disk(parallel, writers, single, limits.d2h_pinned_gbps)
 
 
@@ -386,7 +333,7 @@ def measure(
     available = host_memory_available()
     gpu = _gpu_memory(device)
     # Asked before the checkpointer allocates its own GPU buffer, as at its first checkpoint.
-    auto = choose_staging("auto", device, workload.state_bytes) if gpu is not None else None
+    auto = choose_staging("auto", device, workload.state_bytes()) if gpu is not None else None
     root = Path(config.directory)
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
@@ -395,7 +342,7 @@ def measure(
         progress(f"disk: one writer against several, in {root}")
         disk = _measure_disk(scratch / "probe", workload, config)
         ckpt = SyncCheckpointer(
-            config.replace(directory=scratch / "checkpoints"), **workload.objects
+            config.replace(directory=scratch / "checkpoints"), **workload.state()
         )
         try:
             timer = _time_chunk_writes(ckpt)
@@ -430,9 +377,9 @@ def measure(
     timings = Timings(
         step_ms=step_ms,
         call_ms=statistics.median(measured.call),
-        call_ms_p99=_p99(measured.call),
+        call_ms_p99=p99(measured.call) or 0.0,
         stall_ms=statistics.median(measured.stall),
-        stall_ms_p99=_p99(measured.stall),
+        stall_ms_p99=p99(measured.stall) or 0.0,
         state_dict_ms=statistics.median(measured.state_dict),
         staging_ms=statistics.median(measured.staging),
         capture_ms=statistics.median(measured.capture),
@@ -440,12 +387,12 @@ def measure(
         write_seconds=statistics.median(measured.write),
         commit_ms=statistics.median(measured.commit),
         first_checkpoint_ms=first * 1e3,
-        copy_gbps=_median(measured.copy_gbps),
-        plain_step_ms=_median(measured.plain),
-        persisting_step_ms=_median(measured.persisting),
+        copy_gbps=median(measured.copy_gbps),
+        plain_step_ms=median(measured.plain),
+        persisting_step_ms=median(measured.persisting),
         persisting_steps=len(measured.persisting),
-        chunk_write_ms=_median(measured.chunk_write),
-        chunk_wait_ms=_median(measured.chunk_wait),
+        chunk_write_ms=median(measured.chunk_write),
+        chunk_wait_ms=median(measured.chunk_wait),
         chunk_wait_ms_max=max(measured.chunk_wait) if measured.chunk_wait else None,
     )
     return Measurements(setup, timings, disk, run, memory)

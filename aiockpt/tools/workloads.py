@@ -28,8 +28,13 @@ import torch
 from torch import nn
 
 from .._util.console import CliError
+from .bench_memory import tensor_bytes
+from .presets import DEFAULT_INTERVAL, DEFAULT_ROUNDS, DEFAULT_STEPS, PRESETS, Preset
 
 __all__ = [
+    "DEFAULT_INTERVAL",
+    "DEFAULT_ROUNDS",
+    "DEFAULT_STEPS",
     "PRESETS",
     "Preset",
     "Workload",
@@ -37,41 +42,9 @@ __all__ = [
     "load_workload",
     "make_step",
     "preset_parameters",
+    "preset_workload",
+    "sync",
 ]
-
-# Run defaults of a preset, and of a --model: 4 checkpoints a round, 3 rounds.
-DEFAULT_STEPS = 200
-DEFAULT_INTERVAL = 50
-DEFAULT_ROUNDS = 3
-
-
-@dataclass(frozen=True)
-class Preset:
-    d_model: int
-    layers: int
-    heads: int
-    vocab: int
-    seq: int
-    batch: int
-    # Run defaults sized so that the whole bench of this preset, with every system, fits
-    # in a few minutes on one H100/H200 (the 1.3B state takes ~10 s to persist at 2 GB/s,
-    # so it checkpoints less often).
-    steps: int = DEFAULT_STEPS
-    checkpoint_interval: int = DEFAULT_INTERVAL
-    rounds: int = DEFAULT_ROUNDS
-
-
-PRESETS = {
-    "tiny": Preset(
-        d_model=64, layers=2, heads=4, vocab=512, seq=32, batch=4,
-        steps=20, checkpoint_interval=5, rounds=2,
-    ),
-    "350m": Preset(d_model=1024, layers=24, heads=16, vocab=50304, seq=512, batch=8),
-    "1.3b": Preset(
-        d_model=2048, layers=24, heads=16, vocab=50304, seq=512, batch=4,
-        steps=100, checkpoint_interval=100, rounds=2,
-    ),
-}  # fmt: skip
 
 
 class TinyGPT(nn.Module):
@@ -133,9 +106,20 @@ def make_step(
     return step
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the training (current) stream only, as a loop's ``loss.item()`` does.
+
+    A whole-device synchronize would also wait for the copies a checkpointer runs on its
+    own streams and charge them to the step: exactly the overlap being measured.
+    """
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 @dataclass
 class Workload:
-    """A model, its optimizer and one training step: what every system checkpoints."""
+    """A model, its optimizer (None: a model alone) and one training step: what is
+    checkpointed, and what runs between checkpoints."""
 
     model: nn.Module
     optimizer: Any
@@ -145,10 +129,46 @@ class Workload:
 
     def state(self) -> dict[str, Any]:
         """The objects to checkpoint, under the keyword names the Checkpointer gets."""
+        if self.optimizer is None:
+            return {"model": self.model}
         return {"model": self.model, "optimizer": self.optimizer}
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model trains: the device of its first tensor (the CPU if it has none)."""
+        for value in self.model.state_dict().values():
+            if isinstance(value, torch.Tensor):
+                return value.device
+        return torch.device("cpu")
+
+    def warm_up(self, steps: int) -> None:
+        """Train ``steps`` steps, so that the optimizer state exists and kernels are warm."""
+        for _ in range(steps):
+            self.step()
+        sync(self.device)
+
+    def state_bytes(self) -> int:
+        """Bytes of tensor state, each tensor once: tied weights appear under two names
+        but are one tensor."""
+        seen: dict[tuple[int, int], torch.Tensor] = {}
+        for obj in self.state().values():
+            _collect(obj.state_dict(), seen)
+        return tensor_bytes(list(seen.values()))
+
+
+def _collect(tree: Any, seen: dict[tuple[int, int], torch.Tensor]) -> None:
+    if isinstance(tree, torch.Tensor):
+        seen[(tree.data_ptr(), tree.numel() * tree.element_size())] = tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            _collect(value, seen)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            _collect(value, seen)
 
 
 def preset_workload(name: str, device: torch.device) -> Workload:
+    """A preset model with AdamW, trained on random tokens."""
     model, optimizer, preset = build_preset(name, device)
     step = make_step(model, optimizer, preset, device)
     return Workload(model, optimizer, step, samples_per_step=preset.batch, name=name)

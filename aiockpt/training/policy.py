@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 from collections import deque
-from collections.abc import Iterable
 from typing import Any, Protocol, runtime_checkable
 
+from .._util.stats import median
 from ..distributed.group import is_rank_zero
 
 __all__ = [
@@ -67,11 +66,6 @@ class IntervalPolicy(Protocol):
     def record_step(self, seconds: float) -> None: ...
 
     def record_checkpoint(self, stall_seconds: float, persist_seconds: float) -> None: ...
-
-
-def _median(values: Iterable[float]) -> float | None:
-    values = list(values)
-    return statistics.median(values) if values else None
 
 
 def _seconds(value: float) -> str:
@@ -138,17 +132,17 @@ class BasePolicy:
     @property
     def step_seconds(self) -> float | None:
         """Median recent optimizer-step time, or None before the first step."""
-        return _median(self.step_times)
+        return median(self.step_times)
 
     @property
     def stall_seconds(self) -> float | None:
         """Median recent stall per checkpoint (the first one excluded), or None."""
-        return _median(self.stalls)
+        return median(self.stalls)
 
     @property
     def persist_seconds(self) -> float | None:
         """Median recent time from capture to durable commit, or None."""
-        return _median(self.persists)
+        return median(self.persists)
 
     def interval_seconds(self) -> float | None:
         """The time between checkpoints this policy aims at, when it can tell."""

@@ -303,7 +303,6 @@ def test_bad_model_says_what_is_wrong(
         (["--systems", "none,zfs"], "unknown ['zfs']"),
         (["--model", "m:f", "--preset", "tiny"], "give one of them"),
         (["--checkpoint-interval", "0"], "--checkpoint-interval must be at least 1"),
-        (["--max-async", "0"], "max_async = 0 is out of range"),
     ],
 )
 def test_bad_usage_is_refused(argv: list[str], message: str, tmp_path: Path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -416,11 +417,11 @@ def test_every_command_has_teaching_help(command: str, capsys: pytest.CaptureFix
     assert "examples:" in out and f"aiockpt {command}" in out and "--json" in out
 
 
-def test_bench_gets_its_arguments_untouched(monkeypatch: pytest.MonkeyPatch):
-    seen: list[list[str]] = []
-    monkeypatch.setattr("aiockpt.tools.bench.main", lambda argv: seen.append(argv) or 0)
-    assert main(["bench", "--preset", "tiny", "--help"]) == 0
-    assert seen == [["--preset", "tiny", "--help"]]
+def test_bench_is_an_ordinary_subcommand(monkeypatch: pytest.MonkeyPatch):
+    seen: list[argparse.Namespace] = []
+    monkeypatch.setattr("aiockpt.tools.bench.command", lambda args: seen.append(args) or 0)
+    assert main(["bench", "--preset", "tiny", "--max-async", "3"]) == 0
+    assert [(a.command, a.preset, a.max_async) for a in seen] == [("bench", "tiny", 3)]
 
 
 def test_export_errors_say_what_to_do(

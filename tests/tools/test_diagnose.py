@@ -156,7 +156,6 @@ def test_text_output_ends_with_the_advice(
         (["--preset", "tiny", "--state-gb", "1", "--step-ms", "5"], "both given"),
         (["--preset", "huge"], "unknown preset 'huge'"),
         (["--step-ms", "-1", "--state-gb", "1"], "not a positive number"),
-        (["--preset", "tiny", "--max-async", "0"], "max_async = 0 is out of range"),
         (["--preset", "tiny", "--checkpoint-interval", "0"], "must be at least 1"),
     ],
 )

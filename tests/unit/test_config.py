@@ -350,7 +350,11 @@ def test_env_unknown_variable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
     assert "AIOCKPT_MAX_ASNYC" in msg and "did you mean 'AIOCKPT_MAX_ASYNC'" in msg
     with pytest.raises(ConfigError, match="AIOCKPT_MAX_ASNYC"):
         Config.from_toml(write(tmp_path, "[checkpoint]\n"))
-    assert Config.from_toml(write(tmp_path, "[checkpoint]\n"), env=False) == Config()
+    # Config() reads the environment too, so the defaults alone come from an empty one.
+    defaults = Config.from_env(environ={})
+    assert Config.from_toml(write(tmp_path, "[checkpoint]\n"), env=False) == defaults
+    with pytest.raises(ConfigError, match="AIOCKPT_MAX_ASNYC"):
+        Config()
 
 
 def test_example_file_parses() -> None:
