@@ -209,6 +209,7 @@ def _run_and_kill(root: Path, keep_last: int, delay: float) -> tuple[int, list[i
     return int(first[1]), committed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2])
 def test_sigkill_during_a_resumed_run_always_leaves_a_checkpoint(torn: Path, seed: int) -> None:
     rng = random.Random(seed)

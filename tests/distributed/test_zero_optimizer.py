@@ -29,7 +29,10 @@ from torch import nn
 
 import aiockpt
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed"),
+]
 
 
 def build(seed: int) -> tuple[nn.Module, Any]:

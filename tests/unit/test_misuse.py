@@ -394,6 +394,7 @@ def read_line(server: subprocess.Popen[str], timeout: float) -> str | None:
     return server.stdout.readline().strip() if ready else None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("front", "trials"), [("sync", 20), ("async", 10)])
 def test_sigint_with_checkpoints_in_flight_always_exits(
     tmp_path: Path, front: str, trials: int
