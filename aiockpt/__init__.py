@@ -4,6 +4,8 @@
 moves it GPU -> pinned host memory -> files in the background and commits it atomically.
 """
 
+import logging
+
 from ._engine.reader import load
 from ._version import __version__
 from .checkpointer import Checkpointer, CheckpointHandle, SyncCheckpointer, SyncCheckpointHandle
@@ -18,9 +20,11 @@ from .errors import (
     ConversionError,
     CorruptCheckpointError,
     DirectoryLockedError,
+    MissingStateError,
     NoCheckpointError,
     RestoreError,
     UnsupportedStateError,
+    UsageError,
     WorldSizeError,
 )
 from .metrics import CheckpointMetrics
@@ -38,6 +42,10 @@ from .training.policy import (
 )
 from .training.sampler import ResumableSampler
 from .training.trainer import SyncTrainer, Trainer
+
+# A library leaves output to the application: records go nowhere until it configures
+# logging (or sets AIOCKPT_LOG_LEVEL / verbose, see aiockpt._util.logs).
+logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "AdaptiveOverhead",
@@ -59,6 +67,7 @@ __all__ = [
     "EveryNSeconds",
     "EveryNSteps",
     "IntervalPolicy",
+    "MissingStateError",
     "Never",
     "NoCheckpointError",
     "RNGState",
@@ -71,6 +80,7 @@ __all__ = [
     "SyncTrainer",
     "Trainer",
     "UnsupportedStateError",
+    "UsageError",
     "WorldSizeError",
     "__version__",
     "list_checkpoints",

@@ -1,0 +1,90 @@
+"""Logging: every module logs to ``logging.getLogger(__name__)``, all under ``aiockpt``.
+
+As a library, aiockpt adds no handler anywhere but a ``NullHandler`` on ``aiockpt`` (the
+package's ``__init__``): where output goes is the application's choice. Two settings
+choose how much is said, applied to the ``aiockpt`` logger when a checkpointer starts:
+
+* ``AIOCKPT_LOG_LEVEL`` (``DEBUG``, ``INFO``, ``WARNING``, ``ERROR``, ``CRITICAL``, or a
+  number), which wins over
+* ``verbose = true`` in the config, a shortcut for ``INFO``.
+
+The command line is an application: it sends aiockpt's records to stderr (so that
+``--json`` output on stdout stays one document), at ``AIOCKPT_LOG_LEVEL`` or ``WARNING``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import TextIO
+
+from ..errors import ConfigError
+
+__all__ = [
+    "LEVEL_ENV",
+    "PACKAGE_LOGGER",
+    "apply_config_level",
+    "level_from_env",
+    "log_to_stderr",
+]
+
+PACKAGE_LOGGER = "aiockpt"
+LEVEL_ENV = "AIOCKPT_LOG_LEVEL"
+_LEVEL_NAMES = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def level_from_env() -> int | None:
+    """The level ``AIOCKPT_LOG_LEVEL`` names, or None when it is unset or empty."""
+    text = os.environ.get(LEVEL_ENV, "").strip()
+    if not text:
+        return None
+    if text.isdigit():
+        return int(text)
+    if text.upper() in _LEVEL_NAMES:
+        return int(logging.getLevelName(text.upper()))
+    raise ConfigError(
+        f"{LEVEL_ENV}={text!r} is not a log level",
+        hint=f"use one of {', '.join(_LEVEL_NAMES)} (or a number), or unset it",
+    )
+
+
+def apply_config_level(verbose: bool) -> None:
+    """Set the ``aiockpt`` logger's level from the environment, else from ``verbose``.
+
+    ``verbose`` only ever lowers the threshold to INFO: a level the application chose that
+    says more (DEBUG) stays.
+    """
+    logger = logging.getLogger(PACKAGE_LOGGER)
+    level = level_from_env()
+    if level is not None:
+        logger.setLevel(level)
+    elif verbose and logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+
+
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to ``sys.stderr`` as it is at each record: callers (and tests) replace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass  # always the current sys.stderr
+
+
+def log_to_stderr() -> None:
+    """The command line's output of log records: one line each on stderr, prefixed
+    ``aiockpt:``, at ``AIOCKPT_LOG_LEVEL`` or WARNING. Calling it again changes nothing."""
+    logger = logging.getLogger(PACKAGE_LOGGER)
+    if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("aiockpt: %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+    level = level_from_env()
+    logger.setLevel(logging.WARNING if level is None else level)
