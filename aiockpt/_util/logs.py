@@ -8,8 +8,9 @@ choose how much is said, applied to the ``aiockpt`` logger when a checkpointer s
   number), which wins over
 * ``verbose = true`` in the config, a shortcut for ``INFO``.
 
-The command line is an application: it sends aiockpt's records to stderr (so that
-``--json`` output on stdout stays one document), at ``AIOCKPT_LOG_LEVEL`` or ``WARNING``.
+The command line is an application: while a command runs, it sends aiockpt's records to
+stderr (so that ``--json`` output on stdout stays one document), at ``AIOCKPT_LOG_LEVEL``
+or ``WARNING``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TextIO
 
 from ..errors import ConfigError
@@ -66,9 +69,6 @@ def apply_config_level(verbose: bool) -> None:
 class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to ``sys.stderr`` as it is at each record: callers (and tests) replace it."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property  # type: ignore[override]
     def stream(self) -> TextIO:
         return sys.stderr
@@ -78,13 +78,42 @@ class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
         pass  # always the current sys.stderr
 
 
-def log_to_stderr() -> None:
-    """The command line's output of log records: one line each on stderr, prefixed
-    ``aiockpt:``, at ``AIOCKPT_LOG_LEVEL`` or WARNING. Calling it again changes nothing."""
+class _OneLine(logging.Formatter):
+    """``aiockpt: LEVEL: message``; an attached exception as ``(Type: text)`` on the same
+    line, its traceback only when DEBUG is asked for."""
+
+    def __init__(self, tracebacks: bool) -> None:
+        super().__init__("aiockpt: %(levelname)s: %(message)s")
+        self.tracebacks = tracebacks
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.tracebacks or not record.exc_info or record.exc_info[1] is None:
+            return super().format(record)
+        error = record.exc_info[1]
+        line = self.formatMessage(_without_exception(record))
+        return f"{line} ({type(error).__name__}: {error})"
+
+
+def _without_exception(record: logging.LogRecord) -> logging.LogRecord:
+    plain = logging.makeLogRecord(record.__dict__)
+    plain.exc_info, plain.exc_text = None, None
+    plain.message = plain.getMessage()
+    return plain
+
+
+@contextmanager
+def log_to_stderr(level: int) -> Iterator[None]:
+    """While it lasts, aiockpt's records at ``level`` and above go to stderr, one line each,
+    prefixed ``aiockpt:``; afterwards the logger is as it was (a program that calls the
+    command line's ``main`` keeps its own logging)."""
     logger = logging.getLogger(PACKAGE_LOGGER)
-    if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
-        handler = _CurrentStderr()
-        handler.setFormatter(logging.Formatter("aiockpt: %(levelname)s: %(message)s"))
-        logger.addHandler(handler)
-    level = level_from_env()
-    logger.setLevel(logging.WARNING if level is None else level)
+    handler = _CurrentStderr()
+    handler.setFormatter(_OneLine(tracebacks=level <= logging.DEBUG))
+    before = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(before)

@@ -15,6 +15,7 @@ or anything unforeseen); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 from collections.abc import Callable
@@ -378,6 +379,10 @@ def _handler(command: str) -> Callable[[Any], int]:
     return run
 
 
+def _run(command: str, args: argparse.Namespace) -> int:
+    return _handler(command)(args)
+
+
 def _fail(command: str, message: str, hint: str | None) -> None:
     print(f"aiockpt {command}: error: {message}", file=sys.stderr)
     if hint:
@@ -397,35 +402,52 @@ def _hint(error: AiockptError) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    run: Callable[[], int]
     if argv and argv[0] == "bench":
-        # bench owns its arguments (and its --help): hand them over untouched.
+        # bench owns its arguments (and its --help): hand them over untouched. It reports
+        # its own usage errors; what else it raises is reported here like any command's.
         from ..tools.bench import main as bench_main
 
-        return bench_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    from .._util.console import CliError
-    from .._util.logs import log_to_stderr
+        command = "bench"
+        run = functools.partial(bench_main, argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        command = args.command
+        run = functools.partial(_run, command, args)
+    from .._util.logs import level_from_env, log_to_stderr
 
     try:
-        log_to_stderr()  # a bad AIOCKPT_LOG_LEVEL is a ConfigError like any other setting
-        return _handler(args.command)(args)
+        level = level_from_env()
+    except ConfigError as exc:  # a bad AIOCKPT_LOG_LEVEL, like any other bad setting
+        _fail(command, str(exc), exc.hint)
+        return _exit_status(exc)
+    with log_to_stderr(logging.WARNING if level is None else level):
+        return _run_reporting_errors(command, run)
+
+
+def _run_reporting_errors(command: str, run: Callable[[], int]) -> int:
+    """``run()``'s exit status; what it raises, as one line on stderr and its status."""
+    from .._util.console import CliError
+
+    try:
+        return run()
     except AiockptError as exc:
-        _fail(args.command, str(exc), _hint(exc))
+        _fail(command, str(exc), _hint(exc))
         return _exit_status(exc)
     except CliError as exc:
-        _fail(args.command, str(exc), exc.hint)
+        _fail(command, str(exc), exc.hint)
         return exc.code
     except OSError as exc:
-        _fail(args.command, str(exc), "check the path and its permissions")
+        _fail(command, str(exc), "check the path and its permissions")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
         # Not an error aiockpt foresaw (torch, a bug): still one line, and the traceback
         # for whoever asks for it.
-        logger.debug("aiockpt %s failed", args.command, exc_info=exc)
+        logger.debug("aiockpt %s failed", command, exc_info=exc)
         _fail(
-            args.command,
+            command,
             f"{type(exc).__name__}: {exc}",
             "AIOCKPT_LOG_LEVEL=DEBUG shows the traceback; please report it if aiockpt is at fault",
         )
