@@ -66,10 +66,10 @@ def apply_config_level(verbose: bool) -> None:
         logger.setLevel(logging.INFO)
 
 
-class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+class _CurrentStderr(logging.StreamHandler):
     """Writes to ``sys.stderr`` as it is at each record: callers (and tests) replace it."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self) -> TextIO:
         return sys.stderr
 
