@@ -44,6 +44,7 @@ from ._engine.runtime import CallerLoop, MonitorLoop, PrivateLoop, Runtime
 from ._engine.staging import CaptureGuard, Capturer, Snapshot, choose_staging
 from ._format.manifest import MAX_STEP, TensorRecord
 from ._format.skeleton import adopt_live_types
+from ._util.logs import apply_config_level
 from ._version import __version__
 from .config import Config, resolve_config
 from .distributed.group import RankGroup, is_rank_zero
@@ -55,8 +56,8 @@ from .errors import (
     ConfigError,
     CorruptCheckpointError,
     EventLoopError,
+    MissingStateError,
     NoCheckpointError,
-    RestoreError,
     UnsupportedStateError,
     UsageError,
     WorldSizeError,
@@ -67,7 +68,7 @@ from .storage.local import CheckpointInfo, CheckpointStore, list_checkpoints
 
 __all__ = ["CheckpointHandle", "Checkpointer", "SyncCheckpointHandle", "SyncCheckpointer"]
 
-logger = logging.getLogger("aiockpt")
+logger = logging.getLogger(__name__)
 
 AnyFuture = concurrent.futures.Future[Path | None] | asyncio.Future[Path | None]
 T = TypeVar("T")
@@ -286,14 +287,14 @@ class _Core:
             return
         if error is None:
             self.stats.committed += 1
-            if self.config.verbose and is_rank_zero():
-                logger.info("aiockpt: %s", metrics.summary())
+            if is_rank_zero() and logger.isEnabledFor(logging.INFO):
+                logger.info("%s", metrics.summary())
             return
         self.stats.failed += 1
         failure = self.failure_for(step, error)
         if self.config.on_error == "warn":
             failure.reported = True
-            logger.warning("aiockpt: checkpoint of step %d failed", step, exc_info=error)
+            logger.warning("checkpoint of step %d failed", step, exc_info=error)
 
     # -- capture -----------------------------------------------------------------------------
     def check_can_checkpoint(self, step: int) -> None:
@@ -379,10 +380,11 @@ class _Core:
         self.capturer = capturer
         self.layers = layers
         self._fitting_structure = flat.structure
-        if self.config.verbose and is_rank_zero():
-            logger.info("aiockpt: layout %s; staging %s", describe(layout), modes)
+        # Said at INFO (verbose): the tuning advice comes with the layout it is about.
+        if is_rank_zero() and logger.isEnabledFor(logging.INFO):
+            logger.info("layout %s; staging %s", describe(layout), modes)
             for warning in self.config.queueing_warnings(len(layout.chunks)):
-                logger.warning("aiockpt: %s", warning)
+                logger.warning("%s", warning)
 
     def capture(
         self,
@@ -517,7 +519,7 @@ class _Core:
         )
         missing = [name for name in request.names if name not in loaded.manifest.state]
         if missing:
-            raise RestoreError(
+            raise MissingStateError(
                 f"{info.path} has no state for {missing} (it holds "
                 f"{sorted(loaded.manifest.state)}); pass the same keyword names that saved it"
             )
@@ -601,7 +603,7 @@ class _Core:
         self, info: CheckpointInfo, error: CorruptCheckpointError, tried: list[str]
     ) -> None:
         tried.append(f"step {info.step}: {error}")
-        logger.warning("aiockpt: skipping corrupt checkpoint %s: %s", info.path, error)
+        logger.warning("skipping corrupt checkpoint %s: %s", info.path, error)
 
     def close_resources(self) -> None:
         _open_cores.discard(self)
@@ -633,7 +635,7 @@ def _finish_at_exit() -> None:
         try:
             core.runtime.run_sync(core.pipeline.drain())
         except Exception:  # exiting anyway; the next open cleans up
-            logger.exception("aiockpt: could not finish checkpoints at exit")
+            logger.exception("could not finish checkpoints at exit")
         finally:
             core.close_resources()
 
@@ -731,8 +733,8 @@ async def _skip(
         await bridge(core.pipeline.vote_skipped(metrics.step, shared_directory, core.kinds))
     metrics.skipped = True
     core.stats.skipped += 1
-    if core.config.verbose and is_rank_zero():
-        logger.info("aiockpt: %s", metrics.summary())
+    if is_rank_zero() and logger.isEnabledFor(logging.INFO):
+        logger.info("%s", metrics.summary())
     return metrics
 
 
@@ -798,6 +800,7 @@ class _FrontEnd:
         sync: bool,
     ) -> None:
         config = resolve_config(config, type(self).__name__)
+        apply_config_level(config.verbose)  # AIOCKPT_LOG_LEVEL, else verbose = INFO
         if config.use_monitor:
             runtime: Runtime = MonitorLoop()
         else:

@@ -4,6 +4,9 @@
 
     AiockptError
      ├── ConfigError               a setting is unknown, mistyped or out of range
+     ├── UsageError                an argument cannot be used as given: a path that does not
+     │                             exist or is not what is asked for, an option out of range,
+     │                             an output that exists already, a reserved or doubled name
      ├── CheckpointError           saving failed
      │    ├── CheckpointInProgressError   a checkpoint of that step is already in flight
      │    ├── BackgroundError             a background copy/write/commit failed (``__cause__``
@@ -12,13 +15,17 @@
      ├── RestoreError              loading failed
      │    ├── NoCheckpointError       nothing committed (or not the asked-for step)
      │    ├── CorruptCheckpointError  a file is missing, torn, hostile or fails its checksum
+     │    ├── MissingStateError       the checkpoint holds no state under a requested name
+     │    │                           (also a ``KeyError``, as a dict lookup would raise)
      │    └── WorldSizeError          state saved per rank has nothing for this rank
      ├── UnsupportedStateError     a state_dict holds a value aiockpt cannot store safely
      ├── ConversionError           an import or export was refused (``hint`` says what to do)
-     ├── UsageError                an argument aiockpt cannot take as given (a reserved name)
      └── EventLoopError            a call from a thread or event loop the checkpointer can't serve
 
-Every message names what was wrong and what to do about it.
+Every message names what was wrong and what to do about it; ``hint``, where set, is the
+what-to-do on its own (the command line prints it on a line of its own). The command line
+exits with status 2 for ``UsageError`` and ``ConfigError`` (fix the command) and 1 for the
+others (the checkpoint, the disk or the environment failed).
 """
 
 from __future__ import annotations
@@ -32,21 +39,34 @@ __all__ = [
     "ConversionError",
     "CorruptCheckpointError",
     "DirectoryLockedError",
+    "MissingStateError",
     "NoCheckpointError",
     "RestoreError",
     "UnsupportedStateError",
-    "WorldSizeError",
     "UsageError",
+    "WorldSizeError",
     "EventLoopError",
 ]
 
 
 class AiockptError(Exception):
-    """Base of every error aiockpt raises on purpose."""
+    """Base of every error aiockpt raises on purpose. ``hint``: what to do, when the message
+    alone does not say it."""
+
+    def __init__(self, *args: object, hint: str | None = None) -> None:
+        super().__init__(*args)
+        self.hint = hint
 
 
 class ConfigError(AiockptError, ValueError):
     """A configuration key is unknown, has the wrong type, or is out of range."""
+
+
+class UsageError(AiockptError, ValueError, TypeError):
+    """An argument cannot be used as given: a path that does not exist or is the wrong kind
+    of thing, an option out of range, an output that exists already, a reserved or doubled
+    name, an object that is not Stateful. Fix the call. (A ``ValueError`` and a
+    ``TypeError`` too, so code that caught either before keeps working.)"""
 
 
 class CheckpointError(AiockptError):
@@ -77,6 +97,19 @@ class CorruptCheckpointError(RestoreError):
     """A checkpoint's files are missing, torn, hostile, or fail their checksums."""
 
 
+class MissingStateError(RestoreError, KeyError):
+    """A checkpoint holds no state under a requested top-level name.
+
+    Raised alike by ``restore()`` (a keyword name the checkpoint lacks) and ``aiockpt.load``
+    (a missing entry of ``keys``). It is also a ``KeyError``, which ``load`` raised before
+    and which a dict lookup of the same name would raise.
+    """
+
+    def __str__(self) -> str:
+        # KeyError quotes its message as a key; this one is a sentence.
+        return Exception.__str__(self)
+
+
 class WorldSizeError(RestoreError):
     """State saved per rank by fewer ranks than restore it: a rank has no state of its own."""
 
@@ -90,12 +123,7 @@ class ConversionError(AiockptError):
     target format cannot hold the state. ``hint`` says what to do instead."""
 
     def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.hint = hint
-
-
-class UsageError(AiockptError, TypeError):
-    """An argument aiockpt cannot take as given: a reserved or doubled name, a non-Stateful."""
+        super().__init__(message, hint=hint)
 
 
 class EventLoopError(AiockptError, RuntimeError):

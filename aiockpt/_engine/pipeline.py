@@ -44,7 +44,7 @@ from .staging import Capturer, Snapshot
 
 __all__ = ["Admitted", "Pipeline"]
 
-logger = logging.getLogger("aiockpt")
+logger = logging.getLogger(__name__)
 
 
 async def wait_cuda_event(event: torch.cuda.Event, waiter: ThreadPoolExecutor) -> None:
@@ -267,7 +267,7 @@ class Pipeline:
             # This checkpoint is committed and durable already; failing to delete older
             # ones must not report it as failed. What was renamed to trash stays there
             # for the next open(); the next commit's retention tries again.
-            logger.warning("aiockpt: %s is committed, but retention failed: %s", final, exc)
+            logger.warning("%s is committed, but retention failed: %s", final, exc)
 
     async def _finish(self, job: _Job) -> None:
         if not job.committed.done():

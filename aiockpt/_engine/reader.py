@@ -28,7 +28,7 @@ from .._format.manifest import (
     TensorRecord,
 )
 from .._format.skeleton import SavedShards, unflatten_state
-from ..errors import AiockptError, CorruptCheckpointError, NoCheckpointError
+from ..errors import AiockptError, CorruptCheckpointError, MissingStateError, NoCheckpointError
 from ..storage.fileio import NotRegularFileError, open_regular, read_exact
 from ..storage.local import parse_step_dir
 from .restore_io import (
@@ -443,7 +443,8 @@ def load(
     ``keys`` picks top-level entries (e.g. ``["model"]``); ``layers`` is a regular
     expression on layer names (``"blocks\\.[0-3]\\b"``): only those tensors' bytes are read.
     A checkpoint of several ranks gives whole tensors for sharded state, and the per-rank
-    state (RNG, ...) of ``rank``.
+    state (RNG, ...) of ``rank``. A name in ``keys`` that the checkpoint lacks raises
+    ``MissingStateError`` (a ``RestoreError`` and a ``KeyError``), as ``restore()`` does.
     """
     wanted = None if keys is None else list(keys)
     device = torch.device(map_location or "cpu")
@@ -455,5 +456,8 @@ def load(
     )
     absent = [k for k in wanted or () if k not in loaded.manifest.state]
     if absent:
-        raise KeyError(f"{path} has no entry {absent}; it holds {sorted(loaded.manifest.state)}")
+        raise MissingStateError(
+            f"{path} has no state for {absent} (it holds {sorted(loaded.manifest.state)}); "
+            "pass keys that it holds, or none for everything"
+        )
     return loaded.state(device, keys=wanted, rank=rank)

@@ -1,1 +1,1 @@
-"""Small helpers every layer may use: console output and human units."""
+"""Small helpers every layer may use: console output, human units, logging setup."""

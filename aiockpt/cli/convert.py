@@ -29,7 +29,7 @@ from .._format.manifest import Manifest, TensorRecord
 from .._format.skeleton import tensor_paths
 from .._format.tags import dtype_name
 from .._util.console import note
-from ..errors import AiockptError, ConversionError, UnsupportedStateError
+from ..errors import AiockptError, ConversionError, UnsupportedStateError, UsageError
 from ..storage.local import (
     LATEST_NAME,
     CheckpointInfo,
@@ -83,16 +83,16 @@ def _temporary_next_to(out: Path) -> Path:
 
 def _check_destination(out: Path, force: bool) -> None:
     if out.exists() and not force:
-        raise ConversionError(f"{out} already exists", hint="choose another name, or pass --force")
+        raise UsageError(f"{out} already exists", hint="choose another name, or pass --force")
     if not out.parent.is_dir():
-        raise ConversionError(f"{out.parent}: no such directory", hint="create it first")
+        raise UsageError(f"{out.parent}: no such directory", hint="create it first")
 
 
 def _tensors_of(manifest: Manifest, keys: list[str]) -> set[str]:
     """Names of the tensors reachable from ``keys``, so that only their bytes are read."""
     missing = [k for k in keys if k not in manifest.state]
     if missing:
-        raise ConversionError(
+        raise UsageError(
             f"the checkpoint has no top-level key {', '.join(map(repr, missing))}",
             hint=f"it holds: {', '.join(manifest.state)}",
         )
@@ -268,7 +268,12 @@ def export_checkpoint(
     threads: int = 8,
     verify: bool = True,
 ) -> dict[str, Any]:
-    """Write checkpoint ``path`` as format ``to`` at ``out``; a JSON-ready summary."""
+    """Write checkpoint ``path`` as format ``to`` at ``out``; a JSON-ready summary.
+
+    ``UsageError`` when the arguments cannot work (an unknown format or key, an ``out``
+    that exists without ``force``), ``ConversionError`` when the state or the environment
+    refuses (a dtype the format lacks, safetensors not installed).
+    """
     _check_destination(out, force)
     if to == "safetensors":
         _check_safetensors_installed()
@@ -309,7 +314,7 @@ def export_checkpoint(
     elif to == "dcp":
         report.update(_export_dcp(state, out, threads))
     else:
-        raise ConversionError(f"unknown format {to!r}", hint=f"use one of {', '.join(FORMATS)}")
+        raise UsageError(f"unknown format {to!r}", hint=f"use one of {', '.join(FORMATS)}")
     return report
 
 
@@ -394,14 +399,18 @@ def import_checkpoint(
     force: bool = False,
     threads: int = 8,
 ) -> dict[str, Any]:
-    """Write the state in ``source`` as checkpoint ``step`` of ``directory``."""
+    """Write the state in ``source`` as checkpoint ``step`` of ``directory``.
+
+    ``UsageError`` when the arguments cannot work (no ``source``, an unknown format, a
+    ``step`` that exists without ``force``), ``ConversionError`` when the source is refused.
+    """
     if fmt not in FORMATS:
-        raise ConversionError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
+        raise UsageError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
     if not os.path.lexists(source):
-        raise ConversionError(f"{source}: no such file or directory", hint="check the path")
+        raise UsageError(f"{source}: no such file or directory", hint="check the path")
     target = directory / step_dir_name(step)
     if target.exists() and not force:
-        raise ConversionError(
+        raise UsageError(
             f"{target} already exists",
             hint="pick another --step, or pass --force to replace it",
         )
@@ -490,7 +499,11 @@ def _withdraw(path: Path) -> None:
 def run_export(args: Any) -> int:
     from .._util.console import human_bytes, print_json
 
-    path = resolve_checkpoint(Path(args.path), args.step)
+    given = Path(args.path)
+    path = resolve_checkpoint(given, args.step)
+    if args.step is None and path != given:
+        # Said on stderr so that --json output stays one document.
+        note(f"{given}: using its newest checkpoint, {path.name}")
     report = export_checkpoint(
         path,
         args.to,

@@ -22,14 +22,15 @@ from .._format.manifest import Manifest, TensorRecord
 from .._format.skeleton import tensor_paths
 from .._format.tags import TENSOR_TAG, dtype_name
 from .._util.console import (
-    CliError,
     human_bytes,
     human_time,
     iso_time,
     json_number,
+    note,
     print_json,
     stdout_console,
 )
+from ..errors import UsageError
 from ..storage.fileio import checksum
 from .scan import resolve_checkpoint
 
@@ -242,7 +243,7 @@ def _find(manifest: Manifest, name: str) -> tuple[int, TensorRecord]:
             return index, record
     names = [t.name for t in manifest.tensors]
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-    raise CliError(
+    raise UsageError(
         f"no tensor named {name!r} in this checkpoint",
         hint=(f"did you mean: {', '.join(close)}? " if close else "")
         + "`aiockpt inspect PATH` lists every tensor name",
@@ -385,7 +386,11 @@ def render_stats(report: dict[str, Any]) -> None:
 
 
 def run(args: Any) -> int:
-    path = resolve_checkpoint(Path(args.path), args.step)
+    given = Path(args.path)
+    path = resolve_checkpoint(given, args.step)
+    if args.step is None and path != given:
+        # Said on stderr so that --json output stays one document.
+        note(f"{given}: using its newest checkpoint, {path.name}")
     if args.tensor is not None:
         report = tensor_stats(path, args.tensor, threads=args.threads)
         if args.json:

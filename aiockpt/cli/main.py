@@ -2,25 +2,38 @@
 
 Each subcommand lives in its own module and is imported only when it runs, so ``aiockpt
 ls`` does not pay for DCP or safetensors. Results go to stdout (text, or one JSON document
-with ``--json``); notes, progress bars and errors go to stderr. Exit codes: 0 success,
-1 failure (a corrupt checkpoint found, or an error), 2 bad usage, 130 interrupted.
+with ``--json``); notes, progress bars, log records and errors go to stderr.
+
+The commands raise aiockpt's own errors and print nothing about them; here each becomes one
+line (and a hint), never a traceback, with one exit status for all commands: 0 success;
+2 bad usage (argparse's refusals, ``UsageError``: a path argument that does not exist or is
+the wrong kind, an option out of range, an output that exists; ``ConfigError``); 1 failure
+(a corrupt checkpoint, no checkpoint, a live writer, an I/O error, a refused conversion,
+or anything unforeseen); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from .._version import __version__
+from ..errors import AiockptError, ConfigError, CorruptCheckpointError, UsageError
 from .options import add_json, add_step, add_threads, nonnegative
 
 __all__ = ["main"]
 
+logger = logging.getLogger(__name__)
+
 _EXIT_CODES = """\
-exit status: 0 success, 1 failure (corrupt checkpoint, or an error: see stderr),
-2 bad usage. Every command takes --json: one JSON document on stdout."""
+exit status: 0 success, 1 failure (corrupt or missing checkpoint, I/O error: see stderr),
+2 bad usage (unknown flag, bad value, a path that does not exist or is the wrong kind).
+Every command takes --json: one JSON document on stdout. AIOCKPT_LOG_LEVEL=INFO (or DEBUG)
+logs more on stderr."""
 
 _MAIN_EPILOG = f"""\
 examples:
@@ -351,34 +364,69 @@ def _handler(command: str) -> Callable[[Any], int]:
     return run
 
 
+def _run(command: str, args: argparse.Namespace) -> int:
+    return _handler(command)(args)
+
+
 def _fail(command: str, message: str, hint: str | None) -> None:
     print(f"aiockpt {command}: error: {message}", file=sys.stderr)
     if hint:
         print(f"  hint: {hint}", file=sys.stderr)
 
 
+def _exit_status(error: AiockptError) -> int:
+    """2 when the command as typed cannot run (fix the command), 1 when it ran and failed."""
+    return 2 if isinstance(error, (UsageError, ConfigError)) else 1
+
+
+def _hint(error: AiockptError) -> str | None:
+    if error.hint is None and isinstance(error, CorruptCheckpointError):
+        return "`aiockpt verify PATH` lists every damaged file and range"
+    return error.hint  # a DirectoryLockedError's message already says what to do
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    from .._util.console import CliError
-    from ..errors import AiockptError, CorruptCheckpointError, DirectoryLockedError
+    command = args.command
+    run = functools.partial(_run, command, args)
+    from .._util.logs import level_from_env, log_to_stderr
 
     try:
-        return _handler(args.command)(args)
-    except CliError as exc:
-        _fail(args.command, str(exc), exc.hint)
-        return exc.code
-    except CorruptCheckpointError as exc:
-        _fail(args.command, str(exc), "`aiockpt verify PATH` lists every damaged file and range")
-    except DirectoryLockedError as exc:
-        _fail(args.command, str(exc), None)  # its message already says what to do
+        level = level_from_env()
+    except ConfigError as exc:  # a bad AIOCKPT_LOG_LEVEL, like any other bad setting
+        _fail(command, str(exc), exc.hint)
+        return _exit_status(exc)
+    with log_to_stderr(logging.WARNING if level is None else level):
+        return _run_reporting_errors(command, run)
+
+
+def _run_reporting_errors(command: str, run: Callable[[], int]) -> int:
+    """``run()``'s exit status; what it raises, as one line on stderr and its status."""
+    from .._util.console import CliError
+
+    try:
+        return run()
     except AiockptError as exc:
-        _fail(args.command, str(exc), getattr(exc, "hint", None))
+        _fail(command, str(exc), _hint(exc))
+        return _exit_status(exc)
+    except CliError as exc:
+        _fail(command, str(exc), exc.hint)
+        return exc.code
     except OSError as exc:
-        _fail(args.command, str(exc), "check the path and its permissions")
+        _fail(command, str(exc), "check the path and its permissions")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # Not an error aiockpt foresaw (torch, a bug): still one line, and the traceback
+        # for whoever asks for it.
+        logger.debug("aiockpt %s failed", command, exc_info=exc)
+        _fail(
+            command,
+            f"{type(exc).__name__}: {exc}",
+            "AIOCKPT_LOG_LEVEL=DEBUG shows the traceback; please report it if aiockpt is at fault",
+        )
     return 1
 
 

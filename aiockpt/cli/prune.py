@@ -22,8 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .._util.console import CliError, byte_progress, human_bytes, note, print_json, stdout_console
-from ..errors import DirectoryLockedError
+from .._util.console import byte_progress, human_bytes, note, print_json, stdout_console
+from ..errors import DirectoryLockedError, UsageError
 from ..storage.local import CheckpointInfo, CheckpointStore
 from .scan import Leftover, WriterState, committed_checkpoints, probe_writer, scan_leftovers
 from .verify import verify_checkpoints
@@ -81,16 +81,21 @@ def prune(
     threads: int = 8,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Apply the rules to ``root``; the JSON-ready report of what was (or would be) done."""
+    """Apply the rules to ``root``; the JSON-ready report of what was (or would be) done.
+
+    Raises ``UsageError`` for rules out of range or a ``root`` that is no directory, and
+    ``DirectoryLockedError`` while a live writer holds ``root`` (unless ``force`` or
+    ``dry_run``).
+    """
     if keep_last < 0 or (keep_every is not None and keep_every < 1):
-        raise CliError(
+        raise UsageError(
             "--keep-last must be 0 or more and --keep-every 1 or more",
             hint="e.g. --keep-last 3 --keep-every 1000",
         )
     committed = committed_checkpoints(root)
     writer = probe_writer(root)
     if writer.live and not force and not dry_run:
-        raise CliError(
+        raise DirectoryLockedError(
             f"{root} is being written right now ({writer.describe()}); its writer prunes "
             "by its own keep_last, and may be restoring from an older checkpoint",
             hint="stop the training job first, set keep_last in its config, or pass --force "
@@ -107,7 +112,7 @@ def prune(
         try:
             store.open()  # the writer lock; also clears the dead writer's leftovers
         except DirectoryLockedError as exc:
-            raise CliError(
+            raise DirectoryLockedError(
                 str(exc).split(";")[0] + " (it started just now)",
                 hint="run prune again once that writer is done, or pass --force",
             ) from exc

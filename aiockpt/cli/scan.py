@@ -3,6 +3,8 @@
 Tools read a directory that a training job may be writing at the same moment, so nothing
 here takes the writer lock for longer than a probe, and every listing tolerates entries
 that vanish between ``scandir`` and ``stat`` (the writer's retention renames them away).
+A path that cannot be what is asked for raises ``UsageError``; a directory without the
+asked-for checkpoint raises ``NoCheckpointError``. Nothing here prints: the commands do.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._format.manifest import MANIFEST_NAME
-from .._util.console import CliError, note
+from ..errors import NoCheckpointError, UsageError
 from ..storage.fileio import open_regular
 from ..storage.local import (
     LOCK_NAME,
@@ -78,7 +80,7 @@ def committed_checkpoints(root: Path) -> list[CheckpointInfo]:
     if root.is_file():
         raise not_a_directory(root)
     if not root.is_dir():
-        raise CliError(
+        raise UsageError(
             f"{root}: no such directory",
             hint="pass the checkpoint directory (the Config's `directory`), e.g. checkpoints/",
         )
@@ -90,9 +92,9 @@ def committed_checkpoints(root: Path) -> list[CheckpointInfo]:
     return list_checkpoints(root)
 
 
-def not_a_directory(path: Path) -> CliError:
+def not_a_directory(path: Path) -> UsageError:
     """The error for a regular file given where a checkpoint (directory) is expected."""
-    return CliError(
+    return UsageError(
         f"{path} is a file, not a checkpoint directory",
         hint=f"to bring a torch.save, safetensors or DCP checkpoint in: "
         f"`aiockpt import {path} --from torch --step N DIR`",
@@ -190,14 +192,15 @@ def resolve_checkpoint(path: Path, step: int | None = None) -> Path:
     """The checkpoint directory a user means by ``path`` (and ``--step``).
 
     ``path`` may be a checkpoint (``checkpoints/step-100``) or the directory holding them,
-    in which case the newest committed one (or ``step``) is meant.
+    in which case the newest committed one (or ``step``) is meant: the result is then not
+    ``path``, which a command tells its user.
     """
     if step is not None:
         candidate = path / f"step-{step}"
         if (candidate / MANIFEST_NAME).exists():
             return candidate
         steps = [info.step for info in committed_checkpoints(path)]
-        raise CliError(
+        raise NoCheckpointError(
             f"{path}: no committed checkpoint of step {step}",
             hint=f"committed steps: {steps or 'none'}; `aiockpt ls {path}` lists them",
         )
@@ -206,17 +209,15 @@ def resolve_checkpoint(path: Path, step: int | None = None) -> Path:
     if path.is_file():
         raise not_a_directory(path)
     if not path.exists():
-        raise CliError(
+        raise UsageError(
             f"{path}: no such file or directory",
             hint="pass a checkpoint such as checkpoints/step-100, or the directory holding them",
         )
     committed = committed_checkpoints(path) if path.is_dir() else []
     if not committed:
-        raise CliError(
+        raise NoCheckpointError(
             f"{path}: not a checkpoint (no {MANIFEST_NAME}) and holds no committed step-N "
             "checkpoints",
             hint="pass a checkpoint such as checkpoints/step-100; `aiockpt ls DIR` lists them",
         )
-    # Said on stderr so that --json output stays one document.
-    note(f"{path}: using its newest checkpoint, {committed[-1].path.name}")
     return committed[-1].path

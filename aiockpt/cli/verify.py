@@ -268,7 +268,7 @@ def _stream(
 
 
 def _targets(path: Path) -> list[Path]:
-    from .._util.console import CliError
+    from ..errors import NoCheckpointError, UsageError
     from .scan import committed_checkpoints, not_a_directory
 
     if (path / MANIFEST_NAME).exists():
@@ -276,10 +276,10 @@ def _targets(path: Path) -> list[Path]:
     if path.is_file():
         raise not_a_directory(path)
     if not path.exists():
-        raise CliError(f"{path}: no such file or directory", hint="check the path")
+        raise UsageError(f"{path}: no such file or directory", hint="check the path")
     committed = committed_checkpoints(path)
     if not committed:
-        raise CliError(
+        raise NoCheckpointError(
             f"{path}: not a checkpoint (no {MANIFEST_NAME}) and holds no committed checkpoints",
             hint="pass a checkpoint such as checkpoints/step-100, or the directory holding them",
         )

@@ -50,7 +50,7 @@ _LATEST_MAX_BYTES = 64
 # that collides with one retries for this long before it believes a writer is alive.
 _LOCK_PATIENCE_S = 0.5
 
-logger = logging.getLogger("aiockpt")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -360,9 +360,7 @@ class CheckpointStore:
         except OSError as exc:
             # Committed and durable already; `latest` is only a hint for tools, so a disk
             # too full for it must not report this checkpoint as failed (nor stop retention).
-            logger.warning(
-                "aiockpt: %s is committed, but %s was not updated: %s", final, LATEST_NAME, exc
-            )
+            logger.warning("%s is committed, but %s was not updated: %s", final, LATEST_NAME, exc)
         resumed, self._resumed_from = self._resumed_from, None
         if resumed is not None:
             try:
@@ -370,7 +368,7 @@ class CheckpointStore:
             except OSError as exc:
                 # Committed already. What was not moved aside is moved by the next
                 # commit; meanwhile restore still falls back past a corrupt step.
-                logger.warning("aiockpt: %s is committed; steps above it stay: %s", final, exc)
+                logger.warning("%s is committed; steps above it stay: %s", final, exc)
                 self._resumed_from = resumed
         return final
 
@@ -380,7 +378,7 @@ class CheckpointStore:
             aside = self.root / f"{SUPERSEDED_PREFIX}{info.path.name}-{secrets.token_hex(4)}"
             os.rename(info.path, aside)
             logger.warning(
-                "aiockpt: %s is above the step this run resumed from; moved aside as %s",
+                "%s is above the step this run resumed from; moved aside as %s",
                 info.path,
                 aside.name,
             )
@@ -393,7 +391,7 @@ class CheckpointStore:
             if replaced is not None:
                 os.rename(replaced, final)
         except OSError as exc:  # the disk is failing; the next open() sorts it out
-            logger.warning("aiockpt: could not take back %s after a failed fsync: %s", final, exc)
+            logger.warning("could not take back %s after a failed fsync: %s", final, exc)
 
     def point_latest(self, name: str | None, *, force: bool = False) -> None:
         """Point ``latest`` at ``name`` (None: remove it).

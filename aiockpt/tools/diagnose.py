@@ -14,8 +14,9 @@ import argparse
 import math
 from typing import TYPE_CHECKING, Any
 
-from .._util.console import CliError, json_number, note
+from .._util.console import json_number, note
 from ..config import Config, add_config_arguments, config_from_arguments
+from ..errors import ConfigError, UsageError
 from .diagnose_advice import analyze, format_bytes
 from .diagnose_data import Analysis, Measurements, Thresholds
 
@@ -85,14 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace) -> Config:
     """The settings of the flags, the AIOCKPT_* variables and the --config file."""
-    from ..errors import ConfigError
-
     try:
         return config_from_arguments(args, CONFIG_KEYS)
     except ConfigError as exc:
-        raise CliError(
+        raise ConfigError(
             str(exc), hint="fix that setting in the file, the AIOCKPT_* variable or the flag"
-        ) from None
+        ) from exc
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -100,34 +99,34 @@ def _check_args(args: argparse.Namespace) -> None:
 
     synthetic = args.step_ms is not None or args.state_gb is not None
     if args.preset is not None and synthetic:
-        raise CliError(
+        raise UsageError(
             "--preset and --step-ms/--state-gb both given",
             hint="diagnose a preset model, or your own step time and state size, not both",
         )
     if args.preset is None and not synthetic:
-        raise CliError(
+        raise UsageError(
             "nothing to diagnose",
             hint="pass --preset tiny|350m|1.3b, or your own --step-ms X --state-gb Y",
         )
     if args.preset is not None and args.preset not in PRESETS:
-        raise CliError(
+        raise UsageError(
             f"unknown preset {args.preset!r}", hint=f"one of: {', '.join(sorted(PRESETS))}"
         )
     if synthetic and (args.step_ms is None or args.state_gb is None):
-        raise CliError(
+        raise UsageError(
             "--step-ms and --state-gb go together",
             hint="measure both in your training (a step's time, and the bytes of its state)",
         )
     for name, value in (("--step-ms", args.step_ms), ("--state-gb", args.state_gb)):
         if value is not None and not (math.isfinite(value) and value > 0):
-            raise CliError(f"{name} {value:g} is not a positive number", hint="e.g. 60 or 4.5")
+            raise UsageError(f"{name} {value:g} is not a positive number", hint="e.g. 60 or 4.5")
     for name, value in (("--num-steps", args.num_steps), ("--rounds", args.rounds)):
         if value < 1:
-            raise CliError(f"{name} {value} must be at least 1", hint="e.g. 50 steps, 3 rounds")
+            raise UsageError(f"{name} {value} must be at least 1", hint="e.g. 50 steps, 3 rounds")
     if not args.max_seconds > 0:
-        raise CliError(f"--max-seconds {args.max_seconds:g} must be positive", hint="e.g. 120")
+        raise UsageError(f"--max-seconds {args.max_seconds:g} must be positive", hint="e.g. 120")
     if args.checkpoint_interval is not None and args.checkpoint_interval < 1:
-        raise CliError(
+        raise UsageError(
             f"--checkpoint-interval {args.checkpoint_interval} must be at least 1",
             hint="checkpoint every N >= 1 steps",
         )
@@ -163,7 +162,7 @@ def _workload(args: argparse.Namespace, device: torch.device) -> Workload:
         need, where = 2 * nbytes, "available host memory"
         room = host_memory_available() or float(need)
     if need > room:
-        raise CliError(
+        raise UsageError(
             f"--state-gb {args.state_gb:g} needs {need / 1e9:.3g} GB here, more than the "
             f"{room / 1e9:.3g} GB of {where}",
             hint="diagnose a smaller state, or on the machine that trains",

@@ -42,7 +42,7 @@ __all__ = [
     "policy_from_config",
 ]
 
-logger = logging.getLogger("aiockpt")
+logger = logging.getLogger(__name__)
 
 # A median over a window shrugs off one slow step (an eval pass, a GC pause, a data-loader
 # hiccup) that an EMA would smear over many decisions, and still follows a real change
@@ -166,7 +166,7 @@ class BasePolicy:
         self.warned = True
         if is_rank_zero():
             logger.warning(
-                "aiockpt: checkpoints are requested every %s (%s) but each takes %s to "
+                "checkpoints are requested every %s (%s) but each takes %s to "
                 "persist, longer than %d interval(s) (max_async = %d may overlap), so they "
                 "pile up: training stalls on backpressure (or, with on_backpressure = "
                 '"skip", checkpoints are dropped). %s, or set on_backpressure = "skip" to '

@@ -41,7 +41,7 @@ from .policy import BasePolicy, IntervalPolicy, policy_from_config
 
 __all__ = ["SyncTrainer", "Trainer"]
 
-logger = logging.getLogger("aiockpt")
+logger = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 Handle = CheckpointHandle | SyncCheckpointHandle
@@ -287,16 +287,16 @@ class _Engine:
         reset = getattr(self.policy, "reset", None)
         if reset is not None:
             reset(self.step, self.clock())
-        if step is not None and self.config.verbose and is_rank_zero():
-            logger.info("aiockpt: resumed at step %d from %s", step, self.config.directory)
+        if step is not None and is_rank_zero():
+            logger.info("resumed at step %d from %s", step, self.config.directory)
         return self.step
 
     def log_summary(self) -> None:
-        if not (self.config.verbose and self.stalls and is_rank_zero()):
+        if not (self.stalls and is_rank_zero() and logger.isEnabledFor(logging.INFO)):
             return
         ms = sorted(s * 1e3 for s in self.stalls)
         logger.info(
-            "aiockpt: %d checkpoints, %d skipped; stall median %.2f ms, max %.2f ms",
+            "%d checkpoints, %d skipped; stall median %.2f ms, max %.2f ms",
             len(ms),
             self.skipped,
             statistics.median(ms),

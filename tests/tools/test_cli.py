@@ -143,7 +143,7 @@ def test_ls_sees_live_writer_and_prune_leaves_it_alone(
 
 def test_ls_errors_on_missing_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     code, out, err = run_cli(capsys, "ls", tmp_path / "nope")
-    assert code == 1 and out == ""
+    assert code == 2 and out == ""  # a bad path argument is bad usage
     assert "no such directory" in err and "hint:" in err
 
 
@@ -202,7 +202,7 @@ def test_inspect_tensor_statistics(made: Path, capsys: pytest.CaptureFixture[str
     assert code == 0 and "int32" in out and "checksum" in out and "ok" in out
 
     code, _, err = run_cli(capsys, "inspect", made / "step-10", "--tensor", "model/fc1.weigth")
-    assert code == 1 and "did you mean" in err and "model/fc1.weight" in err
+    assert code == 2 and "did you mean" in err and "model/fc1.weight" in err
 
 
 def test_inspect_tensor_reports_a_bad_checksum(ckpt: Path, capsys: pytest.CaptureFixture[str]):
@@ -275,7 +275,7 @@ def test_export_torch_loads_with_weights_only(
     assert torch.equal(loaded["rng"]["numpy"][1], torch.from_numpy(expected["rng"]["numpy"][1]))
 
     code, _, err = run_cli(capsys, "export", made / "step-20", "--to", "torch", out)
-    assert code == 1 and "--force" in err
+    assert code == 2 and "--force" in err
     assert run_cli(capsys, "export", made / "step-20", "--to", "torch", out, "--force")[0] == 0
 
 
@@ -336,7 +336,7 @@ def test_import_round_trips(made: Path, tmp_path: Path, capsys: pytest.CaptureFi
     assert_state_equal(dict(model.state_dict()), dict(expected["model"]))
 
     code, _, err = run_cli(capsys, "import", exported, "--from", "torch", "--step", 7, target)
-    assert code == 1 and "already exists" in err and "--force" in err
+    assert code == 2 and "already exists" in err and "--force" in err
 
     dcp_dir = tmp_path / "dcp"
     assert run_cli(capsys, "export", made / "step-20", "--to", "dcp", dcp_dir)[0] == 0
@@ -433,4 +433,4 @@ def test_export_errors_say_what_to_do(
     assert code == 1 and "pip install 'aiockpt[export]'" in err and not out.exists()
     out = tmp_path / "x.pt"
     code, _, err = run_cli(capsys, "export", made, "--to", "torch", out, "--key", "nope")
-    assert code == 1 and "no top-level key 'nope'" in err and "model" in err
+    assert code == 2 and "no top-level key 'nope'" in err and "model" in err

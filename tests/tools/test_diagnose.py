@@ -162,7 +162,7 @@ def test_text_output_ends_with_the_advice(
 def test_bad_arguments_fail_with_a_hint(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str], expected: str
 ) -> None:
-    assert main(["diagnose", "--directory", str(tmp_path), *argv]) == 1
+    assert main(["diagnose", "--directory", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
     assert expected in err and "hint:" in err
     assert list(tmp_path.iterdir()) == []  # failed before touching the directory
