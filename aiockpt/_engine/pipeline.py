@@ -436,22 +436,25 @@ class Pipeline:
                     await self.memory.give_back(gpu=[chunk.device])
             ranges, keys = snapshot.layout.chunk_pieces[chunk.index]
             write_queued = time.perf_counter()
-            write_start = write_queued
+            write_start = write_end = write_queued
 
             def write() -> list[int]:
-                nonlocal write_start
-                write_start = time.perf_counter()  # on the writer thread: after its queue
-                return write_pieces(
+                # Timed on the writer thread: its wait in the queue is not write time, nor
+                # is the loop's wake-up after it.
+                nonlocal write_start, write_end
+                write_start = time.perf_counter()
+                sums = write_pieces(
                     str(directory / chunk_file_name(chunk.index, job.rank)),
                     buffer.view(chunk.nbytes),
                     ranges,
                     durable=self.config.durable,
                     room=buffer.view(buffer.data.numel()),
                 )
+                write_end = time.perf_counter()
+                return sums
 
             async with slots:
                 sums = await asyncio.get_running_loop().run_in_executor(self.writers, write)
-            write_end = time.perf_counter()
             origin = job.origin
             spans.append(
                 ChunkSpan(
