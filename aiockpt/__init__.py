@@ -25,7 +25,7 @@ from .errors import (
     UsageError,
     WorldSizeError,
 )
-from .metrics import CheckpointMetrics
+from .metrics import CheckpointMetrics, ChunkSpan, LayoutSummary, StagingSummary
 from .stateful import RNGState, Stateful
 from .storage.local import CheckpointInfo, list_checkpoints
 from .training.policy import (
@@ -53,6 +53,7 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointMetrics",
     "Checkpointer",
+    "ChunkSpan",
     "Config",
     "ConfigError",
     "ConversionError",
@@ -62,12 +63,14 @@ __all__ = [
     "EveryNSeconds",
     "EveryNSteps",
     "IntervalPolicy",
+    "LayoutSummary",
     "Never",
     "NoCheckpointError",
     "RNGState",
     "Replicated",
     "RestoreError",
     "ResumableSampler",
+    "StagingSummary",
     "Stateful",
     "SyncCheckpointHandle",
     "SyncCheckpointer",

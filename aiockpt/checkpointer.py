@@ -134,12 +134,14 @@ class _FrontEnd:
 
     @property
     def staging(self) -> StagingSummary | None:
-        """The staging memory set up for the state (None before the first checkpoint)."""
+        """The staging memory set up for the state (None before the first checkpoint and
+        after close())."""
         return self._core.saver.staging_summary()
 
     @property
     def layout(self) -> LayoutSummary | None:
-        """How the state is laid out in chunks (None before the first checkpoint)."""
+        """How the state is laid out in chunks (None before the first checkpoint and after
+        close())."""
         return self._core.saver.layout_summary()
 
 
