@@ -295,3 +295,55 @@ def test_the_checks_catch_a_reach_in(tmp_path: Path) -> None:
     probe.write_text("def f(ckpt):\n    return ckpt._core, getattr(ckpt, '_core'), self._core\n")
     assert len(_core_reaches(probe, allowed_on_self=False)) == 3
     assert len(_core_reaches(probe, allowed_on_self=True)) == 2
+
+
+# -- one Trainer body ------------------------------------------------------------------------
+def _trainer_run(tmp_path: Path, blocking: bool) -> tuple[list[float], list[int], int, dict]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = make_config(tmp_path, interval_steps=3)
+    batches = [torch.randn(8, 4, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+
+    def loss_fn(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return model(batch).pow(2).mean()
+
+    def args() -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
+        return model, optimizer, loss_fn
+
+    if blocking:
+        with aiockpt.SyncTrainer(*args(), config=config, grad_accumulation_steps=2) as trainer:
+            start = trainer.resume()
+            losses = [float(trainer.train_step(b)) for b in batches]
+            trainer.checkpoint().wait()
+            trainer.wait()
+    else:
+
+        async def main() -> tuple[int, list[float]]:
+            async with aiockpt.Trainer(
+                *args(), config=config, grad_accumulation_steps=2
+            ) as trainer:
+                start = await trainer.resume()
+                losses = [float(await trainer.train_step(b)) for b in batches]
+                await (await trainer.checkpoint())
+                await trainer.wait()
+                return start, losses
+
+        start, losses = run(main())
+    steps = [info.step for info in aiockpt.list_checkpoints(config.directory)]
+    newest = aiockpt.load(config.directory / f"step-{steps[-1]}")
+    return losses, steps, start, newest["model"]
+
+
+def test_sync_and_async_trainers_run_the_same_body_to_the_same_checkpoints(
+    tmp_path: Path,
+) -> None:
+    losses_a, steps_a, start_a, model_a = _trainer_run(tmp_path / "async", blocking=False)
+    losses_s, steps_s, start_s, model_s = _trainer_run(tmp_path / "sync", blocking=True)
+    assert start_a == start_s == 0
+    assert losses_a == losses_s
+    # Eight micro-batches, two per optimizer step: steps 1-4; the policy takes step 3,
+    # the explicit checkpoint step 4.
+    assert steps_a == steps_s == [3, 4]
+    assert model_a.keys() == model_s.keys()
+    assert all(torch.equal(model_a[k], model_s[k]) for k in model_a)
