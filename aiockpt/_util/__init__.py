@@ -1,1 +1,2 @@
-"""Small helpers every layer may use: console output and human units."""
+"""Small helpers every layer may use: console output, human units, and the bridge that
+lets one coroutine body serve both async and blocking front-ends."""

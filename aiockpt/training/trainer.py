@@ -323,6 +323,8 @@ class _Calls(Protocol):
 
 
 class _AsyncCalls:
+    """The Checkpointer's coroutines, awaited as they are."""
+
     def __init__(self, checkpointer: Checkpointer) -> None:
         self.checkpointer = checkpointer
 
@@ -350,6 +352,8 @@ class _AsyncCalls:
 
 
 class _BlockingCalls:
+    """The SyncCheckpointer's blocking calls, run at once, their values handed back Ready."""
+
     def __init__(self, checkpointer: SyncCheckpointer) -> None:
         self.checkpointer = checkpointer
 
