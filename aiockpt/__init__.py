@@ -26,7 +26,7 @@ from .errors import (
     UsageError,
     WorldSizeError,
 )
-from .metrics import CheckpointMetrics
+from .metrics import CheckpointMetrics, ChunkSpan, LayoutSummary, StagingSummary
 from .stateful import RNGState, Stateful
 from .storage.local import CheckpointInfo, list_checkpoints
 from .training.policy import (
@@ -54,6 +54,7 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointMetrics",
     "Checkpointer",
+    "ChunkSpan",
     "Config",
     "ConfigError",
     "ConversionError",
@@ -64,12 +65,14 @@ __all__ = [
     "EveryNSteps",
     "IntervalPolicy",
     "MissingStateError",
+    "LayoutSummary",
     "Never",
     "NoCheckpointError",
     "RNGState",
     "Replicated",
     "RestoreError",
     "ResumableSampler",
+    "StagingSummary",
     "Stateful",
     "SyncCheckpointHandle",
     "SyncCheckpointer",

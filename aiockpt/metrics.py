@@ -1,8 +1,45 @@
-"""What one checkpoint cost, stage by stage."""
+"""What one checkpoint cost, stage by stage, and what a Checkpointer set up for its state.
+
+Everything here is published for reading: tools and tests learn how a checkpoint went
+from these records, never from the Checkpointer's private fields.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class ChunkSpan:
+    """When one chunk of a checkpoint moved, in seconds since its capture began.
+
+    ``copy_started``/``copy_finished`` are None for chunks captured straight into host
+    memory (CPU state, host staging): they have no copy stage of their own.
+    ``write_queued`` is when the chunk was ready to be written; ``write_started`` when a
+    writer thread took it up, so the difference is its wait for a write slot and a thread.
+    """
+
+    index: int
+    nbytes: int
+    copy_started: float | None
+    copy_finished: float | None
+    write_queued: float
+    write_started: float
+    write_finished: float
+
+    @property
+    def copy_seconds(self) -> float:
+        if self.copy_started is None or self.copy_finished is None:
+            return 0.0
+        return self.copy_finished - self.copy_started
+
+    @property
+    def queue_seconds(self) -> float:
+        return self.write_started - self.write_queued
+
+    @property
+    def write_seconds(self) -> float:
+        return self.write_finished - self.write_started
 
 
 @dataclass
@@ -26,6 +63,8 @@ class CheckpointMetrics:
     write_seconds: float = 0.0
     commit_ms: float = 0.0
     persist_seconds: float = 0.0  # from capture to durable commit
+    # One per chunk this process wrote, by chunk index; empty until the chunks are written.
+    chunk_spans: list[ChunkSpan] = field(default_factory=list, repr=False)
 
     @staticmethod
     def _rate(nbytes: int, seconds: float) -> float:
@@ -45,6 +84,7 @@ class CheckpointMetrics:
 
     def to_dict(self) -> dict[str, float | int | bool]:
         record = asdict(self)
+        del record["chunk_spans"]  # a flat record of figures; the spans are read directly
         record.update(
             copy_gbps=self.copy_gbps, write_gbps=self.write_gbps, persist_gbps=self.persist_gbps
         )
@@ -72,3 +112,39 @@ class CheckpointerStats:
     skipped: int = 0
     failed: int = 0
     last_restore_bytes: int = 0  # bytes the last restore read (less for a partial one)
+    replayed: int = 0  # captures that reused the previous flattening plan (no re-walk)
+
+
+@dataclass(frozen=True)
+class StagingSummary:
+    """The staging memory a Checkpointer holds for its state, as sized at the last layout.
+
+    ``host_pool_bytes`` is the host pool (``host_buffers`` buffers, pinned when the state
+    lives on a GPU); ``gpu_staging_bytes`` the GPU buffer of each device staged on the GPU
+    (by device name, e.g. ``"cuda:0"``); ``modes`` the staging chosen per device (``"gpu"``,
+    ``"host"`` or ``"cpu"``). ``host_buffers_free`` and ``in_flight`` are read at the
+    moment the summary is taken.
+    """
+
+    host_pool_bytes: int
+    host_buffers: int
+    host_buffers_free: int
+    pinned: bool
+    gpu_staging_bytes: dict[str, int]
+    modes: dict[str, str]
+    in_flight: int  # checkpoints holding an in-flight place now (at most max_async)
+
+
+@dataclass(frozen=True)
+class LayoutSummary:
+    """How a Checkpointer lays its state out in chunks (one data file per chunk).
+
+    ``nbytes`` counts tensor data only; ``device_bytes`` the bytes of the chunks of each
+    device (by device name), what GPU staging needs on that device.
+    """
+
+    chunks: int
+    chunk_sizes: tuple[int, ...]
+    tensors: int
+    nbytes: int
+    device_bytes: dict[str, int]

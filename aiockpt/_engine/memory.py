@@ -230,3 +230,16 @@ class StagingMemory:
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    # -- read-only figures, for the published staging summary ---------------------------
+    @property
+    def host_buffer_count(self) -> int:
+        return len(self._buffers)
+
+    @property
+    def free_host_buffer_count(self) -> int:
+        return len(self._free)
+
+    def gpu_nbytes(self) -> dict[torch.device, int]:
+        """The size of each device's GPU staging buffer (devices staged on the host: none)."""
+        return {device: buffer.numel() for device, buffer in self._gpu.items()}

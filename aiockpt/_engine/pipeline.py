@@ -34,7 +34,7 @@ from .._format.manifest import Manifest, manifest_from_layout
 from ..config import Config
 from ..distributed.group import RankGroup
 from ..errors import CheckpointError
-from ..metrics import CheckpointMetrics
+from ..metrics import CheckpointMetrics, ChunkSpan
 from ..storage.fileio import fsync_directory, write_pieces
 from ..storage.local import CheckpointStore
 from .layout import Chunk, chunk_file_name
@@ -42,7 +42,7 @@ from .memory import Admission, HostBuffer, StagingMemory
 from .merge import FAILED, OK, SKIPPED, RankPart, merge_parts
 from .staging import Capturer, Snapshot
 
-__all__ = ["Admitted", "Pipeline"]
+__all__ = ["Admitted", "Job", "Pipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,9 @@ Admitted = tuple[Admission, asyncio.Future[None] | None, asyncio.Future[None]]
 
 
 @dataclass(eq=False)
-class _Job:
+class Job:
+    """One captured checkpoint, handed from capture to the pipeline."""
+
     snapshot: Snapshot
     capturer: Capturer
     metrics: CheckpointMetrics
@@ -79,6 +81,8 @@ class _Job:
     shared_directory: str | None = None
     share: dict[str, Any] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)
+    # perf_counter() when the capture began: chunk spans are measured from it.
+    origin: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -166,13 +170,13 @@ class Pipeline:
         return self._write_slots
 
     # -- one checkpoint -------------------------------------------------------------------
-    def start(self, job: _Job) -> asyncio.Task[Path | None]:
+    def start(self, job: Job) -> asyncio.Task[Path | None]:
         task = asyncio.get_running_loop().create_task(self._persist(job))
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
         return task
 
-    async def _persist(self, job: _Job) -> Path | None:
+    async def _persist(self, job: Job) -> Path | None:
         if self.ranks is not None:
             return await self._persist_ranked(job, self.ranks)
         snapshot, metrics = job.snapshot, job.metrics
@@ -205,7 +209,7 @@ class Pipeline:
                 await loop.run_in_executor(self.writers, self.store.abort, temporary)
             await self._finish(job)
 
-    async def _begin(self, job: _Job) -> Path:
+    async def _begin(self, job: Job) -> Path:
         snapshot = job.snapshot
         for chunk in snapshot.layout.chunks:
             if chunk.index not in snapshot.admission.host:
@@ -221,15 +225,14 @@ class Pipeline:
             await self.memory.give_back(snapshot.admission.host.values())
             raise
 
-    async def _write_chunks(self, job: _Job, temporary: Path) -> Manifest:
+    async def _write_chunks(self, job: Job, temporary: Path) -> Manifest:
         """Copy and write every chunk of ``job``; the manifest of what this process wrote."""
         snapshot, metrics = job.snapshot, job.metrics
         slots = self._semaphore(len(snapshot.layout.chunks))
-        copy_spans: list[tuple[float, float]] = []
-        write_spans: list[tuple[float, float]] = []
+        spans: list[ChunkSpan] = []
         results = await asyncio.gather(
             *(
-                self._move_chunk(job, chunk, temporary, slots, copy_spans, write_spans)
+                self._move_chunk(job, chunk, temporary, slots, spans)
                 for chunk in snapshot.layout.chunks
             ),
             return_exceptions=True,
@@ -237,8 +240,15 @@ class Pipeline:
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             raise failures[0]
-        metrics.copy_seconds = _span(copy_spans)
-        metrics.write_seconds = _span(write_spans)
+        metrics.chunk_spans = sorted(spans, key=lambda span: span.index)
+        metrics.copy_seconds = _span(
+            [
+                (s.copy_started, s.copy_finished)
+                for s in spans
+                if s.copy_started is not None and s.copy_finished is not None
+            ]
+        )
+        metrics.write_seconds = _span([(s.write_started, s.write_finished) for s in spans])
         checksums: dict[tuple[int, int], int] = {}
         for chunk_sums in results:
             assert isinstance(chunk_sums, dict)
@@ -269,14 +279,14 @@ class Pipeline:
             # for the next open(); the next commit's retention tries again.
             logger.warning("%s is committed, but retention failed: %s", final, exc)
 
-    async def _finish(self, job: _Job) -> None:
+    async def _finish(self, job: Job) -> None:
         if not job.committed.done():
             job.committed.set_result(None)
         leftover_gpu = [d for d, n in job.gpu_chunks_left.items() if n > 0]
         await self.memory.give_back(gpu=leftover_gpu, finished=True)
 
     # -- many ranks -------------------------------------------------------------------------
-    async def _persist_ranked(self, job: _Job, ranks: RankGroup) -> Path | None:
+    async def _persist_ranked(self, job: Job, ranks: RankGroup) -> Path | None:
         """Write this rank's part, then agree with the other ranks; rank 0 commits.
 
         Whatever happens to this rank's part (written, failed, cancelled), it still takes
@@ -309,7 +319,7 @@ class Pipeline:
                 await self._retain(final)
         return final
 
-    async def _vote(self, job: _Job, part: RankPart, temporary: Path | None) -> Path | None:
+    async def _vote(self, job: Job, part: RankPart, temporary: Path | None) -> Path | None:
         """Every rank's vote for one checkpoint; its directory once committed, None when a
         rank skipped it. The vote runs to its end even if this task is cancelled."""
         if job.previous_commit is not None:
@@ -392,14 +402,15 @@ class Pipeline:
 
     async def _move_chunk(
         self,
-        job: _Job,
+        job: Job,
         chunk: Chunk,
         directory: Path,
         slots: asyncio.Semaphore,
-        copy_spans: list[tuple[float, float]],
-        write_spans: list[tuple[float, float]],
+        spans: list[ChunkSpan],
     ) -> dict[tuple[int, int], int]:
         snapshot = job.snapshot
+        copy_start: float | None = None
+        copy_end: float | None = None
         buffer = snapshot.admission.host.get(chunk.index)
         buffers_to_return: list[HostBuffer] = []
         try:
@@ -419,24 +430,43 @@ class Pipeline:
                     await wait_cuda_event(event, self.event_waiter)
                 finally:
                     event.synchronize()  # never hand back a buffer a copy still writes into
-                copy_spans.append((copy_start, time.perf_counter()))
+                copy_end = time.perf_counter()
                 job.gpu_chunks_left[chunk.device] -= 1
                 if job.gpu_chunks_left[chunk.device] == 0:
                     await self.memory.give_back(gpu=[chunk.device])
             ranges, keys = snapshot.layout.chunk_pieces[chunk.index]
-            async with slots:
+            write_queued = time.perf_counter()
+            write_start = write_end = write_queued
+
+            def write() -> list[int]:
+                # Timed on the writer thread: its wait in the queue is not write time, nor
+                # is the loop's wake-up after it.
+                nonlocal write_start, write_end
                 write_start = time.perf_counter()
-                sums = await asyncio.get_running_loop().run_in_executor(
-                    self.writers,
-                    lambda: write_pieces(
-                        str(directory / chunk_file_name(chunk.index, job.rank)),
-                        buffer.view(chunk.nbytes),
-                        ranges,
-                        durable=self.config.durable,
-                        room=buffer.view(buffer.data.numel()),
-                    ),
+                sums = write_pieces(
+                    str(directory / chunk_file_name(chunk.index, job.rank)),
+                    buffer.view(chunk.nbytes),
+                    ranges,
+                    durable=self.config.durable,
+                    room=buffer.view(buffer.data.numel()),
                 )
-                write_spans.append((write_start, time.perf_counter()))
+                write_end = time.perf_counter()
+                return sums
+
+            async with slots:
+                sums = await asyncio.get_running_loop().run_in_executor(self.writers, write)
+            origin = job.origin
+            spans.append(
+                ChunkSpan(
+                    index=chunk.index,
+                    nbytes=chunk.nbytes,
+                    copy_started=None if copy_start is None else copy_start - origin,
+                    copy_finished=None if copy_end is None else copy_end - origin,
+                    write_queued=write_queued - origin,
+                    write_started=write_start - origin,
+                    write_finished=write_end - origin,
+                )
+            )
             return dict(zip(keys, sums, strict=True))
         finally:
             await self.memory.give_back(buffers_to_return)

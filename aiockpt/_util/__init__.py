@@ -1,1 +1,2 @@
-"""Small helpers every layer may use: console output, human units, logging setup."""
+"""Small helpers every layer may use: console output, human units, statistics, logging setup,
+and the bridge that lets one coroutine body serve both async and blocking front-ends."""

@@ -335,11 +335,10 @@ class AiockptSystem(System):
             raise RuntimeError(f"{self.name}: no committed checkpoint in {self.directory}")
 
     def staging_bytes(self) -> tuple[int, bool] | None:
-        # The checkpointer does not publish its pool size; read it where it lives.
-        memory = getattr(getattr(self.ckpt, "_core", None), "memory", None)
-        if memory is None:
+        staging = self.ckpt.staging
+        if staging is None:  # nothing checkpointed yet: no pool sized
             return None
-        return int(memory.host_nbytes), bool(memory.pinned)
+        return staging.host_pool_bytes, staging.pinned
 
     def close(self) -> None:
         self.ckpt.close()

@@ -15,19 +15,17 @@ writes to, and nothing of the user's is touched), in this order:
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import functools
 import math
 import shutil
 import statistics
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,8 +41,6 @@ from .workloads import Workload, sync
 
 __all__ = ["host_memory_available", "measure", "synthetic_workload"]
 
-P = ParamSpec("P")
-T = TypeVar("T")
 
 WARMUP_STEPS = 3
 PLAIN_STEPS = 3
@@ -144,58 +140,6 @@ def host_memory_available() -> int | None:
     return None
 
 
-@dataclass(frozen=True)
-class ChunkSpan:
-    queued: float
-    started: float
-    finished: float
-
-
-class ChunkWriteTimer(concurrent.futures.ThreadPoolExecutor):
-    """The pipeline's writer pool, timing each chunk write: its wait for a thread, its run.
-
-    The pipeline keeps per-chunk timings to itself; timing its pool from the outside gives
-    them without adding work to the write path. Store calls (begin, commit, retention)
-    run untimed.
-    """
-
-    def __init__(self, workers: int, store: object) -> None:
-        super().__init__(workers, thread_name_prefix="aiockpt-write")
-        self._store = store
-        self._lock = threading.Lock()
-        self._spans: list[ChunkSpan] = []
-
-    def submit(
-        self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
-    ) -> concurrent.futures.Future[T]:
-        if getattr(fn, "__self__", None) is self._store:
-            return super().submit(fn, *args, **kwargs)
-        queued = time.perf_counter()
-
-        def timed() -> T:
-            started = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                with self._lock:
-                    self._spans.append(ChunkSpan(queued, started, time.perf_counter()))
-
-        return super().submit(timed)
-
-    def take(self) -> list[ChunkSpan]:
-        with self._lock:
-            spans, self._spans = self._spans, []
-        return spans
-
-
-def _time_chunk_writes(ckpt: SyncCheckpointer) -> ChunkWriteTimer:
-    pipeline = ckpt._core.pipeline
-    timer = ChunkWriteTimer(ckpt.config.num_threads, ckpt._core.store)
-    idle, pipeline.writers = pipeline.writers, timer
-    idle.shutdown()
-    return timer
-
-
 @dataclass
 class _Rounds:
     """What the isolated checkpoints measured, per checkpoint (milliseconds)."""
@@ -215,9 +159,7 @@ class _Rounds:
     chunk_write: list[float] = field(default_factory=list)
 
 
-def _isolated_rounds(
-    ckpt: SyncCheckpointer, workload: Workload, timer: ChunkWriteTimer, rounds: int
-) -> _Rounds:
+def _isolated_rounds(ckpt: SyncCheckpointer, workload: Workload, rounds: int) -> _Rounds:
     step, device = workload.step, workload.device
     out = _Rounds()
     for number in range(1, rounds + 1):
@@ -229,7 +171,6 @@ def _isolated_rounds(
             box["call"] = time.perf_counter() - start
             step()
 
-        timer.take()
         plain = [_timed(step, device) * 1e3]
         with_checkpoint = _timed(checkpoint_then_step, device) * 1e3
         handle: SyncCheckpointHandle = box["handle"]
@@ -251,9 +192,10 @@ def _isolated_rounds(
         out.commit.append(metrics.commit_ms)
         if metrics.copy_seconds:
             out.copy_gbps.append(metrics.copy_gbps)
-        for span in timer.take():
-            out.chunk_wait.append((span.started - span.queued) * 1e3)
-            out.chunk_write.append((span.finished - span.started) * 1e3)
+        # Each chunk's wait for a write slot and a writer thread, and its write.
+        for span in metrics.chunk_spans:
+            out.chunk_wait.append(span.queue_seconds * 1e3)
+            out.chunk_write.append(span.write_seconds * 1e3)
     return out
 
 
@@ -345,13 +287,11 @@ def measure(
             config.replace(directory=scratch / "checkpoints"), **workload.state()
         )
         try:
-            timer = _time_chunk_writes(ckpt)
             progress("first checkpoint (plans the layout, allocates staging memory)")
             first = _timed(lambda: ckpt.checkpoint(0).wait(), device)
-            timer.take()
             plain = [_timed(workload.step, device) for _ in range(PLAIN_STEPS)]
             progress(f"{rounds} isolated checkpoints, steps timed while each persists")
-            measured = _isolated_rounds(ckpt, workload, timer, rounds)
+            measured = _isolated_rounds(ckpt, workload, rounds)
             step_ms = statistics.median([p * 1e3 for p in plain] + measured.plain)
             interval, source = checkpoint_interval(
                 config,
@@ -407,11 +347,9 @@ def _layout_facts(
     gpu: tuple[int, int] | None,
 ) -> tuple[Setup, Memory]:
     """Chunks, staging and the pool as the checkpointer set them up for this state."""
-    core = ckpt._core
-    capturer = core.capturer
-    assert capturer is not None, "measured after the first checkpoint"
-    layout = capturer.layout
-    modes = sorted(set(capturer.modes.values()))
+    layout, staging = ckpt.layout, ckpt.staging
+    assert layout is not None and staging is not None, "measured after the first checkpoint"
+    modes = sorted(set(staging.modes.values()))
     device = workload.device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     setup = Setup(
@@ -419,18 +357,15 @@ def _layout_facts(
         device=name,
         on_gpu=device.type == "cuda",
         state_bytes=layout.nbytes,
-        chunks=len(layout.chunks),
+        chunks=layout.chunks,
         staging_mode="+".join(modes),
         interval_steps=interval,
         interval_source=source,
     )
-    memory = Memory(
-        available_bytes=None, pool_bytes=core.memory.host_nbytes, pinned=core.memory.pinned
-    )
+    memory = Memory(available_bytes=None, pool_bytes=staging.host_pool_bytes, pinned=staging.pinned)
     if gpu is not None:
         free, total = gpu
-        cuda = [d for d in layout.devices if d.type == "cuda"]
-        need = sum(layout.device_span(d)[1] - layout.device_span(d)[0] for d in cuda)
+        need = sum(n for d, n in layout.device_bytes.items() if torch.device(d).type == "cuda")
         memory.gpu_free_bytes, memory.gpu_total_bytes = free, total
         memory.gpu_headroom_fraction = GPU_HEADROOM_FRACTION
         memory.gpu_room_bytes = int(free - GPU_HEADROOM_FRACTION * total)

@@ -21,12 +21,13 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from .._util.bridge import Ready, drive
 from ..checkpointer import (
     Checkpointer,
     CheckpointHandle,
@@ -37,6 +38,7 @@ from ..config import Config, resolve_config
 from ..distributed.group import is_rank_zero, world_size
 from ..errors import BackgroundError, CheckpointError, ConfigError, UsageError
 from ..stateful import RNGState
+from ..storage.local import CheckpointInfo
 from .policy import BasePolicy, IntervalPolicy, policy_from_config
 
 __all__ = ["SyncTrainer", "Trainer"]
@@ -304,10 +306,85 @@ class _Engine:
         )
 
 
+class _Calls(Protocol):
+    """The checkpointer's calls as awaitables: the one Trainer body awaits these.
+
+    The async Trainer's are the Checkpointer's own coroutines; the SyncTrainer's run the
+    SyncCheckpointer's blocking calls and hand back Ready values, so its body, driven on
+    the caller's thread, never suspends.
+    """
+
+    def checkpoint(self, step: int) -> Awaitable[Handle]: ...
+    def outcome(self, handle: Handle) -> Awaitable[CheckpointInfo | None]: ...
+    def wait(self) -> Awaitable[None]: ...
+    def restore(self, step: int | None) -> Awaitable[int | None]: ...
+    def close(self) -> Awaitable[None]: ...
+    def let_pipeline_run(self) -> Awaitable[None]: ...
+
+
+class _AsyncCalls:
+    """The Checkpointer's coroutines, awaited as they are."""
+
+    def __init__(self, checkpointer: Checkpointer) -> None:
+        self.checkpointer = checkpointer
+
+    def checkpoint(self, step: int) -> Awaitable[Handle]:
+        return self.checkpointer.checkpoint(step)
+
+    def outcome(self, handle: Handle) -> Awaitable[CheckpointInfo | None]:
+        assert isinstance(handle, CheckpointHandle)
+        return handle.wait()  # done already: returns without suspending
+
+    def wait(self) -> Awaitable[None]:
+        return self.checkpointer.wait()
+
+    def restore(self, step: int | None) -> Awaitable[int | None]:
+        return self.checkpointer.restore(step)
+
+    def close(self) -> Awaitable[None]:
+        return self.checkpointer.close()
+
+    def let_pipeline_run(self) -> Awaitable[None]:
+        # Without the monitor the pipeline runs on the caller's loop: let it move.
+        if self.checkpointer.config.use_monitor:
+            return Ready(None)
+        return asyncio.sleep(0)
+
+
+class _BlockingCalls:
+    """The SyncCheckpointer's blocking calls, run at once, their values handed back Ready."""
+
+    def __init__(self, checkpointer: SyncCheckpointer) -> None:
+        self.checkpointer = checkpointer
+
+    def checkpoint(self, step: int) -> Ready:
+        return Ready(self.checkpointer.checkpoint(step))
+
+    def outcome(self, handle: Handle) -> Ready:
+        assert isinstance(handle, SyncCheckpointHandle)
+        return Ready(handle.wait())
+
+    def wait(self) -> Ready:
+        self.checkpointer.wait()
+        return Ready(None)
+
+    def restore(self, step: int | None) -> Ready:
+        return Ready(self.checkpointer.restore(step))
+
+    def close(self) -> Ready:
+        self.checkpointer.close()
+        return Ready(None)
+
+    def let_pipeline_run(self) -> Ready:
+        return Ready(None)  # the pipeline has a loop of its own
+
+
 class _TrainerBase:
-    """What Trainer and SyncTrainer share: construction and the read-only properties."""
+    """What Trainer and SyncTrainer share: construction, the read-only properties, and the
+    one body of every call, written against ``_Calls``."""
 
     _checkpointer_class: type[Checkpointer] | type[SyncCheckpointer]
+    _calls: _Calls
 
     def __init__(
         self,
@@ -344,6 +421,55 @@ class _TrainerBase:
             stateful=stateful,
         )
         self.checkpointer = self._checkpointer_class(self._engine.config, **self._engine.objects)
+        self._calls = self._calls_for(self.checkpointer)
+
+    def _calls_for(self, checkpointer: Checkpointer | SyncCheckpointer) -> _Calls:
+        """The checkpointer's calls as this front-end awaits them."""
+        raise NotImplementedError
+
+    # -- the bodies, one for both front-ends --------------------------------------------------
+    async def _train_step(self, batch: Any, enable_checkpoint: bool | None) -> torch.Tensor:
+        engine = self._engine
+        await self._collect()
+        await self._calls.let_pipeline_run()
+        loss, wanted = engine.compute(batch, enable_checkpoint)
+        if wanted:
+            await self._checkpoint()
+        if engine.micro_step == 0:
+            engine.end_step()
+        return loss
+
+    async def _checkpoint(self) -> Handle:
+        engine = self._engine
+        existing = engine.check_between_steps()
+        if existing is not None:
+            return existing
+        start = time.perf_counter()
+        handle = await self._calls.checkpoint(engine.step)
+        engine.taken(handle, time.perf_counter() - start)
+        return handle
+
+    async def _collect(self) -> None:
+        for handle, stall in self._engine.done_handles():
+            error = None
+            try:
+                await self._calls.outcome(handle)
+            except BackgroundError as exc:
+                error = exc
+            self._engine.finished(handle, stall, error)
+
+    async def _wait(self) -> None:
+        await self._calls.wait()
+        await self._collect()
+
+    async def _resume(self, step: int | None) -> int:
+        return self._engine.restored(await self._calls.restore(step))
+
+    async def _close(self) -> None:
+        try:
+            await self._calls.close()
+        finally:
+            self._engine.log_summary()
 
     @property
     def step(self) -> int:
@@ -416,60 +542,35 @@ class Trainer(_TrainerBase):
     _checkpointer_class = Checkpointer
     checkpointer: Checkpointer
 
+    def _calls_for(self, checkpointer: Checkpointer | SyncCheckpointer) -> _Calls:
+        assert isinstance(checkpointer, Checkpointer)
+        return _AsyncCalls(checkpointer)
+
     async def train_step(self, batch: Any, enable_checkpoint: bool | None = None) -> torch.Tensor:
         """Forward, backward, (every k-th call) the optimizer step and maybe a checkpoint.
 
         ``enable_checkpoint`` True/False forces the checkpoint decision for the optimizer
         step this call completes (or, mid-accumulation, the next one).
         """
-        engine = self._engine
-        await self._collect()
-        if not engine.config.use_monitor:
-            await asyncio.sleep(0)  # the pipeline runs on this loop: let it move
-        loss, wanted = engine.compute(batch, enable_checkpoint)
-        if wanted:
-            await self.checkpoint()
-        if engine.micro_step == 0:
-            engine.end_step()
-        return loss
+        return await self._train_step(batch, enable_checkpoint)
 
     async def checkpoint(self) -> CheckpointHandle:
         """Checkpoint the current step; returns once captured (await the handle for durable)."""
-        engine = self._engine
-        existing = engine.check_between_steps()
-        if isinstance(existing, CheckpointHandle):
-            return existing
-        start = time.perf_counter()
-        handle = await self.checkpointer.checkpoint(engine.step)
-        engine.taken(handle, time.perf_counter() - start)
+        handle = await self._checkpoint()
+        assert isinstance(handle, CheckpointHandle)
         return handle
-
-    async def _collect(self) -> None:
-        for handle, stall in self._engine.done_handles():
-            assert isinstance(handle, CheckpointHandle)
-            error = None
-            try:
-                await handle  # done: returns without suspending
-            except BackgroundError as exc:
-                error = exc
-            self._engine.finished(handle, stall, error)
 
     async def wait(self) -> None:
         """Wait until every checkpoint in flight is durable; re-raise a background failure."""
-        await self.checkpointer.wait()
-        await self._collect()
+        await self._wait()
 
     async def resume(self, step: int | None = None) -> int:
         """Restore the newest valid checkpoint (or ``step``); the step to go on from (0 if none)."""
-        restored = await self.checkpointer.restore(step)
-        return self._engine.restored(restored)
+        return await self._resume(step)
 
     async def close(self) -> None:
         """Drain what is in flight and release the checkpointer."""
-        try:
-            await self.checkpointer.close()
-        finally:
-            self._engine.log_summary()
+        await self._close()
 
     async def __aenter__(self) -> Trainer:
         return self
@@ -495,52 +596,30 @@ class SyncTrainer(_TrainerBase):
     _checkpointer_class = SyncCheckpointer
     checkpointer: SyncCheckpointer
 
+    def _calls_for(self, checkpointer: Checkpointer | SyncCheckpointer) -> _Calls:
+        assert isinstance(checkpointer, SyncCheckpointer)
+        return _BlockingCalls(checkpointer)
+
     def train_step(self, batch: Any, enable_checkpoint: bool | None = None) -> torch.Tensor:
         """Forward, backward, (every k-th call) the optimizer step and maybe a checkpoint."""
-        engine = self._engine
-        self._collect()
-        loss, wanted = engine.compute(batch, enable_checkpoint)
-        if wanted:
-            self.checkpoint()
-        if engine.micro_step == 0:
-            engine.end_step()
-        return loss
+        return drive(self._train_step(batch, enable_checkpoint))
 
     def checkpoint(self) -> SyncCheckpointHandle:
         """Checkpoint the current step; returns once captured (``.wait()`` for durable)."""
-        engine = self._engine
-        existing = engine.check_between_steps()
-        if isinstance(existing, SyncCheckpointHandle):
-            return existing
-        start = time.perf_counter()
-        handle = self.checkpointer.checkpoint(engine.step)
-        engine.taken(handle, time.perf_counter() - start)
+        handle = drive(self._checkpoint())
+        assert isinstance(handle, SyncCheckpointHandle)
         return handle
-
-    def _collect(self) -> None:
-        for handle, stall in self._engine.done_handles():
-            assert isinstance(handle, SyncCheckpointHandle)
-            error = None
-            try:
-                handle.wait()
-            except BackgroundError as exc:
-                error = exc
-            self._engine.finished(handle, stall, error)
 
     def wait(self) -> None:
         """Block until every checkpoint in flight is durable; re-raise a background failure."""
-        self.checkpointer.wait()
-        self._collect()
+        drive(self._wait())
 
     def resume(self, step: int | None = None) -> int:
         """Restore the newest valid checkpoint (or ``step``); the step to go on from (0 if none)."""
-        return self._engine.restored(self.checkpointer.restore(step))
+        return drive(self._resume(step))
 
     def close(self) -> None:
-        try:
-            self.checkpointer.close()
-        finally:
-            self._engine.log_summary()
+        drive(self._close())
 
     def __enter__(self) -> SyncTrainer:
         return self

@@ -246,7 +246,7 @@ def test_enospc_on_error_warn(small_disk: Path, caplog: pytest.LogCaptureFixture
     failures = [r for r in caplog.records if r.levelno == logging.WARNING and r.exc_info]
     assert len(failures) == 1, [r.getMessage() for r in caplog.records]
     record = failures[0]
-    assert record.name == "aiockpt.checkpointer"
+    assert record.name == "aiockpt._engine.failures"
     assert "step 2" in record.getMessage()
     assert record.exc_info is not None
     error = record.exc_info[1]

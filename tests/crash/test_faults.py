@@ -410,8 +410,9 @@ def test_slow_disk_backlog_stays_bounded(
     async def main() -> dict[str, Any]:
         async with aiockpt.Checkpointer(cfg, big=big) as ckpt:
             await (await ckpt.checkpoint(0))  # sizes the staging memory once
-            memory = ckpt._core.memory
-            pool = memory.host_nbytes
+            staging = ckpt.staging
+            assert staging is not None
+            pool = staging.host_pool_bytes
             rss_before = rss_bytes()
             peak_rss, peak_in_flight, handles = rss_before, 0, []
             started = time.perf_counter()
@@ -419,14 +420,18 @@ def test_slow_disk_backlog_stays_bounded(
                 big.step = step
                 big.w.fill_(step)  # training changes the state right after each call
                 handles.append(await ckpt.checkpoint(step))
-                peak_in_flight = max(peak_in_flight, memory.in_flight)
+                staging = ckpt.staging
+                assert staging is not None
+                peak_in_flight = max(peak_in_flight, staging.in_flight)
                 peak_rss = max(peak_rss, rss_bytes())
-                assert memory.host_nbytes == pool
+                assert staging.host_pool_bytes == pool
             requesting = time.perf_counter() - started
             await ckpt.wait()
+            after = ckpt.staging
+            assert after is not None
             return dict(
                 pool=pool,
-                pool_after=memory.host_nbytes,
+                pool_after=after.host_pool_bytes,
                 rss_growth=peak_rss - rss_before,
                 peak_in_flight=peak_in_flight,
                 handles=handles,

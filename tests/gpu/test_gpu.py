@@ -84,7 +84,7 @@ def test_consecutive_checkpoints_are_each_exact(tmp_path, staging):
                 _train(model, optimizer, 1)
             for handle in handles:
                 await handle
-            assert ckpt._core.plans.hits == 5
+            assert ckpt.stats.replayed == 5
         return expected
 
     expected = asyncio.run(scenario())
@@ -258,9 +258,10 @@ def test_restore_borrows_the_staging_pool_and_gives_it_back(tmp_path, monkeypatc
         expected = _full_snapshot(model, optimizer)
         _train(model, optimizer, 2)
         assert ckpt.restore() == 1
-        memory = ckpt._core.memory
-        assert memory.pinned and lent and lent[-1] == len(memory._buffers) > 0
-        assert len(memory._free) == len(memory._buffers)
+        staging = ckpt.staging
+        assert staging is not None
+        assert staging.pinned and lent and lent[-1] == staging.host_buffers > 0
+        assert staging.host_buffers_free == staging.host_buffers
         _assert_same(_full_snapshot(model, optimizer), expected)
         _train(model, optimizer, 1)
         ckpt.checkpoint(2).wait()  # the pool serves checkpoints again

@@ -228,5 +228,6 @@ def test_a_failed_capture_gives_its_admission_back(
             ckpt.checkpoint(1)
         # The only in-flight place came back, and the commit chain does not wait for step 1.
         assert ckpt.checkpoint(2).wait() is not None
-        assert ckpt._core.memory.in_flight == 0
+        staging = ckpt.staging
+        assert staging is not None and staging.in_flight == 0
     assert [i.step for i in aiockpt.list_checkpoints(config.directory)] == [2]

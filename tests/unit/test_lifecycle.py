@@ -161,14 +161,15 @@ def test_soak_1000_checkpoints_keep_last_3(tmp_path: Path, staging: str) -> None
 
     async def main() -> dict[str, Any]:
         async with aiockpt.Checkpointer(cfg, small=small) as ckpt:
-            memory = ckpt._core.memory
             started = time.perf_counter()
             pending: list[aiockpt.CheckpointHandle] = []
             in_flight_max = 0
             for step in range(1, SOAK_CHECKPOINTS + 1):
                 small.set(step)
                 pending.append(await ckpt.checkpoint(step))  # blocks while 2 are in flight
-                in_flight_max = max(in_flight_max, memory.in_flight)
+                staging = ckpt.staging
+                assert staging is not None
+                in_flight_max = max(in_flight_max, staging.in_flight)
                 if step % 100 == 0:
                     in_flight_disk = disk_bytes(directory)
                     await ckpt.wait()  # measure at rest: nothing in flight holds a file
@@ -181,8 +182,8 @@ def test_soak_1000_checkpoints_keep_last_3(tmp_path: Path, staging: str) -> None
                             disk=disk_bytes(directory),
                             disk_in_flight=in_flight_disk,
                             committed=len(aiockpt.list_checkpoints(directory)),
-                            pool=memory.host_nbytes,
-                            pinned=int(memory.pinned),
+                            pool=staging.host_pool_bytes,
+                            pinned=int(staging.pinned),
                             gpu=torch.cuda.memory_allocated() if cuda else 0,
                         )
                     )

@@ -78,7 +78,7 @@ def test_a_warning_names_its_module(tmp_path: Path, caplog: pytest.LogCaptureFix
     ):
         assert ckpt.restore() == 1
     (skipped,) = _aiockpt_records(caplog, logging.WARNING)
-    assert skipped.name == "aiockpt.checkpointer"
+    assert skipped.name == "aiockpt._engine.restore"
     assert (
         "skipping corrupt checkpoint" in skipped.getMessage() and "step-2" in skipped.getMessage()
     )
@@ -95,7 +95,7 @@ def test_info_is_off_by_default_and_verbose_turns_it_on(
     _save_one(tmp_path / "verbose", verbose=True)
     assert PACKAGE.level == logging.INFO
     infos = _aiockpt_records(caplog, logging.INFO)
-    assert {r.name for r in infos} == {"aiockpt.checkpointer"}
+    assert {r.name for r in infos} == {"aiockpt._engine.saver", "aiockpt._engine.failures"}
     assert any("step 1" in r.getMessage() for r in infos), [r.getMessage() for r in infos]
 
 
@@ -169,7 +169,7 @@ def test_verbose_shows_info_in_a_program_that_configured_no_logging(tmp_path: Pa
     configured = "import logging; logging.basicConfig()\n" + _UNCONFIGURED
     done = _python(configured.format(directory=str(tmp_path / "ckpt2")))
     assert done.returncode == 0, done.stderr
-    assert "INFO:aiockpt.checkpointer:" in done.stderr and "step 1" in done.stderr
+    assert "INFO:aiockpt._engine." in done.stderr and "step 1" in done.stderr
 
 
 def test_the_command_line_logs_on_stderr_while_a_command_runs(

@@ -254,7 +254,11 @@ def test_adaptive_state_round_trips() -> None:
 
 # -- the backlog warning ---------------------------------------------------------------------
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "aiockpt" and r.levelno == logging.WARNING]
+    return [
+        r
+        for r in caplog.records
+        if r.name == "aiockpt.training.policy" and r.levelno == logging.WARNING
+    ]
 
 
 def test_backlog_warns_once_with_numbers_and_advice(caplog: pytest.LogCaptureFixture) -> None:

@@ -23,6 +23,7 @@ from conftest import (
 )
 
 import aiockpt
+from aiockpt._engine.restore import Restorer, RestoreRequest
 
 
 def train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int) -> None:
@@ -521,13 +522,24 @@ def test_staged_read_verifies_pieces_split_across_windows(tmp_path: Path) -> Non
             os.close(fd)
 
 
-def test_restore_without_a_cuda_placement_reads_to_host(tmp_path: Path) -> None:
+def test_restore_without_a_cuda_placement_reads_to_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    placements: list[object] = []
+    plan = Restorer.placement
+
+    def spy(self: Restorer, request: RestoreRequest) -> object:
+        placement = plan(self, request)
+        placements.append(placement)
+        return placement
+
+    monkeypatch.setattr(Restorer, "placement", spy)
     model, opt = setup()
     train(model, opt, 1)
     config = make_config(tmp_path)
     with aiockpt.SyncCheckpointer(config, model=model, optimizer=opt) as ckpt:
         ckpt.checkpoint(1).wait()
-        request = ckpt._core.request(None, None)
-        if not torch.cuda.is_available():
-            assert ckpt._core.placement(request) is None
         assert ckpt.restore() == 1
+    assert len(placements) == 1
+    if not torch.cuda.is_available():
+        assert placements == [None]

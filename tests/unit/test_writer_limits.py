@@ -22,7 +22,7 @@ import torch
 from conftest import Bag, assert_state_equal, clone_state, make_config
 
 import aiockpt
-from aiockpt import checkpointer as checkpointer_module
+from aiockpt._engine import saver as saver_module
 from aiockpt._engine.capture.limits import StateLimits
 from aiockpt._format import manifest
 from aiockpt._format.manifest import Manifest
@@ -135,7 +135,7 @@ def test_every_reader_limit_has_a_writer_case() -> None:
 def _writer_checks_off(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let a state past a limit be written, as a writer without the checks would."""
     monkeypatch.setattr(StateLimits, "check", lambda self, flat, complete=True: None)
-    monkeypatch.setattr(checkpointer_module, "check_layout", lambda layout: None)
+    monkeypatch.setattr(saver_module, "check_layout", lambda layout: None)
     monkeypatch.setattr(Manifest, "to_json", Manifest._serialize)
 
 
@@ -218,7 +218,7 @@ def test_step_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert_state_equal(aiockpt.load(root / f"step-{manifest.MAX_STEP}")["bag"], BASELINE)
     # Past it, written anyway, a reader refuses it.
     _writer_checks_off(monkeypatch)
-    monkeypatch.setattr(checkpointer_module, "MAX_STEP", 2**64)
+    monkeypatch.setattr(saver_module, "MAX_STEP", 2**64)
     with aiockpt.SyncCheckpointer(config, bag=Bag(clone_state(BASELINE))) as ckpt:
         ckpt.checkpoint(manifest.MAX_STEP + 1).wait()
     with pytest.raises(aiockpt.CorruptCheckpointError, match=r"step = \d+ is not an integer"):

@@ -1,0 +1,152 @@
+"""What one Checkpointer holds open, and the operations both front-ends share.
+
+``Core`` validates the objects, opens the directory (agreed across ranks), and owns the
+staging memory, the pipeline and the runtime; the save side (``Saver``), the restore side
+(``Restorer``) and the failure bookkeeping (``FailureLog``) are its parts. ``wait`` and
+``close`` are the one body of both front-ends' calls of those names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from .._util.bridge import Bridge
+from ..config import Config
+from ..distributed.group import RankGroup
+from ..distributed.sharding import Replicated, object_kinds
+from ..errors import CheckpointError, UsageError
+from ..metrics import CheckpointerStats
+from ..stateful import Stateful, is_zero_optimizer
+from ..storage.local import CheckpointStore
+from . import shutdown
+from .capture import check_state_name
+from .failures import FailureLog
+from .memory import StagingMemory
+from .pipeline import Pipeline
+from .restore import Restorer
+from .runtime import MonitorLoop, Runtime
+from .saver import Saver
+
+__all__ = ["Core", "close", "wait"]
+
+logger = logging.getLogger(__name__)
+
+
+class Core:
+    """State shared by both front-ends; every method runs on the caller's thread."""
+
+    def __init__(self, config: Config, stateful: Mapping[str, Any], runtime: Runtime) -> None:
+        if not stateful:
+            raise UsageError(
+                "Checkpointer needs at least one object to save, e.g. "
+                "Checkpointer(config, model=model, optimizer=optimizer)"
+            )
+        for name, obj in stateful.items():
+            check_state_name(name)
+            if not isinstance(obj, Stateful):
+                raise UsageError(
+                    f"{name}={type(obj).__name__} has no state_dict()/load_state_dict(); pass "
+                    "modules, optimizers, schedulers, aiockpt.RNGState() or your own Stateful"
+                )
+        self.config = config
+        # A ZeRO optimizer's state is saved whole, the same on every rank (state_to_save).
+        self.kinds = object_kinds(
+            {
+                name: Replicated(obj) if is_zero_optimizer(obj) else obj
+                for name, obj in stateful.items()
+            }
+        )
+        self.objects = {
+            name: obj.wrapped if isinstance(obj, Replicated) else obj
+            for name, obj in stateful.items()
+        }
+        self.runtime = runtime
+        self.ranks = RankGroup.current(config.rank_timeout_s)
+        self.store = CheckpointStore(
+            config.directory,
+            durable=config.durable,
+            lead=self.ranks is None or self.ranks.is_zero,
+        )
+        self._open_store()
+        self.memory = StagingMemory(max_async=config.max_async)
+        self.pipeline = Pipeline(config, self.store, self.memory, self.ranks)
+        self.stats = CheckpointerStats()
+        self.failures = FailureLog(self.stats, on_error=config.on_error)
+        self.saver = Saver(
+            config,
+            self.objects,
+            self.kinds,
+            self.ranks,
+            runtime,
+            self.memory,
+            self.pipeline,
+            self.failures,
+            self.stats,
+        )
+        self.restorer = Restorer(
+            config, self.objects, self.ranks, self.store, self.memory, self.pipeline, self.stats
+        )
+        self.pid = os.getpid()
+        shutdown.track(self)
+
+    def _open_store(self) -> None:
+        if self.ranks is None:
+            self.store.open()
+            return
+        # Rank 0 takes the lock and clears a dead run's leftovers before any rank writes;
+        # every rank learns whether that worked, so none is left waiting for the others.
+        problem = None
+        try:
+            self.store.open()
+        except Exception as exc:
+            problem = exc
+        problems = self.ranks.all_gather(None if problem is None else str(problem))
+        if problem is not None:
+            raise problem
+        failed = [f"rank {rank}: {p}" for rank, p in enumerate(problems) if p is not None]
+        if failed:
+            self.store.close()
+            raise CheckpointError(f"another rank could not open {self.config.directory}: {failed}")
+
+    @property
+    def closed(self) -> bool:
+        return self.saver.closed
+
+    def close_resources(self) -> None:
+        shutdown.forget(self)
+        self.saver.release()
+        self.pipeline.close()
+        self.memory.release()
+        self.store.close()
+        self.runtime.close()
+        if self.ranks is not None:
+            self.ranks.destroy()
+
+    def finish_at_exit(self) -> None:
+        """Let checkpoints in flight commit when the interpreter exits without close()."""
+        if self.closed or self.pid != os.getpid() or not isinstance(self.runtime, MonitorLoop):
+            return
+        try:
+            self.runtime.run_sync(self.pipeline.drain())
+        except Exception:  # exiting anyway; the next open cleans up
+            logger.exception("could not finish checkpoints at exit")
+        finally:
+            self.close_resources()
+
+
+async def wait(core: Core, bridge: Bridge) -> None:
+    await bridge(core.pipeline.drain())
+    core.failures.raise_failures()
+
+
+async def close(core: Core, bridge: Bridge, cancel: bool) -> None:
+    if core.closed:
+        return
+    try:
+        await bridge(core.pipeline.drain(cancel=cancel))
+    finally:
+        core.close_resources()
+    core.failures.raise_failures()

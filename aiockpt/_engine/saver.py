@@ -1,0 +1,300 @@
+"""The save side of a Checkpointer: flatten the state, lay it out, capture it, hand it on.
+
+Everything here runs on the caller's thread except what the bridge sends to the
+runtime's loop (waiting for admission, draining before a new layout). ``checkpoint`` is
+the one body of both front-ends' ``checkpoint()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._format.manifest import MAX_STEP
+from .._util.bridge import Bridge
+from .._version import __version__
+from ..config import Config
+from ..distributed.group import RankGroup, is_rank_zero
+from ..distributed.sharding import RankShare
+from ..errors import CheckpointError, ConfigError
+from ..metrics import CheckpointerStats, CheckpointMetrics, LayoutSummary, StagingSummary
+from ..stateful import state_to_save
+from .capture import FlatState, FlattenCache
+from .capture.limits import StateLimits, check_layout
+from .failures import AnyFuture, FailureLog
+from .layers import tensor_layers
+from .layout import ALIGNMENT, describe, layout_signature, plan_layout, plan_layout_for_count
+from .memory import StagingMemory
+from .pipeline import Admitted, Job, Pipeline
+from .runtime import Runtime
+from .staging import CaptureGuard, Capturer, Snapshot, choose_staging
+
+__all__ = ["Saver", "checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+
+class Saver:
+    """Capture state for one Checkpointer; every method runs on the caller's thread."""
+
+    def __init__(
+        self,
+        config: Config,
+        objects: dict[str, Any],
+        kinds: dict[str, str],
+        ranks: RankGroup | None,
+        runtime: Runtime,
+        memory: StagingMemory,
+        pipeline: Pipeline,
+        failures: FailureLog,
+        stats: CheckpointerStats,
+    ) -> None:
+        self.config = config
+        self.objects = objects
+        self.kinds = kinds
+        self.ranks = ranks
+        self.runtime = runtime
+        self.memory = memory
+        self.pipeline = pipeline
+        self.failures = failures
+        self.stats = stats
+        self.sequence = 0  # checkpoint() calls so far: the same count on every rank
+        self._shares: dict[tuple[object, ...], RankShare] = {}
+        self.guard = CaptureGuard()
+        self.versions = {"aiockpt": __version__, "torch": torch.__version__}
+        self.capturer: Capturer | None = None
+        self.layers: list[str | None] = []
+        self.plans = FlattenCache()
+        self.limits = StateLimits()
+        # The FlatState.structure last found to match the layout: the same object again
+        # means the same dtypes, shapes and devices, so the layout still fits.
+        self._fitting_structure: object | None = None
+        self.closed = False
+
+    def check_can_checkpoint(self, step: int) -> None:
+        if self.closed:
+            raise CheckpointError("this Checkpointer is closed; create a new one")
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_STEP:
+            # Checked before anything is captured, committed or deleted: a step the format
+            # cannot hold would be committed as a checkpoint that no reader accepts.
+            raise ConfigError(
+                f"step must be a non-negative int, at most {MAX_STEP} (2**63 - 1, what the "
+                f"checkpoint format holds), got {step!r}; pass the training step counter"
+            )
+        self.failures.raise_failures()
+        self.failures.check_not_in_flight(step)
+
+    def flatten(self) -> FlatState:
+        states = {name: state_to_save(obj) for name, obj in self.objects.items()}
+        flat = self.limits.flatten(states, self.plans, complete=self.ranks is None)
+        self.stats.replayed = self.plans.hits
+        return flat
+
+    def next_shared_directory(self) -> str | None:
+        """The suffix of the temporary directory all ranks write this checkpoint into."""
+        self.sequence += 1
+        return None if self.ranks is None else f"{self.ranks.token}n{self.sequence}"
+
+    def share(self, flat: FlatState) -> tuple[FlatState, RankShare | None]:
+        """The part of ``flat`` that this rank writes (all of it for one process)."""
+        if self.ranks is None:
+            return flat, None
+        key = (tuple(flat.names), *(t.shape for t in flat.tensors))
+        share = self._shares.get(key)
+        if share is None:
+            share = RankShare.plan(flat.tensors, flat.names, flat.shards, self.kinds, self.ranks)
+            self._shares = {key: share}
+        mine = FlatState(
+            [flat.tensors[i] for i in share.written],
+            [flat.names[i] for i in share.written],
+            flat.skeleton,
+        )
+        return mine, share
+
+    def needs_new_layout(self, flat: FlatState) -> bool:
+        if self.capturer is None:
+            return True
+        if flat.structure is not None and flat.structure is self._fitting_structure:
+            return False
+        signature = layout_signature(flat.tensors, self.capturer.layout.chunk_bytes)
+        if signature != self.capturer.layout.signature:
+            return True
+        self._fitting_structure = flat.structure
+        return False
+
+    def build_layout(self, flat: FlatState) -> None:
+        """Plan chunks and size staging memory; only called with nothing in flight."""
+        layers = tensor_layers(self.objects, flat.names)
+        if self.config.chunk_count is not None:
+            layout = plan_layout_for_count(
+                flat.tensors, flat.names, self.config.chunk_count, layers
+            )
+        else:
+            chunk_bytes = self.config.chunk_bytes(_aligned_total(flat))
+            layout = plan_layout(flat.tensors, flat.names, chunk_bytes, layers)
+        check_layout(layout)
+        modes = {}
+        for device in layout.devices:
+            start, end = layout.device_span(device)
+            modes[device] = choose_staging(self.config.staging, device, end - start)
+        self.memory.drop_gpu_buffers()
+        capturer = Capturer(layout, self.memory, modes)
+        largest = max((c.nbytes for c in layout.chunks), default=0)
+        buffer_bytes = max(-(-largest // 4096) * 4096, 4096)
+        # Whole chunks: pinned_ratio = 2 must hold two whole checkpoints, even when the
+        # last chunk is small.
+        wanted = math.ceil(self.config.pinned_ratio * len(layout.chunks))
+        floor = len(capturer.host_captured_chunks) + (1 if capturer.gpu_devices else 0)
+        pin = any(d.type == "cuda" for d in layout.devices)
+        self.memory.resize_host(buffer_bytes, max(wanted, floor, 1), pin=pin)
+        if any(mode == "host" for mode in modes.values()):
+            self.guard.install(self.objects.values())
+        self.capturer = capturer
+        self.layers = layers
+        self._fitting_structure = flat.structure
+        # Said at INFO (verbose): the tuning advice comes with the layout it is about.
+        if is_rank_zero() and logger.isEnabledFor(logging.INFO):
+            logger.info("layout %s; staging %s", describe(layout), modes)
+            for warning in self.config.queueing_warnings(len(layout.chunks)):
+                logger.warning("%s", warning)
+
+    def capture(
+        self,
+        step: int,
+        flat: FlatState,
+        admitted: Admitted,
+        metrics: CheckpointMetrics,
+        origin: float,
+        share: dict[str, Any] | None = None,
+        shared_directory: str | None = None,
+    ) -> Job:
+        assert self.capturer is not None
+        admission, previous, committed = admitted
+        staging_start = time.perf_counter()
+        host_ready, gpu_ready = self.capturer.capture(flat.tensors, admission, self.guard)
+        metrics.staging_ms = (time.perf_counter() - staging_start) * 1e3
+        layout = self.capturer.layout
+        metrics.nbytes = self.capturer.nbytes
+        metrics.chunks = len(layout.chunks)
+        snapshot = Snapshot(step, layout, flat.skeleton, admission, host_ready, gpu_ready)
+        return Job(
+            snapshot=snapshot,
+            capturer=self.capturer,
+            metrics=metrics,
+            names=flat.names,
+            layers=self.layers,
+            versions=self.versions,
+            previous_commit=previous,
+            committed=committed,
+            rank=0 if self.ranks is None else self.ranks.rank,
+            shared_directory=shared_directory,
+            share=share or {},
+            kinds=self.kinds,
+            origin=origin,
+        )
+
+    # -- what the last layout set up, published read-only -----------------------------------
+    def staging_summary(self) -> StagingSummary | None:
+        if self.capturer is None:
+            return None
+        memory = self.memory
+        return StagingSummary(
+            host_pool_bytes=memory.host_nbytes,
+            host_buffers=memory.host_buffer_count,
+            host_buffers_free=memory.free_host_buffer_count,
+            pinned=memory.pinned,
+            gpu_staging_bytes={str(d): n for d, n in memory.gpu_nbytes().items()},
+            modes={str(d): mode for d, mode in self.capturer.modes.items()},
+            in_flight=memory.in_flight,
+        )
+
+    def layout_summary(self) -> LayoutSummary | None:
+        if self.capturer is None:
+            return None
+        layout = self.capturer.layout
+        spans = {d: layout.device_span(d) for d in layout.devices}
+        return LayoutSummary(
+            chunks=len(layout.chunks),
+            chunk_sizes=tuple(c.nbytes for c in layout.chunks),
+            tensors=len(layout.tensors),
+            nbytes=layout.nbytes,
+            device_bytes={str(d): end - start for d, (start, end) in spans.items()},
+        )
+
+    def release(self) -> None:
+        """Refuse further checkpoints and drop what capture holds (at close)."""
+        self.closed = True
+        self.capturer = None  # its cached views would keep the buffers alive
+        self.guard.remove()
+
+
+def _aligned_total(flat: FlatState) -> int:
+    return sum(-(-t.numel() * t.element_size() // ALIGNMENT) * ALIGNMENT for t in flat.tensors)
+
+
+async def checkpoint(
+    saver: Saver, step: int, block: bool | None, bridge: Bridge
+) -> tuple[CheckpointMetrics, AnyFuture | None]:
+    """Capture ``step`` and hand it to the pipeline; its metrics and its future (None:
+    skipped on backpressure)."""
+    started = time.perf_counter()
+    saver.check_can_checkpoint(step)
+    metrics = CheckpointMetrics(step)
+    shared_directory = saver.next_shared_directory()
+    block = saver.config.on_backpressure == "block" if block is None else block
+    if not block and saver.capturer is not None:
+        # A request that will be skipped must not pay for state_dict() and flattening.
+        capturer = saver.capturer
+        if not saver.memory.would_admit(capturer.gpu_devices, len(capturer.host_captured_chunks)):
+            return await _skip(saver, metrics, shared_directory, bridge), None
+    full = saver.flatten()
+    flat, share = saver.share(full)
+    metrics.state_dict_ms = (time.perf_counter() - started) * 1e3
+    if saver.needs_new_layout(flat):
+        await bridge(saver.pipeline.drain())
+        saver.failures.raise_failures()  # what the drain just saw fail
+        saver.build_layout(flat)
+    assert saver.capturer is not None
+    wait_start = time.perf_counter()
+    # Straight away when there is room; the loop is visited only to wait (or to skip).
+    admitted = saver.pipeline.admit_now(saver.capturer, saver.runtime.event_loop())
+    if admitted is None:
+        admitted = await bridge(saver.pipeline.admit(saver.capturer, block=block))
+    metrics.queue_wait_ms = (time.perf_counter() - wait_start) * 1e3
+    if admitted is None:
+        return await _skip(saver, metrics, shared_directory, bridge), None
+    share_fields = None if share is None else share.fields(full.names)
+    try:
+        job = saver.capture(step, flat, admitted, metrics, started, share_fields, shared_directory)
+    except BaseException:
+        # Nothing will persist this admission: give it back, or later checkpoints would
+        # wait for its memory and its commit forever.
+        saver.runtime.submit(saver.pipeline.abandon(admitted))
+        raise
+    metrics.capture_ms = (time.perf_counter() - started) * 1e3
+    future = saver.runtime.submit(_start(saver.pipeline, job))
+    saver.failures.started(step, metrics, future)
+    return metrics, future
+
+
+async def _skip(
+    saver: Saver, metrics: CheckpointMetrics, shared_directory: str | None, bridge: Bridge
+) -> CheckpointMetrics:
+    if shared_directory is not None:
+        # The other ranks may have taken this checkpoint: they learn from this rank's
+        # vote that it will not be committed.
+        await bridge(saver.pipeline.vote_skipped(metrics.step, shared_directory, saver.kinds))
+    metrics.skipped = True
+    saver.stats.skipped += 1
+    if is_rank_zero() and logger.isEnabledFor(logging.INFO):
+        logger.info("%s", metrics.summary())
+    return metrics
+
+
+async def _start(pipeline: Pipeline, job: Job) -> Path | None:
+    return await pipeline.start(job)
