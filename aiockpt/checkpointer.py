@@ -157,7 +157,7 @@ class CheckpointHandle(_HandleBase):
                 await asyncio.wait([self._future])
         return self._outcome()
 
-    def __await__(self):  # type: ignore[no-untyped-def]
+    def __await__(self) -> Generator[Any, None, CheckpointInfo | None]:
         return self.wait().__await__()
 
 
@@ -748,6 +748,7 @@ async def _restore(
     await bridge(core.pipeline.drain())
     tried: list[str] = []
     place = core.placement(request)  # on the caller's thread, like checkpoint()'s state_dict()
+    info: CheckpointInfo  # what the bridge hands back is untyped
     for info in await bridge(core.agreed_candidates(step)):
         error: BaseException | None = None
         try:
