@@ -87,7 +87,12 @@ class UnsupportedStateError(AiockptError, TypeError):
 
 class ConversionError(AiockptError):
     """An import or export was refused: its source is unreadable or unsafe to read, or the
-    target format cannot hold the state. ``hint`` says what to do instead."""
+    target format cannot hold the state. ``hint`` says what to do instead.
+
+    Args:
+        message: what was refused, and why.
+        hint: what to do instead, or None.
+    """
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)

@@ -12,6 +12,21 @@ class CheckpointMetrics:
     ``capture_ms`` is what training waited (the stall); ``queue_wait_ms`` the part of it
     spent waiting for a free in-flight place or staging memory. The rest happens in the
     background.
+
+    Attributes:
+        step: the step checkpointed.
+        nbytes: bytes of tensor state it holds.
+        chunks: chunks (data files) it was cut into.
+        skipped: dropped on backpressure (``on_backpressure = "skip"``): nothing written.
+        capture_ms: what training waited for ``checkpoint()``, in milliseconds.
+        state_dict_ms: calling ``state_dict()`` and flattening, inside ``capture_ms``.
+        staging_ms: issuing the copies into staging memory, inside ``capture_ms``.
+        queue_wait_ms: waiting for a free in-flight place or staging memory, inside
+            ``capture_ms``.
+        copy_seconds: copying device memory to pinned host memory, in the background.
+        write_seconds: writing and syncing the data files, in the background.
+        commit_ms: writing the manifest and renaming the directory into place.
+        persist_seconds: from capture to durable commit.
     """
 
     step: int
@@ -33,17 +48,25 @@ class CheckpointMetrics:
 
     @property
     def copy_gbps(self) -> float:
+        """Device-to-host copy bandwidth in GB/s (0 when there was no copy stage)."""
         return self._rate(self.nbytes, self.copy_seconds)
 
     @property
     def write_gbps(self) -> float:
+        """Write bandwidth in GB/s: bytes over the time the data files took."""
         return self._rate(self.nbytes, self.write_seconds)
 
     @property
     def persist_gbps(self) -> float:
+        """End-to-end bandwidth in GB/s: bytes over the time from capture to commit."""
         return self._rate(self.nbytes, self.persist_seconds)
 
     def to_dict(self) -> dict[str, float | int | bool]:
+        """The metrics as plain values, for JSON or a table.
+
+        Returns:
+            Every field, and the three bandwidths.
+        """
         record = asdict(self)
         record.update(
             copy_gbps=self.copy_gbps, write_gbps=self.write_gbps, persist_gbps=self.persist_gbps
@@ -51,6 +74,11 @@ class CheckpointMetrics:
         return record
 
     def summary(self) -> str:
+        """The metrics in one line, as ``verbose = true`` logs them.
+
+        Returns:
+            e.g. ``"step 100: 512.0 MiB in 2 chunks; stall 3.10 ms (queue 0.00 ms); ..."``.
+        """
         if self.skipped:
             return f"step {self.step}: skipped (no free in-flight place or staging memory)"
         return (
