@@ -93,7 +93,15 @@ class CheckpointMetrics:
 
 @dataclass
 class CheckpointerStats:
-    """Running totals of one Checkpointer."""
+    """Running totals of one Checkpointer (``ckpt.stats``).
+
+    Attributes:
+        requested: checkpoints captured and handed to the background.
+        committed: of those, durably committed.
+        skipped: dropped on backpressure, or not committed because another rank skipped.
+        failed: failed in the background.
+        last_restore_bytes: bytes the last restore read (less for a partial one).
+    """
 
     requested: int = 0
     committed: int = 0

@@ -276,6 +276,9 @@ def check_callable(
     if bound:
         parameters = parameters[1:]
     names = [p.name for p in parameters]
+    stale = [n for n in found.get("Args", []) if n not in names]
+    if stale:
+        problems.append(f"{qualname}: Args describes {stale}, which it does not take")
     if names:
         if "Args" not in found:
             problems.append(f"{qualname}: takes {names} but has no Args section")
@@ -365,6 +368,9 @@ def check_class(name: str, cls: type) -> list[str]:
                 f"{name}(): the class docstring's Args (or Attributes) does not describe "
                 f"{undocumented}"
             )
+        stale = [a for a in documented.get("Args", []) if a not in parameters]
+        if stale:
+            problems.append(f"{name}(): Args describes {stale}, which it does not take")
     for member, attribute in public_members(cls):
         qualname = f"{name}.{member}"
         inherited = inherited_docstring(cls, member)
@@ -434,6 +440,15 @@ class _Samples:
         """
 
     @staticmethod
+    def stale_argument(path: str) -> None:
+        """Read a thing.
+
+        Args:
+            path: where it is.
+            mode: a parameter it no longer takes.
+        """
+
+    @staticmethod
     def no_returns_section() -> int:
         """Count."""
         return 1
@@ -488,6 +503,7 @@ def _an_error(message: str) -> aiockpt.DirectoryLockedError:
         ("complete", None),
         ("no_args_section", "has no Args section"),
         ("one_argument_undocumented", "does not describe ['strict']"),
+        ("stale_argument", "describes ['mode'], which it does not take"),
         ("no_returns_section", "has no Returns section"),
         ("raises_undocumented", "raises DirectoryLockedError"),
         ("raises_something_else", "raises ConfigError"),
@@ -506,7 +522,11 @@ def test_rules_catch_missing_sections(sample: str, expected: str | None) -> None
 
 def test_rules_catch_undocumented_constructor_and_members() -> None:
     class Widget:
-        """A widget."""
+        """A widget.
+
+        Args:
+            width: what it took before it took ``size``.
+        """
 
         def __init__(self, size: int) -> None:
             self.size = size
@@ -525,6 +545,7 @@ def test_rules_catch_undocumented_constructor_and_members() -> None:
     Widget.__module__ = "aiockpt.widgets"  # checked as aiockpt's own
     problems = check_class("Widget", Widget)
     assert any("does not describe ['size']" in p for p in problems), problems
+    assert any("Args describes ['width'], which it does not take" in p for p in problems)
     assert any("Widget.area: property without a docstring" in p for p in problems), problems
     assert not any("grow" in p for p in problems), problems
 
