@@ -909,8 +909,8 @@ class Checkpointer(_FrontEnd):
             with ``state_dict()``/``load_state_dict()``, and ``aiockpt.RNGState()``.
 
     Raises:
-        UsageError: no object given, one without ``state_dict()``/``load_state_dict()``,
-            or a name that cannot be saved (``/`` in it, a leading ``$``).
+        UsageError: no object given, or one without ``state_dict()``/``load_state_dict()``.
+        UnsupportedStateError: a name that cannot be saved (``/`` in it, a leading ``$``).
         ConfigError: ``config`` is not a Config or a TOML path, or the file is bad.
         DirectoryLockedError: another live process writes to the directory.
     """
@@ -1031,8 +1031,8 @@ class SyncCheckpointer(_FrontEnd):
             with ``state_dict()``/``load_state_dict()``, and ``aiockpt.RNGState()``.
 
     Raises:
-        UsageError: no object given, one without ``state_dict()``/``load_state_dict()``,
-            or a name that cannot be saved (``/`` in it, a leading ``$``).
+        UsageError: no object given, or one without ``state_dict()``/``load_state_dict()``.
+        UnsupportedStateError: a name that cannot be saved (``/`` in it, a leading ``$``).
         ConfigError: ``config`` is not a Config or a TOML path, or the file is bad.
         DirectoryLockedError: another live process writes to the directory.
     """
