@@ -942,6 +942,8 @@ class Checkpointer(_FrontEnd):
                 ``on_error = "raise"``); ``__cause__`` holds the original exception.
             UnsupportedStateError: a state_dict holds a value aiockpt cannot store; its
                 path is named, and nothing was written.
+            EventLoopError: called from a second thread while a call from another is under
+                way, or (with ``use_monitor = false``) from another event loop.
         """
         with self._callers.entered(self._core.runtime):
             metrics, future = await _checkpoint(self._core, step, block, self._core.runtime.run)
@@ -953,6 +955,8 @@ class Checkpointer(_FrontEnd):
         Raises:
             BackgroundError: a checkpoint failed in the background (with
                 ``on_error = "raise"``); ``__cause__`` holds the original exception.
+            EventLoopError: called from a second thread while a call from another is under
+                way, or (with ``use_monitor = false``) from another event loop.
         """
         with self._callers.entered(self._core.runtime):
             await _wait(self._core, self._core.runtime.run)
@@ -988,6 +992,8 @@ class Checkpointer(_FrontEnd):
             RestoreError: the checkpoint holds no state under a name asked for.
             ValueError: ``only`` names an unknown object, or ``layers`` is given
                 without a module to apply it to.
+            EventLoopError: called from a second thread while a call from another is under
+                way, or (with ``use_monitor = false``) from another event loop.
         """
         with self._callers.entered(self._core.runtime):
             return await _restore(self._core, step, only, layers, self._core.runtime.run)
@@ -1001,6 +1007,8 @@ class Checkpointer(_FrontEnd):
 
         Raises:
             BackgroundError: a checkpoint in flight failed in the background.
+            EventLoopError: called from a second thread while a call from another is under
+                way, or (with ``use_monitor = false``) from another event loop.
         """
         with self._callers.entered(self._core.runtime):
             await _close(self._core, self._core.runtime.run, cancel)

@@ -428,6 +428,10 @@ _INIT_DOC = """
         TypeError: a model or optimizer of the wrong kind, or both an optimizer and
             ``optimizer_class``.
         ValueError: ``grad_accumulation_steps`` or ``max_grad_norm`` out of range.
+
+    Attributes:
+        checkpointer: the Checkpointer (or SyncCheckpointer) underneath, for ``stats``
+            or a partial ``restore(only=...)``.
 """
 
 
