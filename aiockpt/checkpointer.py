@@ -47,9 +47,15 @@ class _HandleBase:
 
     @property
     def skipped(self) -> bool:
+        """Whether the request was dropped on backpressure (``on_backpressure = "skip"``)."""
         return self.metrics.skipped
 
     def done(self) -> bool:
+        """Whether the checkpoint is over: committed, failed, cancelled or skipped.
+
+        Returns:
+            True when waiting would not block.
+        """
         return self._future is None or self._future.done()
 
     def _outcome(self) -> CheckpointInfo | None:
@@ -74,10 +80,25 @@ class _HandleBase:
 
 
 class CheckpointHandle(_HandleBase):
-    """A captured checkpoint on its way to disk; ``await`` it for the durable commit."""
+    """A captured checkpoint on its way to disk; ``await`` it for the durable commit.
+
+    Attributes:
+        step: the step it saves.
+        metrics: its :class:`~aiockpt.CheckpointMetrics`, filled in as it persists.
+    """
 
     async def wait(self) -> CheckpointInfo | None:
-        """The committed checkpoint (None if skipped); raises BackgroundError on failure."""
+        """Wait until the checkpoint is durably committed (``await handle`` does the same).
+
+        Returns:
+            The committed checkpoint, or None if it was skipped (or another rank skipped
+            it, so nothing was committed).
+
+        Raises:
+            BackgroundError: it failed in the background; ``__cause__`` holds the original
+                exception, and the previous checkpoint is intact.
+            CheckpointError: it was abandoned by ``close(cancel=True)``.
+        """
         if self._future is not None and not self._future.done():
             if isinstance(self._future, concurrent.futures.Future):
                 waiter = asyncio.wrap_future(self._future)
@@ -90,14 +111,34 @@ class CheckpointHandle(_HandleBase):
                 await asyncio.wait([self._future])
         return self._outcome()
 
-    def __await__(self):  # type: ignore[no-untyped-def]
+    def __await__(self) -> Generator[Any, None, CheckpointInfo | None]:
         return self.wait().__await__()
 
 
 class SyncCheckpointHandle(_HandleBase):
-    """A captured checkpoint on its way to disk; ``wait()`` blocks until it is durable."""
+    """A captured checkpoint on its way to disk; ``wait()`` blocks until it is durable.
+
+    Attributes:
+        step: the step it saves.
+        metrics: its :class:`~aiockpt.CheckpointMetrics`, filled in as it persists.
+    """
 
     def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
+        """Block until the checkpoint is durably committed.
+
+        Args:
+            timeout: give up after this many seconds (None: wait as long as it takes).
+
+        Returns:
+            The committed checkpoint, or None if it was skipped (or another rank skipped
+            it, so nothing was committed).
+
+        Raises:
+            TimeoutError: still in flight after ``timeout`` seconds; it goes on.
+            BackgroundError: it failed in the background; ``__cause__`` holds the original
+                exception, and the previous checkpoint is intact.
+            CheckpointError: it was abandoned by ``close(cancel=True)``.
+        """
         if isinstance(self._future, concurrent.futures.Future):
             concurrent.futures.wait([self._future], timeout=timeout)
             if not self._future.done():
@@ -128,10 +169,13 @@ class _FrontEnd:
 
     @property
     def config(self) -> Config:
+        """The settings in use (a TOML path given as ``config`` is read once)."""
         return self._core.config
 
     @property
     def stats(self) -> CheckpointerStats:
+        """Running totals: checkpoints requested, committed, skipped and failed, and the
+        bytes the last restore read."""
         return self._core.stats
 
     @property
@@ -186,6 +230,18 @@ class Checkpointer(_FrontEnd):
     >>> ckpt = aiockpt.Checkpointer(cfg, model=model, optimizer=opt, rng=aiockpt.RNGState())
     >>> handle = await ckpt.checkpoint(step)   # returns once captured
     >>> await handle                           # durable
+
+    Args:
+        config: a :class:`~aiockpt.Config`, the path of a TOML file (read with
+            :meth:`Config.from_toml <aiockpt.Config.from_toml>`), or None for the defaults.
+        **stateful: the objects to save, by the names they are saved under: anything
+            with ``state_dict()``/``load_state_dict()``, and ``aiockpt.RNGState()``.
+
+    Raises:
+        UsageError: no object given, or one without ``state_dict()``/``load_state_dict()``.
+        UnsupportedStateError: a name that cannot be saved (``/`` in it, a leading ``$``).
+        ConfigError: ``config`` is not a Config or a TOML path, or the file is bad.
+        DirectoryLockedError: another live process writes to the directory.
     """
 
     def __init__(
@@ -198,7 +254,25 @@ class Checkpointer(_FrontEnd):
         """Capture the state now and persist it in the background.
 
         Returns once the snapshot is exact (training may change tensors right after).
-        ``block`` overrides on_backpressure for this call.
+
+        Args:
+            step: the training step, a non-negative int; it names the checkpoint.
+            block: overrides ``on_backpressure`` for this call: True waits for a free
+                in-flight place, False skips the request when there is none.
+
+        Returns:
+            The checkpoint's handle; ``await`` it for the durable commit.
+
+        Raises:
+            ConfigError: ``step`` is not a non-negative int the format can hold.
+            CheckpointInProgressError: a checkpoint of ``step`` is still in flight.
+            CheckpointError: the checkpointer is closed.
+            BackgroundError: an earlier checkpoint failed in the background (with
+                ``on_error = "raise"``); ``__cause__`` holds the original exception.
+            UnsupportedStateError: a state_dict holds a value aiockpt cannot store; its
+                path is named, and nothing was written.
+            EventLoopError: called from a second thread while a call from another is under
+                way, or (with ``use_monitor = false``) from another event loop.
         """
         with self._callers.entered(self._core.runtime):
             metrics, future = await checkpoint(
@@ -207,7 +281,14 @@ class Checkpointer(_FrontEnd):
         return CheckpointHandle(self._core.failures, step, metrics, future)
 
     async def wait(self) -> None:
-        """Wait for every checkpoint in flight; re-raise a background failure."""
+        """Wait for every checkpoint in flight; re-raise a background failure.
+
+        Raises:
+            BackgroundError: a checkpoint failed in the background (with
+                ``on_error = "raise"``); ``__cause__`` holds the original exception.
+            EventLoopError: called from a second thread while a call from another is under
+                way, or (with ``use_monitor = false``) from another event loop.
+        """
         with self._callers.entered(self._core.runtime):
             await wait(self._core, self._core.runtime.run)
 
@@ -220,10 +301,30 @@ class Checkpointer(_FrontEnd):
     ) -> int | None:
         """Load the newest valid checkpoint (or ``step``) into the objects; its step or None.
 
-        ``only`` restores some of the objects (e.g. ``["model"]``, without the optimizer);
-        ``layers`` (a regular expression on layer names such as ``"model/blocks\\.[0-3]\\."``)
-        restores only those layers of the modules. Either way only the needed bytes are
-        read (``stats.last_restore_bytes``).
+        A corrupt checkpoint is skipped for the next newest, with a warning saying why.
+        With ``only`` or ``layers`` only the needed bytes are read
+        (``stats.last_restore_bytes``).
+
+        Args:
+            step: load this step rather than the newest valid one (no fallback then).
+            only: the names of the objects to restore (e.g. ``["model"]``); the others
+                keep their values.
+            layers: a regular expression on layer names (``"model/blocks\\.[0-3]\\."``):
+                only those layers of the modules are restored.
+
+        Returns:
+            The step restored, or None when the directory holds no checkpoint.
+
+        Raises:
+            NoCheckpointError: ``step`` is not committed.
+            CorruptCheckpointError: ``step`` fails its checks, or every checkpoint does
+                (each one's reason is named).
+            WorldSizeError: per-rank state saved by fewer ranks than restore it.
+            MissingStateError: the checkpoint holds no state under a name asked for.
+            ValueError: ``only`` names an unknown object, or ``layers`` is given
+                without a module to apply it to.
+            EventLoopError: called from a second thread while a call from another is under
+                way, or (with ``use_monitor = false``) from another event loop.
         """
         with self._callers.entered(self._core.runtime):
             return await restore(self._core.restorer, step, only, layers, self._core.runtime.run)
@@ -231,8 +332,14 @@ class Checkpointer(_FrontEnd):
     async def close(self, *, cancel: bool = False) -> None:
         """Drain what is in flight, release memory, threads and the directory lock.
 
-        ``cancel=True`` abandons checkpoints in flight instead of finishing them: none of
-        them becomes visible, and their handles raise CheckpointError.
+        Args:
+            cancel: abandon checkpoints in flight instead of finishing them: none of them
+                becomes visible, and their handles raise CheckpointError.
+
+        Raises:
+            BackgroundError: a checkpoint in flight failed in the background.
+            EventLoopError: called from a second thread while a call from another is under
+                way, or (with ``use_monitor = false``) from another event loop.
         """
         with self._callers.entered(self._core.runtime):
             await close(self._core, self._core.runtime.run, cancel)
@@ -255,6 +362,18 @@ class SyncCheckpointer(_FrontEnd):
 
     With ``use_monitor = false`` there is no background loop, so ``checkpoint()`` returns
     only once the checkpoint is durable (the direct, blocking mode).
+
+    Args:
+        config: a :class:`~aiockpt.Config`, the path of a TOML file (read with
+            :meth:`Config.from_toml <aiockpt.Config.from_toml>`), or None for the defaults.
+        **stateful: the objects to save, by the names they are saved under: anything
+            with ``state_dict()``/``load_state_dict()``, and ``aiockpt.RNGState()``.
+
+    Raises:
+        UsageError: no object given, or one without ``state_dict()``/``load_state_dict()``.
+        UnsupportedStateError: a name that cannot be saved (``/`` in it, a leading ``$``).
+        ConfigError: ``config`` is not a Config or a TOML path, or the file is bad.
+        DirectoryLockedError: another live process writes to the directory.
     """
 
     def __init__(
@@ -275,10 +394,38 @@ class SyncCheckpointer(_FrontEnd):
             return drive(coro)
 
     def checkpoint(self, step: int, *, block: bool | None = None) -> SyncCheckpointHandle:
+        """Capture the state now and persist it in the background.
+
+        Returns once the snapshot is exact (training may change tensors right after);
+        with ``use_monitor = false``, once the checkpoint is durable.
+
+        Args:
+            step: the training step, a non-negative int; it names the checkpoint.
+            block: overrides ``on_backpressure`` for this call: True waits for a free
+                in-flight place, False skips the request when there is none.
+
+        Returns:
+            The checkpoint's handle; ``wait()`` on it blocks until the commit is durable.
+
+        Raises:
+            ConfigError: ``step`` is not a non-negative int the format can hold.
+            CheckpointInProgressError: a checkpoint of ``step`` is still in flight.
+            CheckpointError: the checkpointer is closed.
+            BackgroundError: an earlier checkpoint failed in the background (with
+                ``on_error = "raise"``); ``__cause__`` holds the original exception.
+            UnsupportedStateError: a state_dict holds a value aiockpt cannot store; its
+                path is named, and nothing was written.
+        """
         metrics, future = self._call(checkpoint(self._core.saver, step, block, self._bridge))
         return SyncCheckpointHandle(self._core.failures, step, metrics, future)
 
     def wait(self) -> None:
+        """Block until every checkpoint in flight is durable; re-raise a background failure.
+
+        Raises:
+            BackgroundError: a checkpoint failed in the background (with
+                ``on_error = "raise"``); ``__cause__`` holds the original exception.
+        """
         self._call(wait(self._core, self._bridge))
 
     def restore(
@@ -288,9 +435,43 @@ class SyncCheckpointer(_FrontEnd):
         only: Iterable[str] | None = None,
         layers: str | None = None,
     ) -> int | None:
+        """Load the newest valid checkpoint (or ``step``) into the objects, blocking.
+
+        A corrupt checkpoint is skipped for the next newest, with a warning saying why.
+        With ``only`` or ``layers`` only the needed bytes are read
+        (``stats.last_restore_bytes``).
+
+        Args:
+            step: load this step rather than the newest valid one (no fallback then).
+            only: the names of the objects to restore (e.g. ``["model"]``); the others
+                keep their values.
+            layers: a regular expression on layer names (``"model/blocks\\.[0-3]\\."``):
+                only those layers of the modules are restored.
+
+        Returns:
+            The step restored, or None when the directory holds no checkpoint.
+
+        Raises:
+            NoCheckpointError: ``step`` is not committed.
+            CorruptCheckpointError: ``step`` fails its checks, or every checkpoint does
+                (each one's reason is named).
+            WorldSizeError: per-rank state saved by fewer ranks than restore it.
+            MissingStateError: the checkpoint holds no state under a name asked for.
+            ValueError: ``only`` names an unknown object, or ``layers`` is given
+                without a module to apply it to.
+        """
         return self._call(restore(self._core.restorer, step, only, layers, self._bridge))
 
     def close(self, *, cancel: bool = False) -> None:
+        """Drain what is in flight, release memory, threads and the directory lock.
+
+        Args:
+            cancel: abandon checkpoints in flight instead of finishing them: none of them
+                becomes visible, and their handles raise CheckpointError.
+
+        Raises:
+            BackgroundError: a checkpoint in flight failed in the background.
+        """
         self._call(close(self._core, self._bridge, cancel))
 
     def __enter__(self) -> SyncCheckpointer:

@@ -8,28 +8,7 @@ first: keyword arguments (or flags), then ``AIOCKPT_<KEY>`` variables, then the 
 then the defaults. Every bad setting raises :class:`~aiockpt.errors.ConfigError` naming
 the key, the value and what is allowed.
 
-The knobs:
-
-* ``directory`` -- where checkpoints go; a relative path is taken against the CWD.
-* ``interval_steps`` / ``interval_seconds`` / ``max_overhead`` -- the Trainer's policy:
-  checkpoint every N steps, every T seconds, or as often as keeps the cost of
-  checkpointing below that fraction of training time.
-* ``keep_last`` -- committed checkpoints to keep (None keeps all).
-* ``max_async`` -- checkpoints in flight at once; ``on_backpressure`` says whether one
-  more waits for a free slot (``"block"``) or is dropped (``"skip"``).
-* ``chunk_size_mb`` *or* ``chunk_count`` -- how a checkpoint is cut into chunks that
-  ``num_threads`` writer threads write in parallel (default: 256 MiB chunks).
-* ``pinned_ratio`` -- size of the host buffer pool as a multiple of the state size.
-* ``staging`` -- where the snapshot is staged: ``"gpu"``, ``"host"`` or ``"auto"``.
-* ``use_monitor`` -- run the pipeline on a background thread with its own uvloop event
-  loop; false runs it on the caller's running loop (SyncCheckpointer then blocks until
-  each checkpoint is durable), which binds an async Checkpointer to that one loop.
-* ``on_error`` -- a background failure is re-raised at the next ``checkpoint()`` or
-  ``wait()`` (``"raise"``) or logged as a warning while training goes on (``"warn"``).
-* ``durable`` -- fsync files before a checkpoint is committed.
-* ``verbose`` -- log every checkpoint, not only problems.
-* ``rank_timeout_s`` -- under torch.distributed, how long ranks wait for each other to
-  agree on a commit (or a restore) before the checkpoint is given up.
+The knobs, and what each one does, are listed in :class:`Config`'s docstring.
 """
 
 from __future__ import annotations
@@ -319,12 +298,49 @@ def _read_toml(path: object) -> dict[str, Any]:
 class Config:
     """Validated, immutable settings of a checkpointer; see the module docstring.
 
+    Every key is a keyword argument (``Config(directory="ckpt", max_async=4)``), a key of
+    the ``[checkpoint]`` TOML table (:meth:`from_toml`) and an ``AIOCKPT_<KEY>``
+    environment variable.
+
     A key not given as a keyword argument is taken from its ``AIOCKPT_<KEY>`` variable
     when one is set, else from the default: ``Config(max_async=4)`` with
     ``AIOCKPT_MAX_ASYNC=8`` and ``AIOCKPT_NUM_THREADS=16`` has max_async 4 and
     num_threads 16. A variable that names no key, or holds a bad value, is a ConfigError.
     Setting one of ``chunk_size_mb`` / ``chunk_count`` discards the other from the
     variables (and the file) below it.
+
+    Attributes:
+        directory: where checkpoints go; a relative path is taken against the CWD.
+        interval_steps: the Trainer's policy: checkpoint every N optimizer steps.
+        interval_seconds: the Trainer's policy: checkpoint every T seconds.
+        max_overhead: the Trainer's policy: checkpoint as often as keeps the cost of
+            checkpointing below this fraction of training time.
+        keep_last: committed checkpoints to keep (None keeps all).
+        max_async: checkpoints in flight at once.
+        chunk_size_mb: the size of the chunks a checkpoint is cut into, written in
+            parallel (default: 256 MiB); set this or ``chunk_count``, not both.
+        chunk_count: the number of chunks instead.
+        num_threads: writer threads.
+        pinned_ratio: size of the host buffer pool as a multiple of the state size.
+        staging: where the snapshot is staged: ``"gpu"``, ``"host"`` or ``"auto"``.
+        use_monitor: run the pipeline on a background thread with its own uvloop event
+            loop; false runs it on the caller's running loop (SyncCheckpointer then blocks
+            until each checkpoint is durable), which binds an async Checkpointer to that
+            one loop.
+        on_backpressure: when ``max_async`` are in flight, whether one more waits for a
+            free slot (``"block"``) or is dropped (``"skip"``).
+        on_error: a background failure is re-raised at the next ``checkpoint()`` or
+            ``wait()`` (``"raise"``) or logged as a warning while training goes on
+            (``"warn"``).
+        durable: fsync files before a checkpoint is committed.
+        verbose: log every checkpoint, not only problems.
+        rank_timeout_s: under torch.distributed, how long ranks wait for each other to
+            agree on a commit (or a restore) before the checkpoint is given up.
+
+    Raises:
+        ConfigError: a key that is unknown, mistyped or out of range (the message names
+            it, the value and what is allowed), a positional argument, or both
+            ``chunk_size_mb`` and ``chunk_count``.
     """
 
     directory: Path = Path("checkpoints")
@@ -413,6 +429,18 @@ class Config:
         """Read ``[checkpoint]`` of TOML file ``path``, then env, then ``overrides``.
 
         TOML has no null, so an optional key may be written as ``"none"``.
+
+        Args:
+            path: the TOML file; it must hold a ``[checkpoint]`` table and nothing else.
+            env: apply the ``AIOCKPT_<KEY>`` environment variables over the file.
+            **overrides: keys that take precedence over the file and the environment.
+
+        Returns:
+            The validated Config.
+
+        Raises:
+            ConfigError: the file is missing, unreadable or not TOML, has other tables or
+                keys, or a value is bad; the message names the file and the key.
         """
         file_values = cls._file_values(path)
         for key in overrides:
@@ -423,7 +451,18 @@ class Config:
 
     @classmethod
     def from_env(cls, *, environ: Mapping[str, str] | None = None, **base: Any) -> Config:
-        """``Config(**base)`` with the ``AIOCKPT_<KEY>`` variables of ``environ`` over it."""
+        """``Config(**base)`` with the ``AIOCKPT_<KEY>`` variables of ``environ``.
+
+        Args:
+            environ: the variables to read (None: ``os.environ``).
+            **base: keys the environment variables take precedence over.
+
+        Returns:
+            The validated Config.
+
+        Raises:
+            ConfigError: an unknown key, or a bad value (the variable is named).
+        """
         for key in base:
             if key not in _KEYS:
                 raise _unknown(key, "passed to Config.from_env()")
@@ -440,14 +479,34 @@ class Config:
         return cls(**{**defaults, **_layered(*sources)})
 
     def replace(self, **changes: Any) -> Config:
-        """A copy with ``changes`` applied and validated."""
+        """A copy with ``changes`` applied and validated.
+
+        Args:
+            **changes: the keys to change.
+
+        Returns:
+            A new Config; this one is unchanged.
+
+        Raises:
+            ConfigError: an unknown key, or a bad value.
+        """
         for key in changes:
             if key not in _KEYS:
                 raise _unknown(key, "passed to Config.replace()")
         return dataclasses.replace(self, **changes)
 
     def chunk_bytes(self, state_nbytes: int) -> int:
-        """Bytes per chunk for a state of that size: a positive multiple of 4096."""
+        """Bytes per chunk for a state of that size.
+
+        Args:
+            state_nbytes: the bytes of tensor state a checkpoint holds (>= 0).
+
+        Returns:
+            A positive multiple of 4096.
+
+        Raises:
+            ValueError: ``state_nbytes`` is negative.
+        """
         if state_nbytes < 0:
             raise ValueError(f"state_nbytes = {state_nbytes!r}: expected >= 0")
         if self.chunk_count is not None:
@@ -462,11 +521,24 @@ class Config:
 
         Sized so that no chunk waits for a chunk of another checkpoint; never 0, since
         an empty semaphore would hang even a checkpoint without chunks.
+
+        Args:
+            chunks_per_checkpoint: chunks one checkpoint is cut into.
+
+        Returns:
+            ``max_async`` x chunks (at least ``max_async``).
         """
         return self.max_async * max(1, chunks_per_checkpoint)
 
     def queueing_warnings(self, chunks_per_checkpoint: int) -> list[str]:
-        """Why chunks would queue under these settings; empty when they would not."""
+        """Why chunks would queue under these settings.
+
+        Args:
+            chunks_per_checkpoint: chunks one checkpoint is cut into.
+
+        Returns:
+            One message per reason, with the setting to change; empty when none.
+        """
         n = chunks_per_checkpoint
         if self.num_threads < n:
             msg = (
@@ -478,13 +550,21 @@ class Config:
         return []
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-able plain values, ``directory`` as a str."""
+        """The settings as plain values.
+
+        Returns:
+            Every key and its value, JSON-able, ``directory`` as a str.
+        """
         out: dict[str, object] = {key: getattr(self, key) for key in _KEYS}
         out["directory"] = str(self.directory)
         return out
 
     def to_toml(self) -> str:
-        """A ``[checkpoint]`` table that :meth:`from_toml` reads back unchanged."""
+        """The settings as a TOML file.
+
+        Returns:
+            A ``[checkpoint]`` table that :meth:`from_toml` reads back unchanged.
+        """
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         lines = ["[checkpoint]"]
         for key, value in self.to_dict().items():

@@ -54,6 +54,12 @@ class AiockptError(Exception):
     alone does not say it."""
 
     def __init__(self, *args: object, hint: str | None = None) -> None:
+        """Make the error.
+
+        Args:
+            args: the message (and whatever else ``Exception`` takes).
+            hint: what to do, when the message alone does not say it.
+        """
         super().__init__(*args)
         self.hint = hint
 
@@ -120,9 +126,20 @@ class UnsupportedStateError(AiockptError, TypeError):
 
 class ConversionError(AiockptError):
     """An import or export was refused: its source is unreadable or unsafe to read, or the
-    target format cannot hold the state. ``hint`` says what to do instead."""
+    target format cannot hold the state. ``hint`` says what to do instead.
+
+    Args:
+        message: what was refused, and why.
+        hint: what to do instead, or None.
+    """
 
     def __init__(self, message: str, hint: str | None = None) -> None:
+        """Make the error.
+
+        Args:
+            message: what was refused, and why.
+            hint: what to do instead.
+        """
         super().__init__(message, hint=hint)
 
 

@@ -17,6 +17,15 @@ class ChunkSpan:
     memory (CPU state, host staging): they have no copy stage of their own.
     ``write_queued`` is when the chunk was ready to be written; ``write_started`` when a
     writer thread took it up, so the difference is its wait for a write slot and a thread.
+
+    Attributes:
+        index: the chunk's number within its checkpoint (its data file).
+        nbytes: the chunk's bytes.
+        copy_started: when its device-to-host copy began (None: no copy stage).
+        copy_finished: when that copy's CUDA event completed (None: no copy stage).
+        write_queued: when it was ready to be written.
+        write_started: when a writer thread began writing it.
+        write_finished: when its data file was written (and synced, when durable).
     """
 
     index: int
@@ -29,16 +38,19 @@ class ChunkSpan:
 
     @property
     def copy_seconds(self) -> float:
+        """Time of its device-to-host copy (0 when it had none)."""
         if self.copy_started is None or self.copy_finished is None:
             return 0.0
         return self.copy_finished - self.copy_started
 
     @property
     def queue_seconds(self) -> float:
+        """Time it waited for a write slot and a writer thread."""
         return self.write_started - self.write_queued
 
     @property
     def write_seconds(self) -> float:
+        """Time its write took on the writer thread."""
         return self.write_finished - self.write_started
 
 
@@ -49,6 +61,22 @@ class CheckpointMetrics:
     ``capture_ms`` is what training waited (the stall); ``queue_wait_ms`` the part of it
     spent waiting for a free in-flight place or staging memory. The rest happens in the
     background.
+
+    Attributes:
+        step: the step checkpointed.
+        nbytes: bytes of tensor state it holds.
+        chunks: chunks (data files) it was cut into.
+        skipped: dropped on backpressure (``on_backpressure = "skip"``): nothing written.
+        capture_ms: what training waited for ``checkpoint()``, in milliseconds.
+        state_dict_ms: calling ``state_dict()`` and flattening, inside ``capture_ms``.
+        staging_ms: issuing the copies into staging memory, inside ``capture_ms``.
+        queue_wait_ms: waiting for a free in-flight place or staging memory, inside
+            ``capture_ms``.
+        copy_seconds: copying device memory to pinned host memory, in the background.
+        write_seconds: writing and syncing the data files, in the background.
+        commit_ms: writing the manifest and renaming the directory into place.
+        persist_seconds: from capture to durable commit.
+        chunk_spans: when each chunk was copied, queued and written (``ChunkSpan``).
     """
 
     step: int
@@ -72,17 +100,25 @@ class CheckpointMetrics:
 
     @property
     def copy_gbps(self) -> float:
+        """Device-to-host copy bandwidth in GB/s (0 when there was no copy stage)."""
         return self._rate(self.nbytes, self.copy_seconds)
 
     @property
     def write_gbps(self) -> float:
+        """Write bandwidth in GB/s: bytes over the time the data files took."""
         return self._rate(self.nbytes, self.write_seconds)
 
     @property
     def persist_gbps(self) -> float:
+        """End-to-end bandwidth in GB/s: bytes over the time from capture to commit."""
         return self._rate(self.nbytes, self.persist_seconds)
 
     def to_dict(self) -> dict[str, float | int | bool]:
+        """The metrics as plain values, for JSON or a table.
+
+        Returns:
+            Every field, and the three bandwidths.
+        """
         record = asdict(self)
         del record["chunk_spans"]  # a flat record of figures; the spans are read directly
         record.update(
@@ -91,6 +127,11 @@ class CheckpointMetrics:
         return record
 
     def summary(self) -> str:
+        """The metrics in one line, as ``verbose = true`` logs them.
+
+        Returns:
+            e.g. ``"step 100: 512.0 MiB in 2 chunks; stall 3.10 ms (queue 0.00 ms); ..."``.
+        """
         if self.skipped:
             return f"step {self.step}: skipped (no free in-flight place or staging memory)"
         return (
@@ -105,7 +146,16 @@ class CheckpointMetrics:
 
 @dataclass
 class CheckpointerStats:
-    """Running totals of one Checkpointer."""
+    """Running totals of one Checkpointer (``ckpt.stats``).
+
+    Attributes:
+        requested: checkpoints captured and handed to the background.
+        committed: of those, durably committed.
+        skipped: dropped on backpressure, or not committed because another rank skipped.
+        failed: failed in the background.
+        last_restore_bytes: bytes the last restore read (less for a partial one).
+        replayed: captures that reused the previous flattening plan (no re-walk).
+    """
 
     requested: int = 0
     committed: int = 0
@@ -124,6 +174,15 @@ class StagingSummary:
     (by device name, e.g. ``"cuda:0"``); ``modes`` the staging chosen per device (``"gpu"``,
     ``"host"`` or ``"cpu"``). ``host_buffers_free`` and ``in_flight`` are read at the
     moment the summary is taken.
+
+    Attributes:
+        host_pool_bytes: bytes of the host buffer pool.
+        host_buffers: buffers in the pool.
+        host_buffers_free: of those, free now.
+        pinned: whether the pool is pinned (page-locked) memory.
+        gpu_staging_bytes: bytes of the GPU staging buffer, by device name.
+        modes: the staging chosen, by device name.
+        in_flight: checkpoints holding an in-flight place now (at most ``max_async``).
     """
 
     host_pool_bytes: int
@@ -141,6 +200,13 @@ class LayoutSummary:
 
     ``nbytes`` counts tensor data only; ``device_bytes`` the bytes of the chunks of each
     device (by device name), what GPU staging needs on that device.
+
+    Attributes:
+        chunks: the number of chunks (data files).
+        chunk_sizes: the bytes of each chunk, in order.
+        tensors: the number of tensors stored.
+        nbytes: bytes of tensor data.
+        device_bytes: bytes of the chunks of each device, by device name.
     """
 
     chunks: int

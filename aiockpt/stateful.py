@@ -17,9 +17,25 @@ class Stateful(Protocol):
     """Anything with ``state_dict()`` and ``load_state_dict()``: modules, optimizers,
     schedulers, GradScaler, samplers, and your own objects."""
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """The object's state, to be saved.
 
-    def load_state_dict(self, state_dict: dict[str, Any], /) -> Any: ...
+        Returns:
+            A nested dict of tensors and plain values (see the README's "What can be
+            saved"); a checkpoint captures it at once, so the object may change after.
+        """
+        ...
+
+    def load_state_dict(self, state_dict: dict[str, Any], /) -> Any:
+        """Take back a state that :meth:`state_dict` returned.
+
+        Args:
+            state_dict: the saved state, with every value of its original type.
+
+        Returns:
+            Anything; aiockpt ignores it.
+        """
+        ...
 
 
 def _numpy_random() -> Any | None:
@@ -40,6 +56,12 @@ class RNGState:
     """
 
     def state_dict(self) -> dict[str, Any]:
+        """The state of every generator, now.
+
+        Returns:
+            ``{"torch", "python"}``, plus ``"cuda"`` (one state per visible device, once
+            CUDA is initialised) and ``"numpy"`` (when numpy is installed).
+        """
         state: dict[str, Any] = {
             "torch": torch.get_rng_state(),
             "python": random.getstate(),
@@ -52,6 +74,14 @@ class RNGState:
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Put every generator back where :meth:`state_dict` found it.
+
+        CUDA states are given to as many devices as were saved and are visible now; the
+        numpy state is skipped when numpy is not installed or was not saved.
+
+        Args:
+            state_dict: what :meth:`state_dict` returned.
+        """
         torch.set_rng_state(state_dict["torch"].cpu())
         random.setstate(_as_tuples(state_dict["python"]))
         cuda_states = state_dict.get("cuda")

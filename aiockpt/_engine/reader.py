@@ -443,8 +443,25 @@ def load(
     ``keys`` picks top-level entries (e.g. ``["model"]``); ``layers`` is a regular
     expression on layer names (``"blocks\\.[0-3]\\b"``): only those tensors' bytes are read.
     A checkpoint of several ranks gives whole tensors for sharded state, and the per-rank
-    state (RNG, ...) of ``rank``. A name in ``keys`` that the checkpoint lacks raises
-    ``MissingStateError`` (a ``RestoreError`` and a ``KeyError``), as ``restore()`` does.
+    state (RNG, ...) of ``rank``.
+
+    Args:
+        path: a checkpoint directory, ``<directory>/step-<N>``.
+        map_location: the device the tensors are put on.
+        keys: the top-level entries to load (None: all of them).
+        layers: a regular expression on layer names; only matching tensors are read.
+        verify: check every checksum of the bytes read.
+        rank: whose per-rank state to give, in a checkpoint of several ranks.
+
+    Returns:
+        ``{name: state_dict}``, the names being the keyword names given to the
+        Checkpointer; nothing from the checkpoint is unpickled or run.
+
+    Raises:
+        NoCheckpointError: nothing is at ``path``.
+        CorruptCheckpointError: a file is missing, torn, hostile or fails its checksum.
+        MissingStateError: ``keys`` names an entry the checkpoint does not hold (a
+            ``RestoreError`` and a ``KeyError``, as ``restore()`` raises).
     """
     wanted = None if keys is None else list(keys)
     device = torch.device(map_location or "cpu")

@@ -88,7 +88,7 @@ def _configured(logger: logging.Logger) -> bool:
     return False
 
 
-class _CurrentStderr(logging.StreamHandler):
+class _CurrentStderr(logging.StreamHandler[TextIO]):
     """Writes to ``sys.stderr`` as it is at each record: callers (and tests) replace it."""
 
     @property

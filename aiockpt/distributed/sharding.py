@@ -51,6 +51,12 @@ class Replicated:
     across ranks, and read back by every rank whatever the world size.
 
     >>> ckpt = aiockpt.Checkpointer(cfg, model=aiockpt.Replicated(model), ...)
+
+    Args:
+        obj: the Stateful to wrap.
+
+    Raises:
+        TypeError: ``obj`` has no ``state_dict()``/``load_state_dict()``.
     """
 
     def __init__(self, obj: Any) -> None:
@@ -59,9 +65,24 @@ class Replicated:
         self.wrapped = obj
 
     def state_dict(self) -> dict[str, Any]:
+        """The wrapped object's state.
+
+        Returns:
+            ``obj.state_dict()``.
+        """
         return self.wrapped.state_dict()  # type: ignore[no-any-return]
 
     def load_state_dict(self, state_dict: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """Load ``state_dict`` into the wrapped object.
+
+        Args:
+            state_dict: the saved state.
+            *args: passed on to ``obj.load_state_dict``.
+            **kwargs: passed on to ``obj.load_state_dict``.
+
+        Returns:
+            What ``obj.load_state_dict`` returns.
+        """
         return self.wrapped.load_state_dict(state_dict, *args, **kwargs)
 
 

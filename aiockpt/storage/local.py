@@ -55,7 +55,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """A committed checkpoint directory."""
+    """A committed checkpoint directory.
+
+    Attributes:
+        step: the step it saves.
+        path: its directory, ``<directory>/step-<N>``.
+        nbytes: the size of its files, in bytes.
+        mtime: its modification time (seconds since the epoch).
+    """
 
     step: int
     path: Path
@@ -153,6 +160,15 @@ def list_checkpoints(directory: str | os.PathLike[str]) -> list[CheckpointInfo]:
 
     A directory counts as committed when it is named ``step-<N>`` and holds a manifest;
     its checksums are checked only when it is loaded (or by ``aiockpt verify``).
+
+    Args:
+        directory: the checkpoint directory (the Config's ``directory``).
+
+    Returns:
+        The committed checkpoints, oldest first; empty when ``directory`` does not exist.
+
+    Raises:
+        ConfigError: ``directory`` is a file.
     """
     root = Path(directory)
     found = []

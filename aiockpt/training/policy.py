@@ -61,11 +61,34 @@ class IntervalPolicy(Protocol):
     and ``reset(step, now)``, called after a resume or a failed checkpoint.
     """
 
-    def should_checkpoint(self, step: int, now: float) -> bool: ...
+    def should_checkpoint(self, step: int, now: float) -> bool:
+        """Whether to checkpoint now, after an optimizer step.
 
-    def record_step(self, seconds: float) -> None: ...
+        Args:
+            step: optimizer steps done so far (the step a checkpoint now would save).
+            now: the Trainer's clock, in seconds.
 
-    def record_checkpoint(self, stall_seconds: float, persist_seconds: float) -> None: ...
+        Returns:
+            True to checkpoint at this step.
+        """
+        ...
+
+    def record_step(self, seconds: float) -> None:
+        """Take note of one optimizer step's duration.
+
+        Args:
+            seconds: wall time of the step, forward to optimizer step.
+        """
+        ...
+
+    def record_checkpoint(self, stall_seconds: float, persist_seconds: float) -> None:
+        """Take note of what a durable checkpoint cost.
+
+        Args:
+            stall_seconds: how long training waited for its capture.
+            persist_seconds: time from capture to durable commit.
+        """
+        ...
 
 
 def _seconds(value: float) -> str:
@@ -100,26 +123,66 @@ class BasePolicy:
     uses_clock = False
 
     def decides_by_clock(self) -> bool:
+        """Whether decisions follow the wall clock (refused under torch.distributed).
+
+        Returns:
+            True when ranks could decide differently at the same step.
+        """
         return self.uses_clock
 
     # -- the protocol ----------------------------------------------------------------------
     def should_checkpoint(self, step: int, now: float) -> bool:
+        """Whether to checkpoint now, after an optimizer step.
+
+        Args:
+            step: optimizer steps done so far (the step a checkpoint now would save).
+            now: the Trainer's clock, in seconds.
+
+        Returns:
+            True to checkpoint at this step.
+        """
         raise NotImplementedError
 
     def record_step(self, seconds: float) -> None:
+        """Take note of one optimizer step's duration (negative or infinite ones are
+        ignored).
+
+        Args:
+            seconds: wall time of the step, forward to optimizer step.
+        """
         if seconds >= 0 and math.isfinite(seconds):
             self.step_times.append(float(seconds))
 
     def checkpoint_taken(self, step: int, now: float) -> None:
+        """Start the next interval: a checkpoint was just captured.
+
+        Args:
+            step: the step it saves.
+            now: the Trainer's clock, in seconds.
+        """
         self.last_step, self.last_time = step, now
         self.taken += 1
 
     def reset(self, step: int, now: float) -> None:
+        """Count the next interval from ``step``: after a resume, or a failed checkpoint.
+
+        Args:
+            step: the step training goes on from.
+            now: the Trainer's clock, in seconds.
+        """
         # Count the next interval from here; a checkpoint that failed will never report.
         self.last_step, self.last_time = step, now
         self.taken = self.recorded
 
     def record_checkpoint(self, stall_seconds: float, persist_seconds: float) -> None:
+        """Take note of what a durable checkpoint cost; warns once when checkpoints are
+        requested faster than they persist.
+
+        Args:
+            stall_seconds: how long training waited for its capture (the first one is
+                kept apart: it includes one-time setup).
+            persist_seconds: time from capture to durable commit.
+        """
         if self.first_stall is None and not self.stalls:
             self.first_stall = float(stall_seconds)
         else:
@@ -145,14 +208,30 @@ class BasePolicy:
         return median(self.persists)
 
     def interval_seconds(self) -> float | None:
-        """The time between checkpoints this policy aims at, when it can tell."""
+        """The time between checkpoints this policy aims at, when it can tell.
+
+        Returns:
+            Seconds between checkpoints, or None while it is not known.
+        """
         return None
 
     def describe(self) -> str:
+        """The policy's settings, as a warning names them.
+
+        Returns:
+            e.g. ``"interval_steps = 10 at 52.0 ms per step"``.
+        """
         return type(self).__name__
 
     def advice(self, persist: float) -> str:
-        """What to change so that checkpoints are at least ``persist`` seconds apart."""
+        """What to change so that checkpoints are at least ``persist`` seconds apart.
+
+        Args:
+            persist: the interval, in seconds, that checkpoints need.
+
+        Returns:
+            One sentence naming the setting to change.
+        """
         return "checkpoint less often"
 
     # -- the backlog warning ---------------------------------------------------------------
@@ -181,6 +260,11 @@ class BasePolicy:
 
     # -- Stateful: a resumed run keeps its measurements instead of probing again -----------
     def state_dict(self) -> dict[str, Any]:
+        """The measurements, so that a resumed run need not probe again.
+
+        Returns:
+            Recent step times, stalls and persist times.
+        """
         return {
             "step_times": list(self.step_times),
             "stalls": list(self.stalls),
@@ -189,6 +273,11 @@ class BasePolicy:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back the measurements of :meth:`state_dict`.
+
+        Args:
+            state: what :meth:`state_dict` returned (missing entries start empty).
+        """
         self.step_times = deque(map(float, state.get("step_times", ())), maxlen=STEP_WINDOW)
         self.stalls = deque(map(float, state.get("stalls", ())), maxlen=CHECKPOINT_WINDOW)
         self.persists = deque(map(float, state.get("persists", ())), maxlen=CHECKPOINT_WINDOW)
@@ -204,7 +293,11 @@ class Never(BasePolicy):
 
 
 class EveryNSteps(BasePolicy):
-    """Checkpoint at every step that is a multiple of ``n`` (n, 2n, ...), resumed or not."""
+    """Checkpoint at every step that is a multiple of ``n`` (n, 2n, ...), resumed or not.
+
+    Args:
+        n: steps between checkpoints, an integer >= 1 (else ValueError).
+    """
 
     def __init__(self, n: int) -> None:
         super().__init__()
@@ -232,7 +325,11 @@ class EveryNSteps(BasePolicy):
 
 
 class EveryNSeconds(BasePolicy):
-    """Checkpoint once ``seconds`` have passed since the last checkpoint (or the start)."""
+    """Checkpoint once ``seconds`` have passed since the last checkpoint (or the start).
+
+    Args:
+        seconds: the interval, a finite number > 0 (else ValueError).
+    """
 
     uses_clock = True
 
@@ -267,6 +364,11 @@ class AdaptiveOverhead(BasePolicy):
     representative stall is known it probes: a checkpoint after ``warmup_steps`` steps,
     and another ``warmup_steps`` later (the first one's stall includes one-time setup),
     never while a probe is still in flight.
+
+    Args:
+        max_overhead: the budget, a fraction strictly between 0 and 1 (0.05: training at
+            most 5% slower); else ValueError.
+        warmup_steps: steps before each of the two probes, an integer >= 1.
     """
 
     uses_clock = True
@@ -284,7 +386,12 @@ class AdaptiveOverhead(BasePolicy):
         self.warmup_steps = warmup_steps
 
     def interval_steps(self) -> int | None:
-        """Steps between checkpoints that keep the budget; None until measured."""
+        """Steps between checkpoints that keep the budget.
+
+        Returns:
+            The interval in steps (at least 1), or None until step time and stall are
+            measured.
+        """
         step, stall = self.step_seconds, self.stall_seconds
         if step is None or stall is None:
             return None
@@ -323,7 +430,12 @@ class AdaptiveOverhead(BasePolicy):
 
 
 class AnyOf(BasePolicy):
-    """Checkpoint when any of ``policies`` says so; it alone warns about a backlog."""
+    """Checkpoint when any of ``policies`` says so; it alone warns about a backlog.
+
+    Args:
+        policies: at least one policy (else ValueError); their own backlog warnings are
+            turned off.
+    """
 
     def __init__(self, *policies: BasePolicy) -> None:
         super().__init__()
@@ -380,9 +492,20 @@ class AnyOf(BasePolicy):
         return shortest.advice(persist) if shortest is not None else super().advice(persist)
 
     def state_dict(self) -> dict[str, Any]:
+        """The measurements of every policy, in order.
+
+        Returns:
+            ``{"policies": [...]}``, one state per policy.
+        """
         return {"policies": [p.state_dict() for p in self.policies]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Give each policy its saved measurements; a different number of policies than
+        were saved starts measuring afresh.
+
+        Args:
+            state: what :meth:`state_dict` returned.
+        """
         saved = state.get("policies", [])
         if len(saved) == len(self.policies):
             for policy, policy_state in zip(self.policies, saved, strict=True):
@@ -395,6 +518,13 @@ def policy_from_config(config: Any) -> BasePolicy:
 
     Several set: checkpoint when any says so. None set: :class:`Never` (checkpoint
     explicitly with ``trainer.checkpoint()`` or ``enable_checkpoint=True``).
+
+    Args:
+        config: a :class:`~aiockpt.Config` (or any object with those attributes and
+            ``max_async``).
+
+    Returns:
+        The policy, told how many checkpoints may persist at once.
     """
     policies: list[BasePolicy] = []
     if getattr(config, "interval_steps", None) is not None:

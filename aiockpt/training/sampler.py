@@ -45,6 +45,15 @@ class ResumableSampler(Sampler[int]):
     epoch keeps a restored mid-epoch position. Start such a loop at ``sampler.epoch``.
     Randomness inside workers (augmentation) is not covered: seed it from the epoch and
     the sample index if it must be exact.
+
+    Args:
+        data_source: the data set (anything with ``len()``), or its size.
+        seed: epoch ``e`` is shuffled by a generator seeded with ``seed + e``.
+        shuffle: False hands out ``0, 1, 2, ...`` in order (the position is still saved).
+
+    Raises:
+        ValueError: a negative size.
+        TypeError: a ``seed`` that is not an int.
     """
 
     def __init__(self, data_source: Sized | int, *, seed: int = 0, shuffle: bool = True) -> None:
@@ -64,7 +73,14 @@ class ResumableSampler(Sampler[int]):
         return self.length
 
     def order(self, epoch: int) -> torch.Tensor:
-        """The indices of ``epoch`` in the order they are drawn."""
+        """The indices of ``epoch`` in the order they are drawn.
+
+        Args:
+            epoch: the epoch, from 0.
+
+        Returns:
+            A permutation of ``range(len(self))`` (in order when ``shuffle`` is False).
+        """
         if not self.shuffle:
             return torch.arange(self.length)
         generator = torch.Generator()
@@ -86,7 +102,14 @@ class ResumableSampler(Sampler[int]):
         self.epoch, self.position = epoch + 1, 0
 
     def track(self, loader: DataLoader[Any]) -> Iterator[Any]:
-        """Iterate ``loader`` (built on this sampler), advancing the position per batch."""
+        """Iterate ``loader`` (built on this sampler), advancing the position per batch.
+
+        Args:
+            loader: a DataLoader whose ``sampler`` is this one.
+
+        Yields:
+            The loader's batches; the position counts each one once it is handed over.
+        """
         if not isinstance(loader, DataLoader) or loader.sampler is not self:
             raise ValueError(
                 "track() needs a torch DataLoader built with sampler=this sampler "
@@ -120,14 +143,32 @@ class ResumableSampler(Sampler[int]):
             self._tracked = False
 
     def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its first index; no-op if it is the current epoch."""
+        """Start ``epoch`` from its first index; no-op if it is the current epoch.
+
+        Args:
+            epoch: the epoch to start.
+        """
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
 
     def state_dict(self) -> dict[str, Any]:
+        """Where the data stands.
+
+        Returns:
+            ``{"seed", "epoch", "position"}``: ``position`` counts the samples of this
+            epoch's order that training has received.
+        """
         return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position: the next pass starts at the next index.
+
+        Args:
+            state: what :meth:`state_dict` returned.
+
+        Raises:
+            ValueError: the position lies outside the data set (its size changed).
+        """
         position = int(state["position"])
         if not 0 <= position <= self.length:
             raise ValueError(

@@ -483,26 +483,32 @@ class _TrainerBase:
 
     @property
     def config(self) -> Config:
+        """The settings in use (a TOML path given as ``config`` is read once)."""
         return self._engine.config
 
     @property
     def policy(self) -> IntervalPolicy:
+        """The interval policy that decides when ``train_step`` checkpoints."""
         return self._engine.policy
 
     @property
     def model(self) -> torch.nn.Module:
+        """The module being trained."""
         return self._engine.model
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer, given or built from ``optimizer_class``."""
         return self._engine.optimizer
 
     @property
     def scheduler(self) -> Any:
+        """The LR scheduler, or None."""
         return self._engine.scheduler
 
     @property
     def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The GradScaler in use (given, or made for fp16 autocast on CUDA), or None."""
         return self._engine.scaler
 
     @property
@@ -522,11 +528,36 @@ class _TrainerBase:
 
 
 _INIT_DOC = """
-    ``Trainer(model, optimizer, loss_fn, config=cfg, **stateful)``; ``loss_fn(model, batch)``
-    returns a scalar loss (default: the model computes it). ``optimizer_class`` and
-    ``optimizer_kwargs`` build the optimizer instead. ``amp=True`` (or a dtype) runs the
-    forward under autocast, with a GradScaler for fp16 on CUDA unless ``grad_scaler`` is
-    given. ``policy`` overrides the config's interval policy; ``clock`` is for tests.
+    Args:
+        model: the module to train.
+        optimizer: its optimizer; or leave it out and give ``optimizer_class``.
+        loss_fn: ``loss_fn(model, batch)`` returns a scalar loss tensor (default: the
+            model computes it: ``model(**batch).loss``, or its output is the loss).
+        config: a :class:`~aiockpt.Config`, the path of a TOML file, or None for the
+            defaults; its interval keys choose the checkpoint policy.
+        optimizer_class: builds the optimizer over ``model.parameters()`` instead.
+        optimizer_kwargs: keyword arguments for ``optimizer_class``.
+        scheduler: an LR scheduler, stepped after every optimizer step and saved.
+        grad_scaler: a ``torch.amp.GradScaler`` to scale the loss with, saved too.
+        amp: True (or a dtype such as ``torch.bfloat16``) runs the forward under autocast,
+            with a GradScaler for fp16 on CUDA unless ``grad_scaler`` is given.
+        grad_accumulation_steps: micro-batches per optimizer step (>= 1).
+        max_grad_norm: clip gradients to this norm before each optimizer step.
+        policy: overrides the config's interval policy.
+        clock: the time source the policy decides by (for tests).
+        **stateful: more Stateful objects to save, e.g. ``sampler=sampler``, and
+            ``rng=aiockpt.RNGState()`` in place of the Trainer's own.
+
+    Raises:
+        UsageError: an extra object under a name the Trainer saves itself.
+        ConfigError: a wall-clock policy under torch.distributed with several ranks.
+        TypeError: a model or optimizer of the wrong kind, or both an optimizer and
+            ``optimizer_class``.
+        ValueError: ``grad_accumulation_steps`` or ``max_grad_norm`` out of range.
+
+    Attributes:
+        checkpointer: the Checkpointer (or SyncCheckpointer) underneath, for ``stats``
+            or a partial ``restore(only=...)``.
 """
 
 
@@ -549,27 +580,66 @@ class Trainer(_TrainerBase):
     async def train_step(self, batch: Any, enable_checkpoint: bool | None = None) -> torch.Tensor:
         """Forward, backward, (every k-th call) the optimizer step and maybe a checkpoint.
 
-        ``enable_checkpoint`` True/False forces the checkpoint decision for the optimizer
-        step this call completes (or, mid-accumulation, the next one).
+        Args:
+            batch: the micro-batch, passed to ``loss_fn(model, batch)``.
+            enable_checkpoint: True/False forces the checkpoint decision for the optimizer
+                step this call completes (or, mid-accumulation, the next one); None lets
+                the policy decide.
+
+        Returns:
+            The loss of this micro-batch, detached.
+
+        Raises:
+            BackgroundError: an earlier checkpoint failed in the background (with
+                ``on_error = "raise"``); ``__cause__`` holds the original exception.
         """
         return await self._train_step(batch, enable_checkpoint)
 
     async def checkpoint(self) -> CheckpointHandle:
-        """Checkpoint the current step; returns once captured (await the handle for durable)."""
+        """Checkpoint the current step; returns once captured (await the handle for durable).
+
+        Returns:
+            The checkpoint's handle (the existing one if this step is already saved).
+
+        Raises:
+            CheckpointError: called mid-accumulation, where the partial gradients would
+                be lost.
+        """
         handle = await self._checkpoint()
         assert isinstance(handle, CheckpointHandle)
         return handle
 
     async def wait(self) -> None:
-        """Wait until every checkpoint in flight is durable; re-raise a background failure."""
+        """Wait until every checkpoint in flight is durable; re-raise a background failure.
+
+        Raises:
+            BackgroundError: a checkpoint failed in the background; ``__cause__`` holds
+                the original exception.
+        """
         await self._wait()
 
     async def resume(self, step: int | None = None) -> int:
-        """Restore the newest valid checkpoint (or ``step``); the step to go on from (0 if none)."""
+        """Restore the newest valid checkpoint (or ``step``) into every object.
+
+        Args:
+            step: restore this step rather than the newest valid one.
+
+        Returns:
+            The step to go on from (0 when there is no checkpoint yet).
+
+        Raises:
+            NoCheckpointError: ``step`` was asked for and is not committed.
+            CorruptCheckpointError: ``step`` was asked for and fails its checks, or every
+                checkpoint does.
+        """
         return await self._resume(step)
 
     async def close(self) -> None:
-        """Drain what is in flight and release the checkpointer."""
+        """Drain what is in flight and release the checkpointer.
+
+        Raises:
+            BackgroundError: a checkpoint in flight failed in the background.
+        """
         await self._close()
 
     async def __aenter__(self) -> Trainer:
@@ -601,24 +671,68 @@ class SyncTrainer(_TrainerBase):
         return _BlockingCalls(checkpointer)
 
     def train_step(self, batch: Any, enable_checkpoint: bool | None = None) -> torch.Tensor:
-        """Forward, backward, (every k-th call) the optimizer step and maybe a checkpoint."""
+        """Forward, backward, (every k-th call) the optimizer step and maybe a checkpoint.
+
+        Args:
+            batch: the micro-batch, passed to ``loss_fn(model, batch)``.
+            enable_checkpoint: True/False forces the checkpoint decision for the optimizer
+                step this call completes (or, mid-accumulation, the next one); None lets
+                the policy decide.
+
+        Returns:
+            The loss of this micro-batch, detached.
+
+        Raises:
+            BackgroundError: an earlier checkpoint failed in the background (with
+                ``on_error = "raise"``); ``__cause__`` holds the original exception.
+        """
         return drive(self._train_step(batch, enable_checkpoint))
 
     def checkpoint(self) -> SyncCheckpointHandle:
-        """Checkpoint the current step; returns once captured (``.wait()`` for durable)."""
+        """Checkpoint the current step; returns once captured (``.wait()`` for durable).
+
+        Returns:
+            The checkpoint's handle (the existing one if this step is already saved).
+
+        Raises:
+            CheckpointError: called mid-accumulation, where the partial gradients would
+                be lost.
+        """
         handle = drive(self._checkpoint())
         assert isinstance(handle, SyncCheckpointHandle)
         return handle
 
     def wait(self) -> None:
-        """Block until every checkpoint in flight is durable; re-raise a background failure."""
+        """Block until every checkpoint in flight is durable; re-raise a background failure.
+
+        Raises:
+            BackgroundError: a checkpoint failed in the background; ``__cause__`` holds
+                the original exception.
+        """
         drive(self._wait())
 
     def resume(self, step: int | None = None) -> int:
-        """Restore the newest valid checkpoint (or ``step``); the step to go on from (0 if none)."""
+        """Restore the newest valid checkpoint (or ``step``) into every object.
+
+        Args:
+            step: restore this step rather than the newest valid one.
+
+        Returns:
+            The step to go on from (0 when there is no checkpoint yet).
+
+        Raises:
+            NoCheckpointError: ``step`` was asked for and is not committed.
+            CorruptCheckpointError: ``step`` was asked for and fails its checks, or every
+                checkpoint does.
+        """
         return drive(self._resume(step))
 
     def close(self) -> None:
+        """Drain what is in flight and release the checkpointer.
+
+        Raises:
+            BackgroundError: a checkpoint in flight failed in the background.
+        """
         drive(self._close())
 
     def __enter__(self) -> SyncTrainer:
