@@ -28,6 +28,7 @@ from .._engine.capture.flatten import dtype_name, tensor_paths
 from .._engine.reader import read_checkpoint, read_manifest
 from .._format.manifest import Manifest, TensorRecord
 from .._util.console import note
+from .._util.location import local_directory
 from ..errors import AiockptError, ConversionError, UnsupportedStateError
 from ..storage.local import (
     LATEST_NAME,
@@ -489,7 +490,7 @@ def _withdraw(path: Path) -> None:
 def run_export(args: Any) -> int:
     from .._util.console import human_bytes, print_json
 
-    path = resolve_checkpoint(Path(args.path), args.step)
+    path = resolve_checkpoint(local_directory(args.path), args.step)
     report = export_checkpoint(
         path,
         args.to,
@@ -519,7 +520,7 @@ def run_import(args: Any) -> int:
         Path(args.source),
         args.format,
         args.step,
-        Path(args.directory),
+        local_directory(args.directory),
         key=args.key,
         force=args.force,
         threads=args.threads,

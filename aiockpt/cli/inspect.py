@@ -29,6 +29,7 @@ from .._util.console import (
     print_json,
     stdout_console,
 )
+from .._util.location import local_directory
 from ..storage.fileio import checksum
 from .scan import resolve_checkpoint
 
@@ -384,7 +385,7 @@ def render_stats(report: dict[str, Any]) -> None:
 
 
 def run(args: Any) -> int:
-    path = resolve_checkpoint(Path(args.path), args.step)
+    path = resolve_checkpoint(local_directory(args.path), args.step)
     if args.tensor is not None:
         report = tensor_stats(path, args.tensor, threads=args.threads)
         if args.json:

@@ -20,6 +20,7 @@ from .._util.console import (
     print_json,
     stdout_console,
 )
+from .._util.location import local_directory
 from ..errors import AiockptError
 from ..storage.local import CheckpointInfo, read_latest
 from .scan import WriterState, committed_checkpoints, probe_writer, scan_leftovers
@@ -172,7 +173,10 @@ def render(report: dict[str, Any]) -> None:
 
 def run(args: Any) -> int:
     report = list_directory(
-        Path(args.directory), verify=args.verify, threads=args.threads, progress=not args.json
+        local_directory(args.directory),
+        verify=args.verify,
+        threads=args.threads,
+        progress=not args.json,
     )
     if args.json:
         print_json(report)

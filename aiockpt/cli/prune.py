@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .._util.console import CliError, byte_progress, human_bytes, note, print_json, stdout_console
+from .._util.location import local_directory
 from ..errors import DirectoryLockedError
 from ..storage.local import CheckpointInfo, CheckpointStore
 from .scan import Leftover, WriterState, committed_checkpoints, probe_writer, scan_leftovers
@@ -224,7 +225,7 @@ def render(report: dict[str, Any]) -> None:
 
 def run(args: Any) -> int:
     report = prune(
-        Path(args.directory),
+        local_directory(args.directory),
         keep_last=args.keep_last,
         keep_every=args.keep_every,
         dry_run=args.dry_run,

@@ -22,6 +22,7 @@ import crc32c
 
 from .._engine.reader import check_data_size, check_step, open_checkpoint_file, read_manifest
 from .._format.manifest import MANIFEST_NAME, FileRecord
+from .._util.location import local_directory
 from ..errors import AiockptError
 
 __all__ = ["CheckpointVerdict", "Problem", "verify_checkpoints"]
@@ -328,7 +329,7 @@ def run(args: Any) -> int:
 
     targets: list[Path] = []
     for given in args.paths:
-        targets.extend(_targets(Path(given)))
+        targets.extend(_targets(local_directory(given)))
     started = time.perf_counter()
     with byte_progress(0, "verifying", enabled=not args.json) as count:
         verdicts = verify_checkpoints(
