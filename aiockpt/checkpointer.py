@@ -59,7 +59,8 @@ from .errors import (
 )
 from .metrics import CheckpointerStats, CheckpointMetrics
 from .stateful import Stateful
-from .storage.local import MAX_STEP, CheckpointInfo, CheckpointStore, list_checkpoints
+from .storage import CheckpointStorage, open_storage
+from .storage.local import MAX_STEP, CheckpointInfo
 
 __all__ = ["CheckpointHandle", "Checkpointer", "SyncCheckpointHandle", "SyncCheckpointer"]
 
@@ -193,7 +194,7 @@ class _Core:
         }
         self.runtime = runtime
         self.ranks = RankGroup.current(config.rank_timeout_s)
-        self.store = CheckpointStore(
+        self.store: CheckpointStorage = open_storage(
             config.directory,
             durable=config.durable,
             lead=self.ranks is None or self.ranks.is_zero,
@@ -411,7 +412,7 @@ class _Core:
 
     # -- restore -----------------------------------------------------------------------------
     def candidates(self, step: int | None) -> list[CheckpointInfo]:
-        committed = list_checkpoints(self.config.directory)
+        committed = self.store.list_committed()
         if step is None:
             return committed[::-1]
         chosen = [info for info in committed if info.step == step]

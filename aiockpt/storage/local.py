@@ -29,12 +29,25 @@ import shutil
 import stat
 import time
 import weakref
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
+
+import aiofiles.os
 
 from .._format.manifest import MANIFEST_NAME
+from .._util.location import local_directory
 from ..errors import CheckpointError, ConfigError, DirectoryLockedError
-from .fileio import fsync_directory, open_regular, read_small_file, write_file_atomically
+from .base import CheckpointInfo
+from .commitio import create_file, fsync_directory_async, replace_file_atomically
+from .fileio import (
+    fsync_directory,
+    open_regular,
+    read_exact,
+    read_small_file,
+    write_file_atomically,
+    write_pieces,
+)
 
 __all__ = ["CheckpointInfo", "CheckpointStore", "list_checkpoints", "read_latest"]
 
@@ -53,19 +66,12 @@ _LATEST_MAX_BYTES = 64
 _LOCK_PATIENCE_S = 0.5
 
 logger = logging.getLogger("aiockpt")
+_T = TypeVar("_T")
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """A committed checkpoint directory."""
-
-    step: int
-    path: Path
-    nbytes: int
-    mtime: float
-
-    def __str__(self) -> str:
-        return f"step {self.step}: {self.path} ({self.nbytes / 2**20:.1f} MiB)"
+async def _in_thread(function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """A blocking helper of ours awaited through aiofiles' executor, like its os calls."""
+    return await aiofiles.os.wrap(function)(*args, **kwargs)  # type: ignore[no-any-return]
 
 
 _open_stores: weakref.WeakSet[CheckpointStore] = weakref.WeakSet()
@@ -155,8 +161,9 @@ def list_checkpoints(directory: str | os.PathLike[str]) -> list[CheckpointInfo]:
 
     A directory counts as committed when it is named ``step-<N>`` and holds a manifest;
     its checksums are checked only when it is loaded (or by ``aiockpt verify``).
+    ``directory`` may be a ``file://`` URL; a scheme no backend serves is a ConfigError.
     """
-    root = Path(directory)
+    root = local_directory(directory)
     found = []
     try:
         entries = list(os.scandir(root))
@@ -182,7 +189,9 @@ def list_checkpoints(directory: str | os.PathLike[str]) -> list[CheckpointInfo]:
 
 
 class CheckpointStore:
-    """One writer's view of a checkpoint directory (blocking calls; run them off the loop)."""
+    """One writer's view of a checkpoint directory: the local backend of the storage seam
+    (``base.CheckpointStorage``). Blocking methods run off the loop; ``begin`` and
+    ``commit`` are coroutines for the loop (their file operations go through aiofiles)."""
 
     def __init__(self, root: str | os.PathLike[str], *, durable: bool, lead: bool = True) -> None:
         self.root = Path(root)
@@ -298,18 +307,39 @@ class CheckpointStore:
             path.unlink(missing_ok=True)
 
     # -- writing one checkpoint -------------------------------------------------------
-    def begin(self, step: int, shared: str | None = None) -> Path:
+    async def begin(self, step: int, shared: str | None = None) -> Path:
         """A fresh temporary directory for the files of ``step``.
 
         ``shared`` names one that all ranks write into (each creates it if it is first).
         """
         if shared is None:
             path = self.root / f".tmp-{step_dir_name(step)}-{secrets.token_hex(4)}"
-            path.mkdir()
-        else:
-            path = self.root / f".tmp-{step_dir_name(step)}-{shared}"
-            path.mkdir(exist_ok=True)
+            await aiofiles.os.mkdir(path)
+            return path
+        path = self.root / f".tmp-{step_dir_name(step)}-{shared}"
+        try:
+            await aiofiles.os.mkdir(path)
+        except FileExistsError:
+            if not await aiofiles.os.path.isdir(path):
+                raise  # the same refusal Path.mkdir(exist_ok=True) gives
         return path
+
+    def write_chunk(
+        self,
+        temporary: Path,
+        name: str,
+        data: memoryview,
+        ranges: Sequence[tuple[int, int]],
+        room: memoryview | None = None,
+    ) -> list[int]:
+        # The hot path, on a writer thread: crc32c, then O_DIRECT pwrite from the pinned
+        # buffer (buffered pwrite where the filesystem has no O_DIRECT); fsync'd if durable.
+        return write_pieces(str(temporary / name), data, ranges, durable=self.durable, room=room)
+
+    def make_durable(self, temporary: Path) -> None:
+        # Data files are fsync'd as they are written; what is left is their names.
+        if self.durable:
+            fsync_directory(str(temporary))
 
     def abort(self, temporary: Path) -> None:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -318,8 +348,12 @@ class CheckpointStore:
         """This writer's state was just restored from ``step`` (restore, or its fallback)."""
         self._resumed_from = step
 
-    def commit(self, temporary: Path, step: int, manifest: bytes) -> Path:
+    async def commit(self, temporary: Path, step: int, manifest: bytes) -> Path:
         """Write the manifest last, then make the checkpoint visible with one rename.
+
+        Runs on the event loop; every file and directory operation is awaited through
+        aiofiles, in this order: manifest written and fsync'd, the temporary directory
+        fsync'd, renamed into place, the parent directory fsync'd, then ``latest``.
 
         After a restore, the run's own timeline decides what restore finds next: once the
         first commit after it is durable, every committed step above the one restored
@@ -329,42 +363,32 @@ class CheckpointStore:
         abandoned timeline (or a corrupt one), and retention, which ranks by step, would
         delete this run's newer commits and keep those.
         """
-        manifest_path = temporary / MANIFEST_NAME
-        fd = os.open(manifest_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(manifest)
-            written = 0
-            while written < len(view):
-                written += os.write(fd, view[written:])
-            if self.durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        await create_file(temporary / MANIFEST_NAME, manifest, durable=self.durable)
         if self.durable:
-            fsync_directory(str(temporary))
+            await fsync_directory_async(temporary)
         final = self.root / step_dir_name(step)
         replaced = None
-        if final.exists():
+        if await aiofiles.os.path.exists(final):
             # Re-saving a step: move the old one aside; _recover() restores it if we die here.
             replaced = self.root / f".trash-replace-{final.name}-{secrets.token_hex(4)}"
-            os.rename(final, replaced)
-        os.rename(temporary, final)
+            await aiofiles.os.rename(final, replaced)
+        await aiofiles.os.rename(temporary, final)
         if self.durable:
             try:
-                fsync_directory(str(self.root))
+                await fsync_directory_async(self.root)
             except OSError:
                 # Not known durable, so not committed: take it back out of sight (the
                 # caller deletes the temporary), or a checkpoint reported as failed would
                 # be the one restore() picks.
-                self._unpublish(final, temporary, replaced)
+                await self._unpublish(final, temporary, replaced)
                 raise
         if replaced is not None:
-            shutil.rmtree(replaced, ignore_errors=True)
+            await _in_thread(shutil.rmtree, replaced, ignore_errors=True)  # bulk: a thread
         self._last_committed = step
         try:
             # Before anything is moved aside, so that `latest` never names a step that
             # is gone (forced: after a restore it moves back below superseded steps).
-            self.point_latest(final.name, force=self._resumed_from is not None)
+            await self._point_latest_async(final.name, force=self._resumed_from is not None)
         except OSError as exc:
             # Committed and durable already; `latest` is only a hint for tools, so a disk
             # too full for it must not report this checkpoint as failed (nor stop retention).
@@ -374,7 +398,7 @@ class CheckpointStore:
         resumed, self._resumed_from = self._resumed_from, None
         if resumed is not None:
             try:
-                self._supersede_above(min(step, resumed), keep=step)
+                await self._supersede_above(min(step, resumed), keep=step)
             except OSError as exc:
                 # Committed already. What was not moved aside is moved by the next
                 # commit; meanwhile restore still falls back past a corrupt step.
@@ -382,26 +406,43 @@ class CheckpointStore:
                 self._resumed_from = resumed
         return final
 
-    def _supersede_above(self, floor: int, keep: int) -> None:
-        above = [i for i in list_checkpoints(self.root) if i.step > floor and i.step != keep]
+    async def _supersede_above(self, floor: int, keep: int) -> None:
+        committed = await _in_thread(list_checkpoints, self.root)
+        above = [i for i in committed if i.step > floor and i.step != keep]
         for info in above:
             aside = self.root / f"{SUPERSEDED_PREFIX}{info.path.name}-{secrets.token_hex(4)}"
-            os.rename(info.path, aside)
+            await aiofiles.os.rename(info.path, aside)
             logger.warning(
                 "aiockpt: %s is above the step this run resumed from; moved aside as %s",
                 info.path,
                 aside.name,
             )
         if above and self.durable:
-            fsync_directory(str(self.root))
+            await fsync_directory_async(self.root)
 
-    def _unpublish(self, final: Path, temporary: Path, replaced: Path | None) -> None:
+    async def _unpublish(self, final: Path, temporary: Path, replaced: Path | None) -> None:
         try:
-            os.rename(final, temporary)
+            await aiofiles.os.rename(final, temporary)
             if replaced is not None:
-                os.rename(replaced, final)
+                await aiofiles.os.rename(replaced, final)
         except OSError as exc:  # the disk is failing; the next open() sorts it out
             logger.warning("aiockpt: could not take back %s after a failed fsync: %s", final, exc)
+
+    def _keeps_newer_latest(self, name: str) -> bool:
+        """Does ``latest`` name a newer step than ``name`` that still exists? Then it is
+        not moved back."""
+        current = self.latest_name()  # a valid step-<N> name or None
+        current_step = -1 if current is None else parse_step_dir(current)
+        new_step = parse_step_dir(name)
+        moves_back = new_step is not None and (current_step or -1) > new_step
+        return moves_back and (self.root / str(current)).is_dir()
+
+    def _clear_latest_directory(self, path: Path) -> None:
+        try:
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                self._discard(path)  # rename() cannot replace a directory with a file
+        except FileNotFoundError:
+            pass
 
     def point_latest(self, name: str | None, *, force: bool = False) -> None:
         """Point ``latest`` at ``name`` (None: remove it).
@@ -415,22 +456,34 @@ class CheckpointStore:
             if self.durable:
                 fsync_directory(str(self.root))
             return
-        if not force:
-            current = self.latest_name()  # a valid step-<N> name or None
-            current_step = -1 if current is None else parse_step_dir(current)
-            new_step = parse_step_dir(name)
-            moves_back = new_step is not None and (current_step or -1) > new_step
-            if moves_back and (self.root / str(current)).is_dir():
-                return  # never move the pointer backwards to an older step
-        try:
-            if stat.S_ISDIR(os.lstat(path).st_mode):
-                self._discard(path)  # rename() cannot replace a directory with a file
-        except FileNotFoundError:
-            pass
+        if not force and self._keeps_newer_latest(name):
+            return
+        self._clear_latest_directory(path)
         write_file_atomically(str(path), f"{name}\n".encode(), durable=self.durable)
+
+    async def _point_latest_async(self, name: str, *, force: bool) -> None:
+        """``point_latest`` on the loop: the same checks (a few stat calls, on a thread),
+        then the file written and renamed through aiofiles."""
+        path = self.root / LATEST_NAME
+        if not force and await _in_thread(self._keeps_newer_latest, name):
+            return
+        await _in_thread(self._clear_latest_directory, path)
+        await replace_file_atomically(str(path), f"{name}\n".encode(), durable=self.durable)
 
     def latest_name(self) -> str | None:
         return read_latest(self.root)
+
+    # -- reading ----------------------------------------------------------------------
+    def list_committed(self) -> list[CheckpointInfo]:
+        return list_checkpoints(self.root)
+
+    def read_range(self, checkpoint: Path, name: str, offset: int, into: memoryview) -> None:
+        # Opened without following a link or blocking on a FIFO, like every reader does.
+        fd, _ = open_regular(checkpoint / name)
+        try:
+            read_exact(fd, into, offset)
+        finally:
+            os.close(fd)
 
     # -- retention ----------------------------------------------------------------------
     def retain(self, keep_last: int | None) -> list[Path]:
