@@ -30,13 +30,8 @@ from .._format.manifest import Manifest, TensorRecord
 from .._util.console import note
 from .._util.location import local_directory
 from ..errors import AiockptError, ConversionError, UnsupportedStateError
-from ..storage.local import (
-    LATEST_NAME,
-    CheckpointInfo,
-    CheckpointStore,
-    list_checkpoints,
-    step_dir_name,
-)
+from ..storage import open_storage
+from ..storage.local import CheckpointInfo, step_dir_name
 from .foreign import read_safetensors, read_torch, refused_global, tied_keys_left_out
 from .foreign_dcp import read_dcp
 from .scan import resolve_checkpoint
@@ -473,16 +468,13 @@ def _verify_written(path: Path) -> None:
 def _withdraw(path: Path) -> None:
     """Delete checkpoint ``path`` under its directory's lock, and point ``latest`` at the
     newest one left (or remove it), so that nothing names what is gone."""
-    store = CheckpointStore(path.parent, durable=True)
+    store = open_storage(path.parent, durable=True)
     store.open()
     try:
         store.remove(path)
         if store.latest_name() == path.name:
-            remaining = list_checkpoints(path.parent)
-            if remaining:
-                store.point_latest(remaining[-1].path.name)
-            else:
-                (path.parent / LATEST_NAME).unlink(missing_ok=True)
+            remaining = store.list_committed()
+            store.point_latest(remaining[-1].path.name if remaining else None)
     finally:
         store.close()
 

@@ -25,7 +25,8 @@ from typing import Any
 from .._util.console import CliError, byte_progress, human_bytes, note, print_json, stdout_console
 from .._util.location import local_directory
 from ..errors import DirectoryLockedError
-from ..storage.local import CheckpointInfo, CheckpointStore
+from ..storage import open_storage
+from ..storage.local import CheckpointInfo
 from .scan import Leftover, WriterState, committed_checkpoints, probe_writer, scan_leftovers
 from .verify import verify_checkpoints
 
@@ -102,7 +103,7 @@ def prune(
     steps = {info.step for info in committed}
     left_plan = [(left, _leftover_action(left, writer, steps)) for left in leftovers]
 
-    store = CheckpointStore(root, durable=True)
+    store = open_storage(root, durable=True)
     locked = False
     if not dry_run and not writer.live:
         try:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from .._format.manifest import MANIFEST_NAME
 from .._util.console import CliError, note
+from ..storage import open_storage
 from ..storage.fileio import open_regular
 from ..storage.local import (
     LOCK_NAME,
     SUPERSEDED_PREFIX,
     CheckpointInfo,
-    list_checkpoints,
     parse_private_step,
     parse_step_dir,
 )
@@ -87,12 +87,13 @@ def committed_checkpoints(root: Path) -> list[CheckpointInfo]:
             f"{root}: no such directory",
             hint="pass the checkpoint directory (the Config's `directory`), e.g. checkpoints/",
         )
+    storage = open_storage(root, durable=False)  # only looked at: no lock taken
     for _ in range(5):
         try:
-            return list_checkpoints(root)
+            return storage.list_committed()
         except FileNotFoundError:
             continue  # a checkpoint was renamed away mid-listing; list again
-    return list_checkpoints(root)
+    return storage.list_committed()
 
 
 def not_a_directory(path: Path) -> CliError:

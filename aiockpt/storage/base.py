@@ -129,6 +129,11 @@ class CheckpointStorage(Protocol):
     def remove(self, checkpoint: Path) -> None:
         """Hide ``checkpoint`` in one step, then delete its data."""
 
+    def remove_all(self, doomed: list[Path], survivors: list[CheckpointInfo]) -> list[Path]:
+        """Remove ``doomed`` (those already gone are skipped), first pointing ``latest`` at
+        the newest of ``survivors`` or removing it; what was removed."""
+        ...
+
     def latest_name(self) -> str | None:
         """The checkpoint the ``latest`` hint names, if it is a valid name."""
         ...
