@@ -66,14 +66,19 @@ async def replace_file_atomically(path: str, payload: bytes, *, durable: bool) -
     """Replace ``path`` with ``payload`` so that readers see the old or the new file, whole
     (the coroutine twin of ``fileio.write_file_atomically``, with the same steps)."""
     temporary = f"{path}.tmp"
-    # A stale or planted temporary (even a symlink) is unlinked, never written through.
-    with contextlib.suppress(FileNotFoundError):
-        await aiofiles.os.unlink(temporary)
     try:
-        await create_file(temporary, payload, durable=durable)
+        try:
+            await create_file(temporary, payload, durable=durable)
+        except FileExistsError:
+            # A stale or planted temporary (even a symlink) is unlinked, never written
+            # through; trying first saves the common case a round trip to a thread.
+            await aiofiles.os.unlink(temporary)
+            await create_file(temporary, payload, durable=durable)
         await aiofiles.os.replace(temporary, path)
     except BaseException:
-        with contextlib.suppress(OSError):  # e.g. ENOSPC: leave no half-written file behind
+        # e.g. ENOSPC: leave no half-written file behind. Not awaited: this may run while
+        # the task is being cancelled, and one unlink does not stall the loop.
+        with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
     if durable:

@@ -428,21 +428,26 @@ class CheckpointStore:
         except OSError as exc:  # the disk is failing; the next open() sorts it out
             logger.warning("aiockpt: could not take back %s after a failed fsync: %s", final, exc)
 
-    def _keeps_newer_latest(self, name: str) -> bool:
-        """Does ``latest`` name a newer step than ``name`` that still exists? Then it is
-        not moved back."""
-        current = self.latest_name()  # a valid step-<N> name or None
-        current_step = -1 if current is None else parse_step_dir(current)
-        new_step = parse_step_dir(name)
-        moves_back = new_step is not None and (current_step or -1) > new_step
-        return moves_back and (self.root / str(current)).is_dir()
+    def _make_way_for_latest(self, name: str, *, force: bool) -> bool:
+        """Should ``latest`` be pointed at ``name``? If so, clear what would stop the
+        rename (a directory in its place).
 
-    def _clear_latest_directory(self, path: Path) -> None:
+        Without ``force`` it never moves back to an older step that still exists.
+        """
+        if not force:
+            current = self.latest_name()  # a valid step-<N> name or None
+            current_step = -1 if current is None else parse_step_dir(current)
+            new_step = parse_step_dir(name)
+            moves_back = new_step is not None and (current_step or -1) > new_step
+            if moves_back and (self.root / str(current)).is_dir():
+                return False
+        path = self.root / LATEST_NAME
         try:
             if stat.S_ISDIR(os.lstat(path).st_mode):
                 self._discard(path)  # rename() cannot replace a directory with a file
         except FileNotFoundError:
             pass
+        return True
 
     def point_latest(self, name: str | None, *, force: bool = False) -> None:
         """Point ``latest`` at ``name`` (None: remove it).
@@ -456,18 +461,16 @@ class CheckpointStore:
             if self.durable:
                 fsync_directory(str(self.root))
             return
-        if not force and self._keeps_newer_latest(name):
+        if not self._make_way_for_latest(name, force=force):
             return
-        self._clear_latest_directory(path)
         write_file_atomically(str(path), f"{name}\n".encode(), durable=self.durable)
 
     async def _point_latest_async(self, name: str, *, force: bool) -> None:
         """``point_latest`` on the loop: the same checks (a few stat calls, on a thread),
         then the file written and renamed through aiofiles."""
         path = self.root / LATEST_NAME
-        if not force and await _in_thread(self._keeps_newer_latest, name):
+        if not await _in_thread(self._make_way_for_latest, name, force=force):
             return
-        await _in_thread(self._clear_latest_directory, path)
         await replace_file_atomically(str(path), f"{name}\n".encode(), durable=self.durable)
 
     def latest_name(self) -> str | None:
