@@ -254,8 +254,11 @@ class Pipeline:
 
     async def _retain(self, final: Path) -> None:
         try:
+            # On the loop's default executor, where the commit's aiofiles calls run too:
+            # deleting old checkpoints must not take writer threads from the next one's
+            # chunks, nor wait behind them (the handle resolves after retention).
             await asyncio.get_running_loop().run_in_executor(
-                self.writers, self.store.retain, self.config.keep_last
+                None, self.store.retain, self.config.keep_last
             )
         except asyncio.CancelledError:
             pass  # committed; the next commit's retention does this one's work

@@ -14,8 +14,11 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import crc32c
 import pytest
@@ -313,3 +316,41 @@ def test_a_killed_writers_temporary_stays_invisible_and_the_next_one_cleans_it(
         assert successor.list_committed() == []
     finally:
         successor.close()
+
+
+# -- the commit path on the loop ----------------------------------------------------------
+def test_a_commit_needs_no_writer_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one writer thread busy on the next checkpoint's data (a disk that stalls), the
+    previous checkpoint still commits: its manifest, rename and ``latest`` are awaited
+    through aiofiles on the loop, never queued behind bulk writes."""
+    import aiockpt.storage.local as local_storage
+
+    release = threading.Event()
+    real_write = local_storage.write_pieces
+
+    def stalling_write(path: str, *args: Any, **kwargs: Any) -> Any:
+        if "/.tmp-step-1-" in path:
+            time.sleep(0.5)  # step 2's write queues for the thread before step 1 commits
+        if "/.tmp-step-2-" in path:
+            release.wait(30)
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(local_storage, "write_pieces", stalling_write)
+    # Room for both snapshots at once, so step 2 is admitted without waiting for step 1.
+    config = aiockpt.Config(
+        directory=tmp_path / "ckpt", num_threads=1, max_async=2, pinned_ratio=2.0
+    )
+    bag = Bag({"w": torch.arange(1000.0)})
+    try:
+        with aiockpt.SyncCheckpointer(config, bag=bag) as writer:
+            first = writer.checkpoint(1)
+            second = writer.checkpoint(2)
+            info = first.wait(timeout=20)  # while step 2's write holds the only thread
+            assert info is not None and info.step == 1
+            assert not second.done()
+            assert [i.step for i in aiockpt.list_checkpoints(config.directory)] == [1]
+            release.set()
+            second.wait(timeout=20)
+    finally:
+        release.set()
+    assert [i.step for i in aiockpt.list_checkpoints(config.directory)] == [1, 2]
