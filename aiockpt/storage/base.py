@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-__all__ = ["CheckpointInfo", "CheckpointStorage"]
+__all__ = ["CheckpointInfo", "CheckpointStorage", "DataFile"]
 
 
 @dataclass(frozen=True)
@@ -118,8 +118,12 @@ class CheckpointStorage(Protocol):
         """Committed checkpoints, oldest first."""
         ...
 
-    def read_range(self, checkpoint: Path, name: str, offset: int, into: memoryview) -> None:
-        """Fill ``into`` with the bytes of file ``name`` of ``checkpoint`` at ``offset``."""
+    def open_file(self, checkpoint: Path, name: str) -> DataFile:
+        """File ``name`` of ``checkpoint`` (its manifest or a data file), for ranged reads.
+
+        Raises FileNotFoundError when it is missing, and another OSError when it is not a
+        regular file (never followed through a link) or cannot be opened."""
+        ...
 
     # -- retention and the ``latest`` hint ---------------------------------------------------
     def retain(self, keep_last: int | None) -> list[Path]:
@@ -140,3 +144,18 @@ class CheckpointStorage(Protocol):
 
     def point_latest(self, name: str | None, *, force: bool = False) -> None:
         """Point the ``latest`` hint at ``name`` (None: remove it)."""
+
+
+class DataFile(Protocol):
+    """One file of a committed checkpoint, open for reads of byte ranges."""
+
+    @property
+    def size(self) -> int:
+        """Its size when opened: readers compare it with the manifest before reading."""
+        ...
+
+    def read_into(self, views: Sequence[memoryview], offset: int) -> None:
+        """Fill ``views`` back to back from ``offset``; a file that ends first is an
+        EOFError. Called from several reader threads at once."""
+
+    def close(self) -> None: ...

@@ -43,7 +43,7 @@ from .commitio import create_file, fsync_directory_async, replace_file_atomicall
 from .fileio import (
     fsync_directory,
     open_regular,
-    read_exact,
+    read_scatter,
     read_small_file,
     write_file_atomically,
     write_pieces,
@@ -480,13 +480,11 @@ class CheckpointStore:
     def list_committed(self) -> list[CheckpointInfo]:
         return list_checkpoints(self.root)
 
-    def read_range(self, checkpoint: Path, name: str, offset: int, into: memoryview) -> None:
-        # Opened without following a link or blocking on a FIFO, like every reader does.
-        fd, _ = open_regular(checkpoint / name)
-        try:
-            read_exact(fd, into, offset)
-        finally:
-            os.close(fd)
+    def open_file(self, checkpoint: Path, name: str) -> LocalFile:
+        # Never through a link, never blocking on a FIFO; the type is checked on the
+        # open descriptor, so nothing can be swapped in between the check and the reads.
+        fd, info = open_regular(checkpoint / name)
+        return LocalFile(fd, info.st_size)
 
     # -- retention ----------------------------------------------------------------------
     def retain(self, keep_last: int | None) -> list[Path]:
@@ -540,3 +538,20 @@ class CheckpointStore:
         if self.durable:
             fsync_directory(str(self.root))
         shutil.rmtree(trash, ignore_errors=True)
+
+
+class LocalFile:
+    """A checkpoint file open for reading: positioned reads (preadv) on one descriptor,
+    safe from several threads at once."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+
+    def read_into(self, views: Sequence[memoryview], offset: int) -> None:
+        read_scatter(self.fd, views, offset)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

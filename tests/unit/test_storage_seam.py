@@ -209,9 +209,18 @@ def test_a_committed_checkpoint_reads_back_through_the_seam(storage: CheckpointS
     data = bytes(range(256)) * 16
     final = _save(storage, 7, data)
     assert [info.step for info in storage.list_committed()] == [7]
-    into = bytearray(100)
-    storage.read_range(final, "data-r00000-c00000.bin", 1000, memoryview(into))
-    assert bytes(into) == data[1000:1100]
+    file = storage.open_file(final, "data-r00000-c00000.bin")
+    try:
+        assert file.size == len(data)
+        head, tail = bytearray(60), bytearray(40)
+        file.read_into([memoryview(head), memoryview(tail)], 1000)
+        assert bytes(head + tail) == data[1000:1100]
+        with pytest.raises(EOFError):
+            file.read_into([memoryview(bytearray(10))], len(data) - 5)
+    finally:
+        file.close()
+    with pytest.raises(FileNotFoundError):
+        storage.open_file(final, "data-r00000-c00001.bin")
     assert storage.latest_name() == "step-7"
     state = aiockpt.load(final)
     assert bytes(state["bag"]["w"].numpy()) == data
