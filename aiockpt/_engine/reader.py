@@ -25,7 +25,7 @@ from .._format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, FileRecord, Ma
 from ..errors import CorruptCheckpointError, NoCheckpointError
 from ..storage import open_storage
 from ..storage.base import CheckpointStorage, DataFile
-from ..storage.fileio import NotRegularFileError, open_regular
+from ..storage.fileio import NotRegularFileError
 from ..storage.local import parse_step_dir
 from .capture.flatten import SavedShards, unflatten_state
 from .restore_io import (
@@ -59,16 +59,6 @@ TensorFilter = Callable[[TensorRecord], bool]
 Placement = Callable[[TensorRecord], str | torch.device]
 
 
-def open_checkpoint_file(path: Path) -> tuple[int, int]:
-    """Open a file of a checkpoint read-only, never following a link or blocking on a
-    FIFO; (fd, size). Whatever stands in the way makes the checkpoint corrupt."""
-    try:
-        fd, info = open_regular(path)
-    except OSError as exc:
-        raise _unopenable(path, exc) from exc
-    return fd, info.st_size
-
-
 def _unopenable(path: Path, exc: OSError) -> CorruptCheckpointError:
     if isinstance(exc, FileNotFoundError):
         return CorruptCheckpointError(f"{path}: file is missing")
@@ -82,11 +72,14 @@ def _storage_of(checkpoint: Path) -> CheckpointStorage:
     return open_storage(checkpoint.parent, durable=False)
 
 
-def _open_file(storage: CheckpointStorage, checkpoint: Path, name: str) -> DataFile:
-    """File ``name`` of ``checkpoint`` through its backend; whatever stands in the way
-    makes the checkpoint corrupt."""
+def open_checkpoint_file(
+    checkpoint: Path, name: str, storage: CheckpointStorage | None = None
+) -> DataFile:
+    """File ``name`` of ``checkpoint``, opened by its backend (locally: read-only, never
+    following a link or blocking on a FIFO). Whatever stands in the way makes the
+    checkpoint corrupt."""
     try:
-        return storage.open_file(checkpoint, name)
+        return (storage or _storage_of(checkpoint)).open_file(checkpoint, name)
     except OSError as exc:
         raise _unopenable(checkpoint / name, exc) from exc
 
@@ -115,7 +108,7 @@ def read_manifest(
     checkpoint = Path(directory)
     path = checkpoint / MANIFEST_NAME
     _check_directory(checkpoint)
-    file = _open_file(storage or _storage_of(checkpoint), checkpoint, MANIFEST_NAME)
+    file = open_checkpoint_file(checkpoint, MANIFEST_NAME, storage)
     try:
         if file.size > MAX_MANIFEST_BYTES:
             raise CorruptCheckpointError(
@@ -188,7 +181,7 @@ def open_data_file(
     path: Path, record: FileRecord, storage: CheckpointStorage | None = None
 ) -> DataFile:
     """One data file, opened safely and of exactly the size the manifest lists."""
-    file = _open_file(storage or _storage_of(path), path, record.name)
+    file = open_checkpoint_file(path, record.name, storage)
     try:
         check_data_size(path, record, file.size)
     except BaseException:
