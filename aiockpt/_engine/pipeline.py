@@ -377,7 +377,7 @@ class Pipeline:
         # Every rank has stopped writing (each voted after its writes): rank 0 removes the
         # shared temporary, whoever created it.
         self.store.abort(
-            temporary or self.store.root / f".tmp-step-{ballot.step}-{ballot.shared_directory}"
+            temporary or self.store.shared_temporary(ballot.step, ballot.shared_directory)
         )
         return outcome
 

@@ -7,8 +7,6 @@ that vanish between ``scandir`` and ``stat`` (the writer's retention renames the
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +14,8 @@ from pathlib import Path
 from .._format.manifest import MANIFEST_NAME
 from .._util.console import CliError, note
 from ..storage import open_storage
-from ..storage.fileio import open_regular
+from ..storage.base import WriterState
 from ..storage.local import (
-    LOCK_NAME,
     SUPERSEDED_PREFIX,
     CheckpointInfo,
     parse_private_step,
@@ -37,45 +34,9 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class WriterState:
-    """Whether a live process holds the directory's writer lock, and its pid if known."""
-
-    live: bool
-    pid: int | None = None
-
-    def describe(self) -> str:
-        if not self.live:
-            return "no live writer"
-        return f"pid {self.pid} is writing" if self.pid else "a live process is writing"
-
-
 def probe_writer(root: Path) -> WriterState:
-    """Is ``root``'s lock held by a live writer? Never blocks, never holds the lock.
-
-    The lock file is opened read-only (no create, no truncate, no link followed, no
-    waiting on a FIFO) and a shared lock is tried and dropped at once. A writer holds
-    LOCK_EX for its whole life, so our LOCK_SH fails exactly when one is alive. A writer
-    opening the directory in the same microseconds retries its own attempt for a moment
-    (``CheckpointStore.open``), so a probe never makes it fail. Something other than a
-    regular file under the lock's name is no writer's lock: no writer can be alive.
-    """
-    try:
-        fd, _ = open_regular(root / LOCK_NAME)
-    except OSError:
-        return WriterState(False)  # never opened by a writer, or not a lock any writer holds
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return WriterState(True, int(text) if text.isdigit() else None)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return WriterState(False)
-    finally:
-        os.close(fd)
+    """Is ``root`` being written by a live writer? Never blocks, never holds its lock."""
+    return open_storage(root, durable=False).probe_writer()
 
 
 def committed_checkpoints(root: Path) -> list[CheckpointInfo]:

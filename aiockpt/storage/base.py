@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-__all__ = ["CheckpointInfo", "CheckpointStorage", "DataFile"]
+__all__ = ["CheckpointInfo", "CheckpointStorage", "DataFile", "WriterState"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,19 @@ class CheckpointInfo:
 
     def __str__(self) -> str:
         return f"step {self.step}: {self.path} ({self.nbytes / 2**20:.1f} MiB)"
+
+
+@dataclass(frozen=True)
+class WriterState:
+    """Whether a live process holds the writer lock, and its pid if known."""
+
+    live: bool
+    pid: int | None = None
+
+    def describe(self) -> str:
+        if not self.live:
+            return "no live writer"
+        return f"pid {self.pid} is writing" if self.pid else "a live process is writing"
 
 
 @runtime_checkable
@@ -80,9 +93,18 @@ class CheckpointStorage(Protocol):
     def close(self) -> None:
         """Give the writer lock back."""
 
+    def probe_writer(self) -> WriterState:
+        """Is a live writer holding the lock? Never blocks and never takes the lock, so
+        tools can look at a directory that training is writing."""
+        ...
+
     # -- writing one checkpoint ------------------------------------------------------------
     async def begin(self, step: int, shared: str | None = None) -> Path:
         """A fresh temporary checkpoint for ``step`` (``shared``: the one all ranks use)."""
+        ...
+
+    def shared_temporary(self, step: int, shared: str) -> Path:
+        """The temporary that ``begin(step, shared)`` makes, named alike on every rank."""
         ...
 
     def write_chunk(

@@ -38,7 +38,7 @@ import aiofiles.os
 from .._format.manifest import MANIFEST_NAME
 from .._util.location import local_directory
 from ..errors import CheckpointError, ConfigError, DirectoryLockedError
-from .base import CheckpointInfo
+from .base import CheckpointInfo, WriterState
 from .commitio import create_file, fsync_directory_async, replace_file_atomically
 from .fileio import (
     fsync_directory,
@@ -276,6 +276,33 @@ class CheckpointStore:
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 
+    def probe_writer(self) -> WriterState:
+        """Is the lock held by a live writer? Never blocks, never holds the lock.
+
+        The lock file is opened read-only (no create, no truncate, no link followed, no
+        waiting on a FIFO) and a shared lock is tried and dropped at once. A writer holds
+        LOCK_EX for its whole life, so our LOCK_SH fails exactly when one is alive. A writer
+        opening the directory in the same microseconds retries its own attempt for a moment
+        (``open``), so a probe never makes it fail. Something other than a regular file
+        under the lock's name is no writer's lock: no writer can be alive.
+        """
+        try:
+            fd, _ = open_regular(self.root / LOCK_NAME)
+        except OSError:
+            return WriterState(False)  # never opened by a writer, or not a writer's lock
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise
+                text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                return WriterState(True, int(text) if text.isdigit() else None)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return WriterState(False)
+        finally:
+            os.close(fd)
+
     def close(self) -> None:
         _open_stores.discard(self)
         if self._lock_fd is not None:
@@ -316,13 +343,16 @@ class CheckpointStore:
             path = self.root / f".tmp-{step_dir_name(step)}-{secrets.token_hex(4)}"
             await aiofiles.os.mkdir(path)
             return path
-        path = self.root / f".tmp-{step_dir_name(step)}-{shared}"
+        path = self.shared_temporary(step, shared)
         try:
             await aiofiles.os.mkdir(path)
         except FileExistsError:
             if not await aiofiles.os.path.isdir(path):
                 raise  # the same refusal Path.mkdir(exist_ok=True) gives
         return path
+
+    def shared_temporary(self, step: int, shared: str) -> Path:
+        return self.root / f".tmp-{step_dir_name(step)}-{shared}"
 
     def write_chunk(
         self,
