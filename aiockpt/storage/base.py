@@ -7,7 +7,8 @@ store, which has no rename, keeps it with unique names and a manifest written la
 1. **One writer.** ``open`` takes the writer lock or raises DirectoryLockedError. A local
    lock dies with its process (flock); a backend without one uses a conditional create
    (create-if-absent of a lock object, refreshed while alive), so that a second writer is
-   refused instead of interleaving commits with the first.
+   refused instead of interleaving commits with the first. ``probe_writer`` tells tools
+   whether a writer is alive without ever taking the lock.
 2. **Leftovers are invisible and cleaned.** Everything a writer creates before a commit
    (the temporary checkpoint, a half-written ``latest``) is private: readers never see it,
    and the next writer's ``open`` deletes it, since its writer is dead (it held the lock).
@@ -32,9 +33,11 @@ store, which has no rename, keeps it with unique names and a manifest written la
    rename to ``.trash-``; object store: delete the manifest first) and then frees its
    data; a crash in between leaves only leftovers (rule 2). Retention never deletes the
    newest checkpoint this writer committed.
-8. **Reads are of ranges.** Readers fetch the manifest whole (bounded in size) and then
-   byte ranges of data files, and verify every range against its checksum; nothing a
-   checkpoint holds is followed, executed or trusted before it is checked.
+8. **Reads are of ranges.** ``open_file`` gives a checkpoint's manifest or a data file
+   with its size (checked against the manifest before anything is allocated); readers
+   fetch the manifest whole (bounded in size), then byte ranges of data files, and verify
+   every range against its checksum. Nothing a checkpoint holds is followed (no links),
+   executed or trusted before it is checked.
 
 Blocking methods run on writer threads (never on the event loop); the ``async`` ones
 (``begin``, ``commit``) are the commit path's small-file and directory operations, run on

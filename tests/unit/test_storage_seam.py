@@ -234,7 +234,8 @@ def test_a_temporary_is_invisible_until_its_manifest_commits(storage: Checkpoint
         return shared, again, private
 
     shared, again, private = asyncio.run(begin_twice())
-    assert shared == again and private != shared
+    assert shared == again == storage.shared_temporary(9, "abcd1234")
+    assert private != shared
     storage.write_chunk(shared, "data-r00001-c00000.bin", memoryview(b"x" * 64), [(0, 64)])
     assert storage.list_committed() == []
     assert aiockpt.list_checkpoints(storage.root) == []
@@ -285,10 +286,16 @@ def test_retention_hides_and_deletes_but_keeps_the_newest(storage: CheckpointSto
     assert storage.list_committed() == []
 
 
-def test_a_second_writer_is_refused(storage: CheckpointStorage) -> None:
+def test_a_second_writer_is_refused_and_tools_see_the_first(storage: CheckpointStorage) -> None:
     rival = open_storage(storage.root, durable=True)
     with pytest.raises(DirectoryLockedError, match="another process"):
         rival.open()
+    writer = rival.probe_writer()  # looking never takes the lock
+    assert writer.live and writer.pid == os.getpid()
+    storage.close()
+    assert not rival.probe_writer().live
+    rival.open()  # free once the first writer is gone
+    rival.close()
 
 
 def test_a_killed_writers_temporary_stays_invisible_and_the_next_one_cleans_it(
