@@ -70,7 +70,7 @@ _T = TypeVar("_T")
 
 
 async def _in_thread(function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-    """A blocking helper of ours awaited through aiofiles' executor, like its os calls."""
+    """A blocking function of ours awaited through aiofiles' executor, like its os calls."""
     return await aiofiles.os.wrap(function)(*args, **kwargs)  # type: ignore[no-any-return]
 
 
