@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from aiockpt._util.location import local_directory
 from aiockpt.errors import ConfigError
 
 try:
@@ -86,7 +87,7 @@ def _float(hi: float | None, below: bool = False, optional: bool = False) -> _Ke
 
 _BOOL = _Key(bool, "True or False")
 _KEYS: dict[str, _Key] = {
-    "directory": _Key(Path, "a non-empty path (str or os.PathLike)"),
+    "directory": _Key(Path, "a non-empty path (str or os.PathLike) or a file:// URL"),
     "interval_steps": _int(1, optional=True),
     "interval_seconds": _float(None, optional=True),
     "max_overhead": _float(1, below=True, optional=True),
@@ -116,7 +117,7 @@ def _check(key: str, value: object) -> Any:
     if spec.kind is Path:
         text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
         if isinstance(text, str) and text and "\0" not in text:
-            return Path(text)
+            return local_directory(value if isinstance(value, str) else text)
         problem = (
             "is empty"
             if text == ""

@@ -20,7 +20,7 @@ from ..distributed.sharding import Replicated, object_kinds
 from ..errors import CheckpointError, UsageError
 from ..metrics import CheckpointerStats
 from ..stateful import Stateful, is_zero_optimizer
-from ..storage.local import CheckpointStore
+from ..storage import CheckpointStorage, open_storage
 from . import shutdown
 from .capture import check_state_name
 from .failures import FailureLog
@@ -65,7 +65,7 @@ class Core:
         }
         self.runtime = runtime
         self.ranks = RankGroup.current(config.rank_timeout_s)
-        self.store = CheckpointStore(
+        self.store: CheckpointStorage = open_storage(
             config.directory,
             durable=config.durable,
             lead=self.ranks is None or self.ranks.is_zero,

@@ -35,8 +35,7 @@ from ..config import Config
 from ..distributed.group import RankGroup
 from ..errors import CheckpointError
 from ..metrics import CheckpointMetrics, ChunkSpan
-from ..storage.fileio import fsync_directory, write_pieces
-from ..storage.local import CheckpointStore
+from ..storage.base import CheckpointStorage
 from .layout import Chunk, chunk_file_name
 from .memory import Admission, HostBuffer, StagingMemory
 from .merge import FAILED, OK, SKIPPED, RankPart, merge_parts
@@ -101,7 +100,7 @@ class Pipeline:
     def __init__(
         self,
         config: Config,
-        store: CheckpointStore,
+        store: CheckpointStorage,
         memory: StagingMemory,
         ranks: RankGroup | None = None,
     ) -> None:
@@ -190,9 +189,8 @@ class Pipeline:
             if job.previous_commit is not None:
                 await asyncio.wait([job.previous_commit])
             commit_start = time.perf_counter()
-            commit = loop.run_in_executor(
-                self.writers, self.store.commit, temporary, snapshot.step, payload
-            )
+            # A task of its own, so that cancelling this job cannot interrupt it.
+            commit = loop.create_task(self.store.commit(temporary, snapshot.step, payload))
             try:
                 final = await asyncio.shield(commit)
             except asyncio.CancelledError:
@@ -215,9 +213,7 @@ class Pipeline:
             if chunk.index not in snapshot.admission.host:
                 job.gpu_chunks_left[chunk.device] = job.gpu_chunks_left.get(chunk.device, 0) + 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self.writers, self.store.begin, snapshot.step, job.shared_directory
-            )
+            return await self.store.begin(snapshot.step, job.shared_directory)
         except BaseException:
             # No chunk task will run to give these back; let pending copies land first.
             for event in snapshot.host_ready.values():
@@ -268,8 +264,11 @@ class Pipeline:
 
     async def _retain(self, final: Path) -> None:
         try:
+            # On the loop's default executor, where the commit's aiofiles calls run too:
+            # deleting old checkpoints must not take writer threads from the next one's
+            # chunks, nor wait behind them (the handle resolves after retention).
             await asyncio.get_running_loop().run_in_executor(
-                self.writers, self.store.retain, self.config.keep_last
+                None, self.store.retain, self.config.keep_last
             )
         except asyncio.CancelledError:
             pass  # committed; the next commit's retention does this one's work
@@ -301,8 +300,8 @@ class Pipeline:
         try:
             temporary = await self._begin(job)
             manifest = await self._write_chunks(job, temporary)
-            if self.config.durable:  # this rank's directory entries, on any filesystem
-                await loop.run_in_executor(self.writers, fsync_directory, str(temporary))
+            # This rank's files, durable on any filesystem before it votes to commit.
+            await loop.run_in_executor(self.writers, self.store.make_durable, temporary)
             part = dataclasses.replace(part, status=OK, manifest=manifest, **job.share)
         except BaseException as exc:  # the vote below reports it; it is re-raised after
             error = exc
@@ -327,7 +326,7 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         assert job.shared_directory is not None
         ballot = _Ballot(job.snapshot.step, job.shared_directory, job.kinds, job.versions)
-        vote = loop.run_in_executor(self.coordinator, self._agree, ballot, part, temporary)
+        vote = loop.run_in_executor(self.coordinator, self._agree, ballot, part, temporary, loop)
         try:
             status, detail = await asyncio.shield(vote)
         except asyncio.CancelledError:
@@ -340,17 +339,27 @@ class Pipeline:
             return None
         raise CheckpointError(f"checkpoint of step {job.snapshot.step} was not committed: {detail}")
 
-    def _agree(self, ballot: _Ballot, part: RankPart, temporary: Path | None) -> tuple[str, Any]:
-        """On the coordinator thread: gather the votes; rank 0 commits or gives up, and
-        tells everyone (status, detail)."""
+    def _agree(
+        self,
+        ballot: _Ballot,
+        part: RankPart,
+        temporary: Path | None,
+        loop: asyncio.AbstractEventLoop,
+    ) -> tuple[str, Any]:
+        """On the coordinator thread: gather the votes; rank 0 commits (on ``loop``) or
+        gives up, and tells everyone (status, detail)."""
         assert self.ranks is not None
         parts: list[RankPart] = self.ranks.all_gather(part)
-        outcome = self._decide(ballot, parts, temporary) if self.ranks.is_zero else None
+        outcome = self._decide(ballot, parts, temporary, loop) if self.ranks.is_zero else None
         decided = self.ranks.broadcast(outcome)
         return decided  # type: ignore[no-any-return]
 
     def _decide(
-        self, ballot: _Ballot, parts: list[RankPart], temporary: Path | None
+        self,
+        ballot: _Ballot,
+        parts: list[RankPart],
+        temporary: Path | None,
+        loop: asyncio.AbstractEventLoop,
     ) -> tuple[str, Any]:
         failed = [f"rank {p.rank}: {p.error}" for p in parts if p.status == FAILED]
         skipped = [p.rank for p in parts if p.status == SKIPPED]
@@ -367,14 +376,18 @@ class Pipeline:
                 )  # fmt: skip
                 start = time.perf_counter()
                 assert temporary is not None
-                final = self.store.commit(temporary, ballot.step, manifest.to_json())
+                # The commit's file operations are awaited on the loop, which is free:
+                # its vote task only waits for this thread.
+                final = asyncio.run_coroutine_threadsafe(
+                    self.store.commit(temporary, ballot.step, manifest.to_json()), loop
+                ).result()
                 return OK, (final.name, (time.perf_counter() - start) * 1e3)
             except Exception as exc:  # reported to every rank
                 outcome = (FAILED, f"rank 0 could not commit: {type(exc).__name__}: {exc}")
         # Every rank has stopped writing (each voted after its writes): rank 0 removes the
         # shared temporary, whoever created it.
         self.store.abort(
-            temporary or self.store.root / f".tmp-step-{ballot.step}-{ballot.shared_directory}"
+            temporary or self.store.shared_temporary(ballot.step, ballot.shared_directory)
         )
         return outcome
 
@@ -392,7 +405,7 @@ class Pipeline:
                 assert self.ranks is not None
                 part = RankPart(self.ranks.rank, step, SKIPPED)
                 ballot = _Ballot(step, shared_directory, kinds, {})
-                await loop.run_in_executor(self.coordinator, self._agree, ballot, part, None)
+                await loop.run_in_executor(self.coordinator, self._agree, ballot, part, None, loop)
             finally:
                 committed.set_result(None)
 
@@ -443,12 +456,12 @@ class Pipeline:
                 # is the loop's wake-up after it.
                 nonlocal write_start, write_end
                 write_start = time.perf_counter()
-                sums = write_pieces(
-                    str(directory / chunk_file_name(chunk.index, job.rank)),
+                sums = self.store.write_chunk(
+                    directory,
+                    chunk_file_name(chunk.index, job.rank),
                     buffer.view(chunk.nbytes),
                     ranges,
-                    durable=self.config.durable,
-                    room=buffer.view(buffer.data.numel()),
+                    buffer.view(buffer.data.numel()),
                 )
                 write_end = time.perf_counter()
                 return sums

@@ -29,7 +29,9 @@ from .._format.manifest import (
 )
 from .._format.skeleton import SavedShards, unflatten_state
 from ..errors import AiockptError, CorruptCheckpointError, MissingStateError, NoCheckpointError
-from ..storage.fileio import NotRegularFileError, open_regular, read_exact
+from ..storage import open_storage
+from ..storage.base import CheckpointStorage, DataFile
+from ..storage.fileio import NotRegularFileError
 from ..storage.local import parse_step_dir
 from .restore_io import (
     SLOT_BYTES,
@@ -62,18 +64,29 @@ TensorFilter = Callable[[TensorRecord], bool]
 Placement = Callable[[TensorRecord], str | torch.device]
 
 
-def open_checkpoint_file(path: Path) -> tuple[int, int]:
-    """Open a file of a checkpoint read-only, never following a link or blocking on a
-    FIFO; (fd, size). Whatever stands in the way makes the checkpoint corrupt."""
+def _unopenable(path: Path, exc: OSError) -> CorruptCheckpointError:
+    if isinstance(exc, FileNotFoundError):
+        return CorruptCheckpointError(f"{path}: file is missing")
+    if isinstance(exc, NotRegularFileError):
+        return CorruptCheckpointError(f"{path}: {exc.strerror}")
+    return CorruptCheckpointError(f"{path}: cannot be opened safely ({exc.strerror})")
+
+
+def _storage_of(checkpoint: Path) -> CheckpointStorage:
+    # Reading takes no lock and writes nothing: the backend is only asked for files.
+    return open_storage(checkpoint.parent, durable=False)
+
+
+def open_checkpoint_file(
+    checkpoint: Path, name: str, storage: CheckpointStorage | None = None
+) -> DataFile:
+    """File ``name`` of ``checkpoint``, opened by its backend (locally: read-only, never
+    following a link or blocking on a FIFO). Whatever stands in the way makes the
+    checkpoint corrupt."""
     try:
-        fd, info = open_regular(path)
-    except FileNotFoundError as exc:
-        raise CorruptCheckpointError(f"{path}: file is missing") from exc
-    except NotRegularFileError as exc:
-        raise CorruptCheckpointError(f"{path}: {exc.strerror}") from exc
+        return (storage or _storage_of(checkpoint)).open_file(checkpoint, name)
     except OSError as exc:
-        raise CorruptCheckpointError(f"{path}: cannot be opened safely ({exc.strerror})") from exc
-    return fd, info.st_size
+        raise _unopenable(checkpoint / name, exc) from exc
 
 
 def _check_directory(directory: Path) -> None:
@@ -92,25 +105,28 @@ def _check_directory(directory: Path) -> None:
         raise CorruptCheckpointError(f"{directory}: is not a directory")
 
 
-def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
+def read_manifest(
+    directory: str | os.PathLike[str], storage: CheckpointStorage | None = None
+) -> Manifest:
     """The parsed manifest of a checkpoint directory (every file it names unchecked: see
     ``validate_checkpoint``)."""
-    path = Path(directory) / MANIFEST_NAME
-    _check_directory(Path(directory))
-    fd, size = open_checkpoint_file(path)
+    checkpoint = Path(directory)
+    path = checkpoint / MANIFEST_NAME
+    _check_directory(checkpoint)
+    file = open_checkpoint_file(checkpoint, MANIFEST_NAME, storage)
     try:
-        if size > MAX_MANIFEST_BYTES:
+        if file.size > MAX_MANIFEST_BYTES:
             raise CorruptCheckpointError(
-                f"{path}: manifest is {size} bytes, over the {MAX_MANIFEST_BYTES} limit"
+                f"{path}: manifest is {file.size} bytes, over the {MAX_MANIFEST_BYTES} limit"
             )
-        raw = bytearray(size)
-        read_exact(fd, memoryview(raw), 0)
+        raw = bytearray(file.size)
+        file.read_into([memoryview(raw)], 0)
     except EOFError as exc:
         raise CorruptCheckpointError(f"{path}: {exc}") from exc
     except OSError as exc:  # EIO from a bad sector: this checkpoint is unreadable
         raise CorruptCheckpointError(f"{path}: cannot be read ({exc.strerror})") from exc
     finally:
-        os.close(fd)
+        file.close()
     return Manifest.parse(bytes(raw), str(path))
 
 
@@ -121,12 +137,12 @@ class OpenCheckpoint:
 
     path: Path
     manifest: Manifest
-    fds: dict[str, int]
+    files: dict[str, DataFile]
 
     def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
+        for file in self.files.values():
+            file.close()
+        self.files.clear()
 
     def __enter__(self) -> OpenCheckpoint:
         return self
@@ -144,12 +160,13 @@ def open_checkpoint(directory: str | os.PathLike[str]) -> OpenCheckpoint:
     Any failure is a CorruptCheckpointError (NoCheckpointError when nothing is there).
     """
     path = Path(directory)
-    manifest = read_manifest(path)
+    storage = _storage_of(path)
+    manifest = read_manifest(path, storage)
     check_step(path, manifest)
     opened = OpenCheckpoint(path, manifest, {})
     try:
         for record in manifest.files:
-            opened.fds[record.name] = open_data_file(path, record)
+            opened.files[record.name] = open_data_file(path, record, storage)
     except BaseException:
         opened.close()
         raise
@@ -165,15 +182,17 @@ def check_step(path: Path, manifest: Manifest) -> None:
         )
 
 
-def open_data_file(path: Path, record: FileRecord) -> int:
+def open_data_file(
+    path: Path, record: FileRecord, storage: CheckpointStorage | None = None
+) -> DataFile:
     """One data file, opened safely and of exactly the size the manifest lists."""
-    fd, size = open_checkpoint_file(path / record.name)
+    file = open_checkpoint_file(path, record.name, storage)
     try:
-        check_data_size(path, record, size)
+        check_data_size(path, record, file.size)
     except BaseException:
-        os.close(fd)
+        file.close()
         raise
-    return fd
+    return file
 
 
 def check_data_size(path: Path, record: FileRecord, size: int) -> None:
@@ -329,7 +348,7 @@ def read_checkpoint(
         wanted = [i for i, t in enumerate(manifest.tensors) if select is None or select(t)]
         loaded = LoadedCheckpoint(manifest, path, {})
         destinations = _allocate(manifest.tensors, _devices(manifest.tensors, wanted, place))
-        reader = SegmentReader(path, manifest.tensors, opened.fds, destinations, verify)
+        reader = SegmentReader(path, manifest.tensors, opened.files, destinations, verify)
         try:
             _read_segments(reader, threads, pinned)
         except OSError as exc:  # whatever the reads hit, it is this checkpoint that failed

@@ -31,7 +31,8 @@ from ..errors import (
 )
 from ..metrics import CheckpointerStats
 from ..stateful import is_zero_optimizer
-from ..storage.local import CheckpointInfo, CheckpointStore, list_checkpoints
+from ..storage import CheckpointStorage
+from ..storage.base import CheckpointInfo
 from .capture import flatten_state
 from .memory import StagingMemory
 from .pipeline import Pipeline
@@ -64,7 +65,7 @@ class Restorer:
         config: Config,
         objects: dict[str, Any],
         ranks: RankGroup | None,
-        store: CheckpointStore,
+        store: CheckpointStorage,
         memory: StagingMemory,
         pipeline: Pipeline,
         stats: CheckpointerStats,
@@ -91,7 +92,7 @@ class Restorer:
 
     # -- which checkpoint ----------------------------------------------------------------
     def candidates(self, step: int | None) -> list[CheckpointInfo]:
-        committed = list_checkpoints(self.config.directory)
+        committed = self.store.list_committed()
         if step is None:
             return committed[::-1]
         chosen = [info for info in committed if info.step == step]

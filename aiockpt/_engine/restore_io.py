@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
 from .._format.manifest import TensorRecord
 from ..errors import CorruptCheckpointError
-from ..storage.fileio import checksum, read_exact, read_scatter
+from ..storage.base import DataFile
+from ..storage.fileio import checksum
 from .memory import byte_view
 
 __all__ = [
@@ -247,7 +248,7 @@ class SegmentReader:
 
     path: Path
     records: Sequence[TensorRecord]
-    fds: Mapping[str, int]
+    files: Mapping[str, DataFile]
     destinations: Mapping[int, torch.Tensor]  # tensor index -> its bytes (uint8, 1-D)
     verify: bool = True
     failed: threading.Event = field(default_factory=threading.Event)
@@ -266,7 +267,7 @@ class SegmentReader:
                     views.extend(_gap_views(gap, span.offset - position))
                 views.append(target)
                 position = max(position, span.offset + span.length)
-            self._guard_read(segment.file, read_scatter, views, segment.offset)
+            self._guard_read(segment.file, views, segment.offset)
             if self.verify:
                 for span, target in zip(segment.spans, targets, strict=True):
                     self._check(span, checksum(target))
@@ -295,7 +296,7 @@ class SegmentReader:
             issued = False
             try:
                 size = min(len(slot.view), end - position)
-                self._guard_read(segment.file, read_exact, slot.view[:size], position)
+                self._guard_read(segment.file, [slot.view[:size]], position)
                 stop = position + size
                 parts = []
                 for i in range(first, len(spans)):
@@ -332,11 +333,9 @@ class SegmentReader:
         data = self.destinations[span.tensor]
         return byte_view(data)[span.tensor_offset : span.tensor_offset + span.length]
 
-    def _guard_read(
-        self, file: str, read: Callable[[int, Any, int], None], into: Any, offset: int
-    ) -> None:
+    def _guard_read(self, file: str, views: Sequence[memoryview], offset: int) -> None:
         try:
-            read(self.fds[file], into, offset)
+            self.files[file].read_into(views, offset)
         except EOFError as exc:
             raise CorruptCheckpointError(f"{self.path / file}: {exc}") from exc
         except OSError as exc:  # restore() then falls back to an older checkpoint

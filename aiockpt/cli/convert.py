@@ -29,14 +29,10 @@ from .._format.manifest import Manifest, TensorRecord
 from .._format.skeleton import tensor_paths
 from .._format.tags import dtype_name
 from .._util.console import note
+from .._util.location import local_directory
 from ..errors import AiockptError, ConversionError, UnsupportedStateError, UsageError
-from ..storage.local import (
-    LATEST_NAME,
-    CheckpointInfo,
-    CheckpointStore,
-    list_checkpoints,
-    step_dir_name,
-)
+from ..storage import open_storage
+from ..storage.local import CheckpointInfo, step_dir_name
 from .foreign import read_safetensors, read_torch, refused_global, tied_keys_left_out
 from .foreign_dcp import read_dcp
 from .scan import resolve_checkpoint
@@ -482,16 +478,13 @@ def _verify_written(path: Path) -> None:
 def _withdraw(path: Path) -> None:
     """Delete checkpoint ``path`` under its directory's lock, and point ``latest`` at the
     newest one left (or remove it), so that nothing names what is gone."""
-    store = CheckpointStore(path.parent, durable=True)
+    store = open_storage(path.parent, durable=True)
     store.open()
     try:
         store.remove(path)
         if store.latest_name() == path.name:
-            remaining = list_checkpoints(path.parent)
-            if remaining:
-                store.point_latest(remaining[-1].path.name)
-            else:
-                (path.parent / LATEST_NAME).unlink(missing_ok=True)
+            remaining = store.list_committed()
+            store.point_latest(remaining[-1].path.name if remaining else None)
     finally:
         store.close()
 
@@ -499,7 +492,7 @@ def _withdraw(path: Path) -> None:
 def run_export(args: Any) -> int:
     from .._util.console import human_bytes, print_json
 
-    given = Path(args.path)
+    given = local_directory(args.path)
     path = resolve_checkpoint(given, args.step)
     if args.step is None and path != given:
         # Said on stderr so that --json output stays one document.
@@ -533,7 +526,7 @@ def run_import(args: Any) -> int:
         Path(args.source),
         args.format,
         args.step,
-        Path(args.directory),
+        local_directory(args.directory),
         key=args.key,
         force=args.force,
         threads=args.threads,

@@ -30,6 +30,7 @@ from .._util.console import (
     print_json,
     stdout_console,
 )
+from .._util.location import local_directory
 from ..errors import UsageError
 from ..storage.fileio import checksum
 from .scan import resolve_checkpoint
@@ -386,7 +387,7 @@ def render_stats(report: dict[str, Any]) -> None:
 
 
 def run(args: Any) -> int:
-    given = Path(args.path)
+    given = local_directory(args.path)
     path = resolve_checkpoint(given, args.step)
     if args.step is None and path != given:
         # Said on stderr so that --json output stays one document.

@@ -20,8 +20,10 @@ from .._util.console import (
     print_json,
     stdout_console,
 )
+from .._util.location import local_directory
 from ..errors import AiockptError
-from ..storage.local import CheckpointInfo, read_latest
+from ..storage import open_storage
+from ..storage.local import CheckpointInfo
 from .scan import WriterState, committed_checkpoints, probe_writer, scan_leftovers
 from .verify import verify_checkpoints
 
@@ -48,7 +50,8 @@ def list_directory(
     """The ``ls`` report as a JSON-ready dict."""
     committed = committed_checkpoints(root)
     writer = probe_writer(root)
-    latest = read_latest(root)  # a hint: anything odd about it reads as none
+    # A hint: anything odd about it reads as none. Looking takes no lock.
+    latest = open_storage(root, durable=False).latest_name()
     rows = []
     for info in committed:
         manifest, problems = _quick_check(info)
@@ -172,7 +175,10 @@ def render(report: dict[str, Any]) -> None:
 
 def run(args: Any) -> int:
     report = list_directory(
-        Path(args.directory), verify=args.verify, threads=args.threads, progress=not args.json
+        local_directory(args.directory),
+        verify=args.verify,
+        threads=args.threads,
+        progress=not args.json,
     )
     if args.json:
         print_json(report)

@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from .._util.console import byte_progress, human_bytes, note, print_json, stdout_console
+from .._util.location import local_directory
 from ..errors import DirectoryLockedError, UsageError
-from ..storage.local import CheckpointInfo, CheckpointStore
+from ..storage import open_storage
+from ..storage.local import CheckpointInfo
 from .scan import Leftover, WriterState, committed_checkpoints, probe_writer, scan_leftovers
 from .verify import verify_checkpoints
 
@@ -106,7 +108,7 @@ def prune(
     steps = {info.step for info in committed}
     left_plan = [(left, _leftover_action(left, writer, steps)) for left in leftovers]
 
-    store = CheckpointStore(root, durable=True)
+    store = open_storage(root, durable=True)
     locked = False
     if not dry_run and not writer.live:
         try:
@@ -229,7 +231,7 @@ def render(report: dict[str, Any]) -> None:
 
 def run(args: Any) -> int:
     report = prune(
-        Path(args.directory),
+        local_directory(args.directory),
         keep_last=args.keep_last,
         keep_every=args.keep_every,
         dry_run=args.dry_run,

@@ -15,16 +15,14 @@ from pathlib import Path
 
 from .._format.manifest import MANIFEST_NAME
 from ..errors import NoCheckpointError, UsageError
-from ..storage.fileio import open_regular
+from ..storage import open_storage
+from ..storage.base import WriterState
 from ..storage.local import (
-    LOCK_NAME,
     SUPERSEDED_PREFIX,
     CheckpointInfo,
-    list_checkpoints,
     parse_private_step,
     parse_step_dir,
 )
-from ..storage.locking import try_lock, unlock
 
 __all__ = [
     "Leftover",
@@ -38,41 +36,9 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class WriterState:
-    """Whether a live process holds the directory's writer lock, and its pid if known."""
-
-    live: bool
-    pid: int | None = None
-
-    def describe(self) -> str:
-        if not self.live:
-            return "no live writer"
-        return f"pid {self.pid} is writing" if self.pid else "a live process is writing"
-
-
 def probe_writer(root: Path) -> WriterState:
-    """Is ``root``'s lock held by a live writer? Never blocks, never holds the lock.
-
-    The lock file is opened read-only (no create, no truncate, no link followed, no
-    waiting on a FIFO) and a shared lock is tried and dropped at once. A writer holds
-    LOCK_EX for its whole life, so our LOCK_SH fails exactly when one is alive. A writer
-    opening the directory in the same microseconds retries its own attempt for a moment
-    (``CheckpointStore.open``), so a probe never makes it fail. Something other than a
-    regular file under the lock's name is no writer's lock: no writer can be alive.
-    """
-    try:
-        fd, _ = open_regular(root / LOCK_NAME)
-    except OSError:
-        return WriterState(False)  # never opened by a writer, or not a lock any writer holds
-    try:
-        if not try_lock(fd, shared=True):
-            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return WriterState(True, int(text) if text.isdigit() else None)
-        unlock(fd)
-        return WriterState(False)
-    finally:
-        os.close(fd)
+    """Is ``root`` being written by a live writer? Never blocks, never holds its lock."""
+    return open_storage(root, durable=False).probe_writer()
 
 
 def committed_checkpoints(root: Path) -> list[CheckpointInfo]:
@@ -84,12 +50,13 @@ def committed_checkpoints(root: Path) -> list[CheckpointInfo]:
             f"{root}: no such directory",
             hint="pass the checkpoint directory (the Config's `directory`), e.g. checkpoints/",
         )
+    storage = open_storage(root, durable=False)  # only looked at: no lock taken
     for _ in range(5):
         try:
-            return list_checkpoints(root)
+            return storage.list_committed()
         except FileNotFoundError:
             continue  # a checkpoint was renamed away mid-listing; list again
-    return list_checkpoints(root)
+    return storage.list_committed()
 
 
 def not_a_directory(path: Path) -> UsageError:

@@ -10,7 +10,6 @@ tensor, not just the first.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,9 @@ import crc32c
 
 from .._engine.reader import check_data_size, check_step, open_checkpoint_file, read_manifest
 from .._format.manifest import MANIFEST_NAME, FileRecord
+from .._util.location import local_directory
 from ..errors import AiockptError
+from ..storage.base import DataFile
 
 __all__ = ["CheckpointVerdict", "Problem", "verify_checkpoints"]
 
@@ -187,19 +188,19 @@ def _check_file(job: _FileJob, count: Callable[[int], None]) -> tuple[list[Probl
     try:
         # The checks every reader makes: a regular file (opened without following a link
         # or blocking on a FIFO) of exactly the listed size.
-        fd, size = open_checkpoint_file(job.path / name)
+        file = open_checkpoint_file(job.path, name)
     except AiockptError as exc:
         return [Problem(_without_path(exc, job.path / name), file=name)], 0
     try:
         problems: list[Problem] = []
         try:
-            check_data_size(job.path, job.record, size)
+            check_data_size(job.path, job.record, file.size)
         except AiockptError as exc:
             problems.append(Problem(_without_path(exc, job.path / name), file=name))
         # Never read beyond what the manifest lists (a sparse 20 GiB file in place of
         # 16 KiB costs nothing); a short file is still read to name the pieces it lost.
-        size = min(size, job.record.nbytes)
-        sums, nread, error = _stream(fd, size, job.pieces, count)
+        size = min(file.size, job.record.nbytes)
+        sums, nread, error = _stream(file, size, job.pieces, count)
         if error is not None:
             problems.append(Problem(f"read failed at byte {nread}: {error}", file=name))
         for piece, crc in zip(job.pieces, sums, strict=True):
@@ -227,7 +228,7 @@ def _check_file(job: _FileJob, count: Callable[[int], None]) -> tuple[list[Probl
                 )
         return problems, nread
     finally:
-        os.close(fd)
+        file.close()
 
 
 def _without_path(error: Exception, path: Path) -> str:
@@ -235,7 +236,7 @@ def _without_path(error: Exception, path: Path) -> str:
 
 
 def _stream(
-    fd: int, size: int, pieces: Sequence[_Piece], count: Callable[[int], None]
+    file: DataFile, size: int, pieces: Sequence[_Piece], count: Callable[[int], None]
 ) -> tuple[list[int], int, str | None]:
     """Read the whole file once; the running CRC of each piece, bytes read, any I/O error."""
     sums = [0] * len(pieces)
@@ -243,12 +244,13 @@ def _stream(
     first = 0  # pieces before this index are complete (pieces are sorted, disjoint)
     position = 0
     while position < size:
+        got = min(len(buffer), size - position)
         try:
-            got = os.preadv(fd, [buffer[: min(len(buffer), size - position)]], position)
+            file.read_into([buffer[:got]], position)
+        except EOFError:
+            break  # the file shrank while we read it: what is left counts as missing
         except OSError as exc:
             return sums, position, exc.strerror or str(exc)
-        if got == 0:
-            break  # the file shrank while we read it; the size check above reports it
         block_end = position + got
         i = first
         while i < len(pieces) and pieces[i].offset < block_end:
@@ -328,7 +330,7 @@ def run(args: Any) -> int:
 
     targets: list[Path] = []
     for given in args.paths:
-        targets.extend(_targets(Path(given)))
+        targets.extend(_targets(local_directory(given)))
     started = time.perf_counter()
     with byte_progress(0, "verifying", enabled=not args.json) as count:
         verdicts = verify_checkpoints(

@@ -28,13 +28,26 @@ import shutil
 import stat
 import time
 import weakref
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
+
+import aiofiles.os
 
 from .._format.manifest import MANIFEST_NAME, MAX_STEP
+from .._util.location import local_directory
 from ..errors import CheckpointError, ConfigError, DirectoryLockedError
-from .fileio import fsync_directory, open_regular, read_small_file, write_file_atomically
-from .locking import try_lock
+from .base import CheckpointInfo, WriterState
+from .commitio import create_file, fsync_directory_async, replace_file_atomically
+from .fileio import (
+    fsync_directory,
+    open_regular,
+    read_scatter,
+    read_small_file,
+    write_file_atomically,
+    write_pieces,
+)
+from .locking import try_lock, unlock
 
 __all__ = ["CheckpointInfo", "CheckpointStore", "list_checkpoints", "read_latest"]
 
@@ -51,26 +64,12 @@ _LATEST_MAX_BYTES = 64
 _LOCK_PATIENCE_S = 0.5
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """A committed checkpoint directory.
-
-    Attributes:
-        step: the step it saves.
-        path: its directory, ``<directory>/step-<N>``.
-        nbytes: the size of its files, in bytes.
-        mtime: its modification time (seconds since the epoch).
-    """
-
-    step: int
-    path: Path
-    nbytes: int
-    mtime: float
-
-    def __str__(self) -> str:
-        return f"step {self.step}: {self.path} ({self.nbytes / 2**20:.1f} MiB)"
+async def _in_thread(function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """A blocking function of ours awaited through aiofiles' executor, like its os calls."""
+    return await aiofiles.os.wrap(function)(*args, **kwargs)  # type: ignore[no-any-return]
 
 
 _open_stores: weakref.WeakSet[CheckpointStore] = weakref.WeakSet()
@@ -160,6 +159,7 @@ def list_checkpoints(directory: str | os.PathLike[str]) -> list[CheckpointInfo]:
 
     A directory counts as committed when it is named ``step-<N>`` and holds a manifest;
     its checksums are checked only when it is loaded (or by ``aiockpt verify``).
+    ``directory`` may be a ``file://`` URL; a scheme no backend serves is a ConfigError.
 
     Args:
         directory: the checkpoint directory (the Config's ``directory``).
@@ -168,9 +168,9 @@ def list_checkpoints(directory: str | os.PathLike[str]) -> list[CheckpointInfo]:
         The committed checkpoints, oldest first; empty when ``directory`` does not exist.
 
     Raises:
-        ConfigError: ``directory`` is a file.
+        ConfigError: ``directory`` is a file, or a URL of a scheme no backend serves.
     """
-    root = Path(directory)
+    root = local_directory(directory)
     found = []
     try:
         entries = list(os.scandir(root))
@@ -196,7 +196,9 @@ def list_checkpoints(directory: str | os.PathLike[str]) -> list[CheckpointInfo]:
 
 
 class CheckpointStore:
-    """One writer's view of a checkpoint directory (blocking calls; run them off the loop)."""
+    """One writer's view of a checkpoint directory: the local backend of the storage seam
+    (``base.CheckpointStorage``). Blocking methods run off the loop; ``begin`` and
+    ``commit`` are coroutines for the loop (their file operations go through aiofiles)."""
 
     def __init__(self, root: str | os.PathLike[str], *, durable: bool, lead: bool = True) -> None:
         self.root = Path(root)
@@ -275,6 +277,29 @@ class CheckpointStore:
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
 
+    def probe_writer(self) -> WriterState:
+        """Is the lock held by a live writer? Never blocks, never holds the lock.
+
+        The lock file is opened read-only (no create, no truncate, no link followed, no
+        waiting on a FIFO) and a shared lock is tried and dropped at once. A writer holds
+        LOCK_EX for its whole life, so our LOCK_SH fails exactly when one is alive. A writer
+        opening the directory in the same microseconds retries its own attempt for a moment
+        (``open``), so a probe never makes it fail. Something other than a regular file
+        under the lock's name is no writer's lock: no writer can be alive.
+        """
+        try:
+            fd, _ = open_regular(self.root / LOCK_NAME)
+        except OSError:
+            return WriterState(False)  # never opened by a writer, or not a writer's lock
+        try:
+            if not try_lock(fd, shared=True):
+                text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                return WriterState(True, int(text) if text.isdigit() else None)
+            unlock(fd)
+            return WriterState(False)
+        finally:
+            os.close(fd)
+
     def close(self) -> None:
         _open_stores.discard(self)
         if self._lock_fd is not None:
@@ -306,18 +331,42 @@ class CheckpointStore:
             path.unlink(missing_ok=True)
 
     # -- writing one checkpoint -------------------------------------------------------
-    def begin(self, step: int, shared: str | None = None) -> Path:
+    async def begin(self, step: int, shared: str | None = None) -> Path:
         """A fresh temporary directory for the files of ``step``.
 
         ``shared`` names one that all ranks write into (each creates it if it is first).
         """
         if shared is None:
             path = self.root / f".tmp-{step_dir_name(step)}-{secrets.token_hex(4)}"
-            path.mkdir()
-        else:
-            path = self.root / f".tmp-{step_dir_name(step)}-{shared}"
-            path.mkdir(exist_ok=True)
+            await aiofiles.os.mkdir(path)
+            return path
+        path = self.shared_temporary(step, shared)
+        try:
+            await aiofiles.os.mkdir(path)
+        except FileExistsError:
+            if not await aiofiles.os.path.isdir(path):
+                raise  # the same refusal Path.mkdir(exist_ok=True) gives
         return path
+
+    def shared_temporary(self, step: int, shared: str) -> Path:
+        return self.root / f".tmp-{step_dir_name(step)}-{shared}"
+
+    def write_chunk(
+        self,
+        temporary: Path,
+        name: str,
+        data: memoryview,
+        ranges: Sequence[tuple[int, int]],
+        room: memoryview | None = None,
+    ) -> list[int]:
+        # The hot path, on a writer thread: crc32c, then O_DIRECT pwrite from the pinned
+        # buffer (buffered pwrite where the filesystem has no O_DIRECT); fsync'd if durable.
+        return write_pieces(str(temporary / name), data, ranges, durable=self.durable, room=room)
+
+    def make_durable(self, temporary: Path) -> None:
+        # Data files are fsync'd as they are written; what is left is their names.
+        if self.durable:
+            fsync_directory(str(temporary))
 
     def abort(self, temporary: Path) -> None:
         shutil.rmtree(temporary, ignore_errors=True)
@@ -326,8 +375,12 @@ class CheckpointStore:
         """This writer's state was just restored from ``step`` (restore, or its fallback)."""
         self._resumed_from = step
 
-    def commit(self, temporary: Path, step: int, manifest: bytes) -> Path:
+    async def commit(self, temporary: Path, step: int, manifest: bytes) -> Path:
         """Write the manifest last, then make the checkpoint visible with one rename.
+
+        Runs on the event loop; every file and directory operation is awaited through
+        aiofiles, in this order: manifest written and fsync'd, the temporary directory
+        fsync'd, renamed into place, the parent directory fsync'd, then ``latest``.
 
         After a restore, the run's own timeline decides what restore finds next: once the
         first commit after it is durable, every committed step above the one restored
@@ -337,42 +390,32 @@ class CheckpointStore:
         abandoned timeline (or a corrupt one), and retention, which ranks by step, would
         delete this run's newer commits and keep those.
         """
-        manifest_path = temporary / MANIFEST_NAME
-        fd = os.open(manifest_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        try:
-            view = memoryview(manifest)
-            written = 0
-            while written < len(view):
-                written += os.write(fd, view[written:])
-            if self.durable:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
+        await create_file(temporary / MANIFEST_NAME, manifest, durable=self.durable)
         if self.durable:
-            fsync_directory(str(temporary))
+            await fsync_directory_async(temporary)
         final = self.root / step_dir_name(step)
         replaced = None
-        if final.exists():
+        if await aiofiles.os.path.exists(final):
             # Re-saving a step: move the old one aside; _recover() restores it if we die here.
             replaced = self.root / f".trash-replace-{final.name}-{secrets.token_hex(4)}"
-            os.rename(final, replaced)
-        os.rename(temporary, final)
+            await aiofiles.os.rename(final, replaced)
+        await aiofiles.os.rename(temporary, final)
         if self.durable:
             try:
-                fsync_directory(str(self.root))
+                await fsync_directory_async(self.root)
             except OSError:
                 # Not known durable, so not committed: take it back out of sight (the
                 # caller deletes the temporary), or a checkpoint reported as failed would
                 # be the one restore() picks.
-                self._unpublish(final, temporary, replaced)
+                await self._unpublish(final, temporary, replaced)
                 raise
         if replaced is not None:
-            shutil.rmtree(replaced, ignore_errors=True)
+            await _in_thread(shutil.rmtree, replaced, ignore_errors=True)  # bulk: a thread
         self._last_committed = step
         try:
             # Before anything is moved aside, so that `latest` never names a step that
             # is gone (forced: after a restore it moves back below superseded steps).
-            self.point_latest(final.name, force=self._resumed_from is not None)
+            await self._point_latest_async(final.name, force=self._resumed_from is not None)
         except OSError as exc:
             # Committed and durable already; `latest` is only a hint for tools, so a disk
             # too full for it must not report this checkpoint as failed (nor stop retention).
@@ -380,7 +423,7 @@ class CheckpointStore:
         resumed, self._resumed_from = self._resumed_from, None
         if resumed is not None:
             try:
-                self._supersede_above(min(step, resumed), keep=step)
+                await self._supersede_above(min(step, resumed), keep=step)
             except OSError as exc:
                 # Committed already. What was not moved aside is moved by the next
                 # commit; meanwhile restore still falls back past a corrupt step.
@@ -388,26 +431,48 @@ class CheckpointStore:
                 self._resumed_from = resumed
         return final
 
-    def _supersede_above(self, floor: int, keep: int) -> None:
-        above = [i for i in list_checkpoints(self.root) if i.step > floor and i.step != keep]
+    async def _supersede_above(self, floor: int, keep: int) -> None:
+        committed = await _in_thread(list_checkpoints, self.root)
+        above = [i for i in committed if i.step > floor and i.step != keep]
         for info in above:
             aside = self.root / f"{SUPERSEDED_PREFIX}{info.path.name}-{secrets.token_hex(4)}"
-            os.rename(info.path, aside)
+            await aiofiles.os.rename(info.path, aside)
             logger.warning(
                 "%s is above the step this run resumed from; moved aside as %s",
                 info.path,
                 aside.name,
             )
         if above and self.durable:
-            fsync_directory(str(self.root))
+            await fsync_directory_async(self.root)
 
-    def _unpublish(self, final: Path, temporary: Path, replaced: Path | None) -> None:
+    async def _unpublish(self, final: Path, temporary: Path, replaced: Path | None) -> None:
         try:
-            os.rename(final, temporary)
+            await aiofiles.os.rename(final, temporary)
             if replaced is not None:
-                os.rename(replaced, final)
+                await aiofiles.os.rename(replaced, final)
         except OSError as exc:  # the disk is failing; the next open() sorts it out
             logger.warning("could not take back %s after a failed fsync: %s", final, exc)
+
+    def _make_way_for_latest(self, name: str, *, force: bool) -> bool:
+        """Should ``latest`` be pointed at ``name``? If so, clear what would stop the
+        rename (a directory in its place).
+
+        Without ``force`` it never moves back to an older step that still exists.
+        """
+        if not force:
+            current = self.latest_name()  # a valid step-<N> name or None
+            current_step = -1 if current is None else parse_step_dir(current)
+            new_step = parse_step_dir(name)
+            moves_back = new_step is not None and (current_step or -1) > new_step
+            if moves_back and (self.root / str(current)).is_dir():
+                return False
+        path = self.root / LATEST_NAME
+        try:
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                self._discard(path)  # rename() cannot replace a directory with a file
+        except FileNotFoundError:
+            pass
+        return True
 
     def point_latest(self, name: str | None, *, force: bool = False) -> None:
         """Point ``latest`` at ``name`` (None: remove it).
@@ -421,22 +486,30 @@ class CheckpointStore:
             if self.durable:
                 fsync_directory(str(self.root))
             return
-        if not force:
-            current = self.latest_name()  # a valid step-<N> name or None
-            current_step = -1 if current is None else parse_step_dir(current)
-            new_step = parse_step_dir(name)
-            moves_back = new_step is not None and (current_step or -1) > new_step
-            if moves_back and (self.root / str(current)).is_dir():
-                return  # never move the pointer backwards to an older step
-        try:
-            if stat.S_ISDIR(os.lstat(path).st_mode):
-                self._discard(path)  # rename() cannot replace a directory with a file
-        except FileNotFoundError:
-            pass
+        if not self._make_way_for_latest(name, force=force):
+            return
         write_file_atomically(str(path), f"{name}\n".encode(), durable=self.durable)
+
+    async def _point_latest_async(self, name: str, *, force: bool) -> None:
+        """``point_latest`` on the loop: the same checks (a few stat calls, on a thread),
+        then the file written and renamed through aiofiles."""
+        path = self.root / LATEST_NAME
+        if not await _in_thread(self._make_way_for_latest, name, force=force):
+            return
+        await replace_file_atomically(str(path), f"{name}\n".encode(), durable=self.durable)
 
     def latest_name(self) -> str | None:
         return read_latest(self.root)
+
+    # -- reading ----------------------------------------------------------------------
+    def list_committed(self) -> list[CheckpointInfo]:
+        return list_checkpoints(self.root)
+
+    def open_file(self, checkpoint: Path, name: str) -> LocalFile:
+        # Never through a link, never blocking on a FIFO; the type is checked on the
+        # open descriptor, so nothing can be swapped in between the check and the reads.
+        fd, info = open_regular(checkpoint / name)
+        return LocalFile(fd, info.st_size)
 
     # -- retention ----------------------------------------------------------------------
     def retain(self, keep_last: int | None) -> list[Path]:
@@ -490,3 +563,20 @@ class CheckpointStore:
         if self.durable:
             fsync_directory(str(self.root))
         shutil.rmtree(trash, ignore_errors=True)
+
+
+class LocalFile:
+    """A checkpoint file open for reading: positioned reads (preadv) on one descriptor,
+    safe from several threads at once."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self.size = size
+
+    def read_into(self, views: Sequence[memoryview], offset: int) -> None:
+        read_scatter(self.fd, views, offset)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

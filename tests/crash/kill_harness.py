@@ -8,10 +8,11 @@ form of it. Run the full harness as::
 Each kill runs a child process that checkpoints step 1, 2, 3, ... of
 ``tests/crash/crash_child.py``'s state (every tensor encodes its step) and records each committed
 step in a progress file (fsync'd). Before it starts, the child wraps a few functions *in
-its own process* (aiockpt's write/commit/retention entry points, and ``os.pwrite``,
-``os.fsync``, ``os.rename`` ...) so that the N-th event of one chosen phase and point calls
-``os.kill(os.getpid(), SIGKILL)``: a real kill at a precise instant, with nothing mocked
-in the parent and no hook in the library. Phases and their points:
+its own process* (aiockpt's write/commit/retention entry points, ``os.pwrite``,
+``os.fsync``, ``os.rename`` ..., and the aiofiles calls the commit awaits) so that the
+N-th event of one chosen phase and point calls ``os.kill(os.getpid(), SIGKILL)``: a real
+kill at a precise instant, with nothing mocked in the parent and no hook in the library.
+Phases and their points:
 
 - capture:   inside the user's state_dict(); just before / after the staging copy
 - copy:      a chunk's copy task starting; the checksum of the staged bytes;
@@ -45,6 +46,7 @@ import dataclasses
 import fcntl
 import functools
 import importlib.util
+import inspect
 import json
 import os
 import random
@@ -169,9 +171,13 @@ class Trigger:
         self.seen = 0
         self.lock = threading.Lock()
         self.where = threading.local()  # the aiockpt operation this thread is inside
+        # The coroutine operation (the commit) in progress: its file operations run on
+        # aiofiles' executor threads, which no thread-local marks. Commits run one at a
+        # time, and a thread inside another operation keeps its own mark.
+        self.awaiting: str | None = None
 
     def phase(self) -> str | None:
-        return getattr(self.where, "phase", None)
+        return getattr(self.where, "phase", None) or self.awaiting
 
     def due(self, phase: str, point: str) -> bool:
         """Whether this event is the one to die at (counts it if it matches the plan)."""
@@ -189,7 +195,19 @@ class Trigger:
         time.sleep(60)  # SIGKILL cannot be caught; this line is never passed
 
     def inside(self, phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``fn`` with this thread marked as inside ``phase`` while it runs."""
+        """``fn`` with this thread (a coroutine: the process) marked as inside ``phase``
+        while it runs."""
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def awaiting(*args: Any, **kwargs: Any) -> Any:
+                previous, self.awaiting = self.awaiting, phase
+                try:
+                    return await fn(*args, **kwargs)
+                finally:
+                    self.awaiting = previous
+
+            return awaiting
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -227,6 +245,9 @@ def _fsync_kind(path: str, phase: str | None, root: str) -> str | None:
 
 def install_hooks(plan: Plan, directory: Path, crash_child: Any) -> Trigger:
     """Wrap aiockpt's entry points and the OS calls it makes, in this process only."""
+    import aiofiles.os
+    import aiofiles.threadpool.binary
+
     import aiockpt._engine.pipeline
     import aiockpt._engine.staging
     import aiockpt.storage.fileio
@@ -250,7 +271,7 @@ def install_hooks(plan: Plan, directory: Path, crash_child: Any) -> Trigger:
     # Which aiockpt operation a thread is in, for the OS-call wrappers below.
     pipeline = aiockpt._engine.pipeline
     store_cls = aiockpt.storage.local.CheckpointStore
-    pipeline.write_pieces = trigger.inside("write", aiockpt.storage.fileio.write_pieces)  # type: ignore[attr-defined]
+    store_cls.write_chunk = trigger.inside("write", store_cls.write_chunk)  # type: ignore[method-assign]
     commit = _visible_early_commit if plan.sabotage == "visible-early" else store_cls.commit
     store_cls.commit = trigger.inside("commit", commit)  # type: ignore[method-assign]
     retain = trigger.inside("retention", store_cls.retain)
@@ -311,7 +332,7 @@ def install_hooks(plan: Plan, directory: Path, crash_child: Any) -> Trigger:
     pipeline.wait_cuda_event = wait_cuda_event_and_maybe_die  # type: ignore[assignment]
 
     # OS calls. Only calls made inside an aiockpt operation count (never the progress file).
-    real = {name: getattr(os, name) for name in ("open", "pwrite", "write", "fsync", "ftruncate")}
+    real = {name: getattr(os, name) for name in ("open", "pwrite", "fsync", "ftruncate")}
     real.update(rename=os.rename, replace=os.replace, unlink=os.unlink)
 
     def os_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
@@ -340,14 +361,6 @@ def install_hooks(plan: Plan, directory: Path, crash_child: Any) -> Trigger:
         if trigger.phase() == "write" and trigger.due("write", "padded-before-truncate"):
             trigger.die(f"{_fd_path(fd)} padded to {os.fstat(fd).st_size}, not yet {length}")
         real["ftruncate"](fd, length)
-
-    def os_write(fd: int, data: Any) -> int:
-        manifest = trigger.phase() == "commit" and _fd_path(fd).endswith("/manifest.json")
-        if manifest and trigger.due("commit", "torn-manifest"):
-            half = max(len(data) // 2, 1)
-            real["write"](fd, data[:half])
-            trigger.die(f"after {half} of {len(data)} manifest bytes")
-        return real["write"](fd, data)  # type: ignore[no-any-return]
 
     def os_fsync(fd: int) -> None:
         phase = trigger.phase()
@@ -386,25 +399,39 @@ def install_hooks(plan: Plan, directory: Path, crash_child: Any) -> Trigger:
 
     os.open = os_open  # type: ignore[assignment]
     os.pwrite = os_pwrite
-    os.write = os_write
     os.ftruncate = os_ftruncate
     os.fsync = os_fsync
     os.rename = os_rename
     os.replace = os_replace
     os.unlink = os_unlink  # type: ignore[assignment]
+    # The commit path awaits these through aiofiles, which bound the real ones at import.
+    aiofiles.os.rename = aiofiles.os.wrap(os_rename)
+    aiofiles.os.replace = aiofiles.os.wrap(os_replace)
+    aiofiles.os.unlink = aiofiles.os.wrap(os_unlink)
+    # ... and writes the manifest through aiofiles.open (io.FileIO.write, not os.write).
+    file_write = aiofiles.threadpool.binary.AsyncFileIO.write
+
+    async def file_write_maybe_torn(self: Any, data: Any) -> int:
+        name = str(getattr(self._file, "name", ""))
+        manifest = trigger.phase() == "commit" and name.endswith("/manifest.json")
+        if manifest and trigger.due("commit", "torn-manifest"):
+            half = max(len(data) // 2, 1)
+            self._file.write(data[:half])
+            trigger.die(f"after {half} of {len(data)} manifest bytes")
+        return await file_write(self, data)  # type: ignore[no-any-return]
+
+    aiofiles.threadpool.binary.AsyncFileIO.write = file_write_maybe_torn  # type: ignore[method-assign]
     return trigger
 
 
-def _visible_early_commit(store: Any, temporary: Path, step: int, manifest: bytes) -> Path:
+async def _visible_early_commit(store: Any, temporary: Path, step: int, manifest: bytes) -> Path:
     """A broken commit for the harness's own control test: the checkpoint becomes visible
     before its manifest is complete, so a kill can leave a torn committed checkpoint."""
+    from aiockpt.storage.commitio import create_file
+
     final = store.root / f"step-{step}"
     os.rename(temporary, final)
-    fd = os.open(final / "manifest.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        os.write(fd, manifest)
-    finally:
-        os.close(fd)
+    await create_file(final / "manifest.json", manifest, durable=False)  # as commits write it
     store.point_latest(final.name)
     return final  # type: ignore[no-any-return]
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import torch
+from aiofiles.threadpool.binary import AsyncFileIO
 
 import aiockpt
 
@@ -111,17 +112,29 @@ class Faults:
         matches = TARGETS[target]
         seen = [0]
 
-        def wrapper(first: Any, *args: Any, **kwargs: Any) -> Any:
-            path = fd_path(first) if isinstance(first, int) else os.fspath(first)
+        def check(path: str) -> None:
             if self.armed and matches(path, self.root):
                 seen[0] += 1
                 if seen[0] == nth:
                     error = OSError(code, os.strerror(code), path)
                     self.raised.append(error)
                     raise error
+
+        def wrapper(first: Any, *args: Any, **kwargs: Any) -> Any:
+            check(fd_path(first) if isinstance(first, int) else os.fspath(first))
             return real(first, *args, **kwargs)
 
         self.monkeypatch.setattr(os, name, wrapper)
+        if name == "write":
+            # The commit writes the manifest through aiofiles.open: io.FileIO.write, which
+            # never calls os.write, fails where the disk says so.
+            file_write = AsyncFileIO.write
+
+            async def failing_file_write(file: Any, data: Any) -> Any:
+                check(fd_path(file.fileno()))
+                return await file_write(file, data)
+
+            self.monkeypatch.setattr(AsyncFileIO, "write", failing_file_write)
 
 
 def values(step: int) -> dict[str, torch.Tensor]:

@@ -146,16 +146,16 @@ def main() -> None:
 
 def _kill_while_writing(step: int) -> None:
     """SIGKILL this process inside its first data-file write of ``step``."""
-    from aiockpt._engine import pipeline
+    from aiockpt.storage import local
 
-    original = pipeline.write_pieces
+    original = local.write_pieces
 
     def write_then_die(path: str, *args: Any, **kwargs: Any) -> Any:
         if f".tmp-step-{step}-" in path:
             os.kill(os.getpid(), signal.SIGKILL)
         return original(path, *args, **kwargs)
 
-    pipeline.write_pieces = write_then_die  # type: ignore[assignment]
+    local.write_pieces = write_then_die  # type: ignore[assignment]
 
 
 if __name__ == "__main__":

@@ -430,10 +430,10 @@ def test_state_dict_exception_keeps_its_traceback(tmp_path: Path, front: str) ->
 def test_close_cancel_abandons_checkpoints_in_flight(tmp_path: Path, monkeypatch) -> None:
     """close(cancel=True) with writes held mid-flight: nothing becomes visible, the
     previous checkpoint stays, the handle says it was cancelled."""
-    import aiockpt._engine.pipeline as pipeline_module
+    import aiockpt.storage.local as local_storage
 
     release = threading.Event()
-    real_write = pipeline_module.write_pieces
+    real_write = local_storage.write_pieces
 
     def held_write(*args: Any, **kwargs: Any) -> Any:
         release.wait(5)  # a disk that stalls until the test lets it go
@@ -453,7 +453,7 @@ def test_close_cancel_abandons_checkpoints_in_flight(tmp_path: Path, monkeypatch
     holder = Holder(1.0)
     ckpt = aiockpt.SyncCheckpointer(config, holder=holder)
     ckpt.checkpoint(1).wait()
-    monkeypatch.setattr(pipeline_module, "write_pieces", held_write)
+    monkeypatch.setattr(local_storage, "write_pieces", held_write)
     holder.state = {"w": torch.full((256, 256), 2.0)}
     handle = ckpt.checkpoint(2)
     assert not handle.done()

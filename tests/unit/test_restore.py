@@ -465,18 +465,18 @@ class DeferredCopies:
 def test_pinned_ring_reuses_a_buffer_only_after_its_copy(tmp_path: Path, threads: int) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from aiockpt._engine.reader import open_checkpoint_file, read_manifest
+    from aiockpt._engine.reader import open_data_file, read_manifest
     from aiockpt._engine.restore_io import PinnedRing, SegmentReader, plan_segments
 
     step_dir, tensors = save_many(tmp_path, count=120)
     manifest = read_manifest(step_dir)
-    fds = {f.name: open_checkpoint_file(step_dir / f.name)[0] for f in manifest.files}
+    files = {f.name: open_data_file(step_dir, f) for f in manifest.files}
     try:
         destinations = {
             i: torch.full((r.nbytes,), 0xAB, dtype=torch.uint8)
             for i, r in enumerate(manifest.tensors)
         }
-        reader = SegmentReader(step_dir, manifest.tensors, fds, destinations)
+        reader = SegmentReader(step_dir, manifest.tensors, files, destinations)
         # Slots far smaller than the segments: every segment streams through many windows,
         # and the big tensor's pieces cross window boundaries.
         ring = PinnedRing(PinnedRing.carve([torch.empty(3 * 5000, dtype=torch.uint8)], 3, 5000))
@@ -487,8 +487,8 @@ def test_pinned_ring_reuses_a_buffer_only_after_its_copy(tmp_path: Path, threads
         ring.settle()
         transfer.finish()
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        for file in files.values():
+            file.close()
     assert len(ring) == 3 and transfer.fences > 3 * len(segments)
     for i, record in enumerate(manifest.tensors):
         value = destinations[i].view(record.dtype).view(record.shape)
@@ -496,7 +496,7 @@ def test_pinned_ring_reuses_a_buffer_only_after_its_copy(tmp_path: Path, threads
 
 
 def test_staged_read_verifies_pieces_split_across_windows(tmp_path: Path) -> None:
-    from aiockpt._engine.reader import open_checkpoint_file, read_manifest
+    from aiockpt._engine.reader import open_data_file, read_manifest
     from aiockpt._engine.restore_io import HostTransfer, PinnedRing, SegmentReader, plan_segments
 
     step_dir, _ = save_many(tmp_path, count=20)
@@ -504,11 +504,11 @@ def test_staged_read_verifies_pieces_split_across_windows(tmp_path: Path) -> Non
     big = next(i for i, r in enumerate(manifest.tensors) if r.name == "bag/big")
     piece = manifest.tensors[big].pieces[0]
     flip_byte(step_dir / piece.file, piece.offset + piece.length // 2)
-    fds = {f.name: open_checkpoint_file(step_dir / f.name)[0] for f in manifest.files}
+    files = {f.name: open_data_file(step_dir, f) for f in manifest.files}
     try:
         record = manifest.tensors[big]
         destinations = {big: torch.empty(record.nbytes, dtype=torch.uint8)}
-        reader = SegmentReader(step_dir, manifest.tensors, fds, destinations)
+        reader = SegmentReader(step_dir, manifest.tensors, files, destinations)
         ring = PinnedRing(PinnedRing.carve([torch.empty(8192, dtype=torch.uint8)], 2, 4096))
         (segment, *rest) = plan_segments([(big, record)])
         assert segment.length > 10 * 4096
@@ -518,8 +518,8 @@ def test_staged_read_verifies_pieces_split_across_windows(tmp_path: Path) -> Non
         for other in rest:  # after a failure the remaining segments are skipped
             reader.staged(other, ring, HostTransfer())
     finally:
-        for fd in fds.values():
-            os.close(fd)
+        for file in files.values():
+            file.close()
 
 
 def test_restore_without_a_cuda_placement_reads_to_host(
