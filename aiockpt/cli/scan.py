@@ -20,6 +20,7 @@ from ..storage.base import WriterState
 from ..storage.local import (
     SUPERSEDED_PREFIX,
     CheckpointInfo,
+    files_size,
     parse_private_step,
     parse_step_dir,
 )
@@ -28,7 +29,6 @@ __all__ = [
     "Leftover",
     "WriterState",
     "committed_checkpoints",
-    "directory_size",
     "not_a_directory",
     "probe_writer",
     "resolve_checkpoint",
@@ -66,21 +66,6 @@ def not_a_directory(path: Path) -> UsageError:
         hint=f"to bring a torch.save, safetensors or DCP checkpoint in: "
         f"`aiockpt import {path} --from torch --step N DIR`",
     )
-
-
-def directory_size(path: Path) -> int:
-    total = 0
-    try:
-        entries = list(os.scandir(path))
-    except OSError:
-        return 0
-    for entry in entries:
-        try:
-            if entry.is_file(follow_symlinks=False):
-                total += entry.stat(follow_symlinks=False).st_size
-        except OSError:
-            pass  # vanished (retention) or unreadable
-    return total
 
 
 @dataclass(frozen=True)
@@ -148,7 +133,7 @@ def scan_leftovers(root: Path) -> list[Leftover]:
         path = Path(entry.path)
         try:
             is_dir = entry.is_dir(follow_symlinks=False)
-            nbytes = directory_size(path) if is_dir else entry.stat(follow_symlinks=False).st_size
+            nbytes = files_size(path) if is_dir else entry.stat(follow_symlinks=False).st_size
         except OSError:
             continue  # deleted by the writer while we looked
         found.append(Leftover(path, kind, step, nbytes))

@@ -139,7 +139,8 @@ def _has_manifest(directory: str) -> bool:
     return True
 
 
-def _files_size(directory: str) -> int:
+def files_size(directory: str | os.PathLike[str]) -> int:
+    """Bytes of the regular files directly in ``directory`` (0 when it cannot be read)."""
     total = 0
     try:
         entries = list(os.scandir(directory))
@@ -191,7 +192,7 @@ def list_checkpoints(directory: str | os.PathLike[str]) -> list[CheckpointInfo]:
             continue  # renamed away (retention) between scandir and stat
         if not _has_manifest(entry.path):
             continue
-        found.append(CheckpointInfo(step, Path(entry.path), _files_size(entry.path), info.st_mtime))
+        found.append(CheckpointInfo(step, Path(entry.path), files_size(entry.path), info.st_mtime))
     return sorted(found, key=lambda info: info.step)
 
 
