@@ -640,3 +640,20 @@ def test_a_negative_view_is_not_stored_as_the_tensor_it_views(tmp_path: Path) ->
     loaded = aiockpt.load(save(tmp_path, state))["values"]
     assert torch.equal(loaded["base"], base) and torch.equal(loaded["negated"], -base)
     assert loaded["again"] is loaded["base"]
+
+
+def test_hashable_exact_types_round_trip_as_dict_keys(tmp_path: Path) -> None:
+    """Keys of the exact types that are hashable pass the writer's and the reader's
+    checks alike, and come back as themselves."""
+    Pair = collections.namedtuple("Pair", ["a", "b"])
+    value = {
+        Pair(1, 2): "pair",
+        frozenset({1, 2}): "frozen",
+        complex(1, 2): "complex",
+        torch.Size([2, 3]): "size",
+        (1, frozenset({3})): "nested",
+    }
+    path = save(tmp_path, {"keys": value})
+    loaded = aiockpt.load(path)["values"]["keys"]
+    assert loaded == value
+    assert {type(k).__name__ for k in loaded} == {"Pair", "frozenset", "complex", "Size", "tuple"}
