@@ -271,3 +271,29 @@ def test_async_trainer_resume_takes_only_and_strict(tmp_path: Path) -> None:
 
     run(main())
     assert torch.equal(marker.weight, marker_before)
+
+
+class _AsCompiledSaved:
+    """A Stateful giving a compiled module's state with its ``_orig_mod.`` keys, as
+    checkpoints of compiled modules held them before they were saved under eager names."""
+
+    def __init__(self, compiled: nn.Module) -> None:
+        self.compiled = compiled
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.compiled.state_dict())
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        raise AssertionError("only saved from")
+
+
+def test_checkpoint_holding_compiled_names_restores_into_eager_and_compiled(
+    tmp_path: Path,
+) -> None:
+    source = _compiled(_net(0))
+    config = _save(tmp_path, model=_AsCompiledSaved(source))
+    assert "model/_orig_mod.0.weight" in _saved_names(config)
+    for target in (_net(1), _compiled(_net(2))):
+        with aiockpt.SyncCheckpointer(config, model=target) as ckpt:
+            assert ckpt.restore() == 1
+        assert _same(getattr(target, "_orig_mod", target), source._orig_mod)
