@@ -1,5 +1,6 @@
-"""The Stateful protocol, the random-number state that exact resume needs, and how the
-state of an object that shards it across ranks is taken whole."""
+"""The Stateful protocol, the random-number state that exact resume needs, how the
+state of an object that shards it across ranks is taken whole, and how a compiled
+module's state is named as its eager module's."""
 
 from __future__ import annotations
 
