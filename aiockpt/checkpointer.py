@@ -298,6 +298,7 @@ class Checkpointer(_FrontEnd):
         *,
         only: Iterable[str] | None = None,
         layers: str | None = None,
+        strict: bool = True,
     ) -> int | None:
         """Load the newest valid checkpoint (or ``step``) into the objects; its step or None.
 
@@ -311,6 +312,10 @@ class Checkpointer(_FrontEnd):
                 keep their values.
             layers: a regular expression on layer names (``"model/blocks\\.[0-3]\\."``):
                 only those layers of the modules are restored.
+            strict: with False, modules load with ``load_state_dict(strict=False)`` and
+                an object the checkpoint lacks is skipped; what did not match is logged
+                and kept in ``stats.last_restore_missing``, ``last_restore_unexpected``
+                and ``last_restore_skipped``. Other objects load as they are.
 
         Returns:
             The step restored, or None when the directory holds no checkpoint.
@@ -320,14 +325,17 @@ class Checkpointer(_FrontEnd):
             CorruptCheckpointError: ``step`` fails its checks, or every checkpoint does
                 (each one's reason is named).
             WorldSizeError: per-rank state saved by fewer ranks than restore it.
-            MissingStateError: the checkpoint holds no state under a name asked for.
+            MissingStateError: the checkpoint holds no state under a name asked for
+                (with ``strict`` True).
             ValueError: ``only`` names an unknown object, or ``layers`` is given
                 without a module to apply it to.
             EventLoopError: called from a second thread while a call from another is under
                 way, or (with ``use_monitor = false``) from another event loop.
         """
         with self._callers.entered(self._core.runtime):
-            return await restore(self._core.restorer, step, only, layers, self._core.runtime.run)
+            return await restore(
+                self._core.restorer, step, only, layers, self._core.runtime.run, strict
+            )
 
     async def close(self, *, cancel: bool = False) -> None:
         """Drain what is in flight, release memory, threads and the directory lock.
@@ -434,6 +442,7 @@ class SyncCheckpointer(_FrontEnd):
         *,
         only: Iterable[str] | None = None,
         layers: str | None = None,
+        strict: bool = True,
     ) -> int | None:
         """Load the newest valid checkpoint (or ``step``) into the objects, blocking.
 
@@ -447,6 +456,10 @@ class SyncCheckpointer(_FrontEnd):
                 keep their values.
             layers: a regular expression on layer names (``"model/blocks\\.[0-3]\\."``):
                 only those layers of the modules are restored.
+            strict: with False, modules load with ``load_state_dict(strict=False)`` and
+                an object the checkpoint lacks is skipped; what did not match is logged
+                and kept in ``stats.last_restore_missing``, ``last_restore_unexpected``
+                and ``last_restore_skipped``. Other objects load as they are.
 
         Returns:
             The step restored, or None when the directory holds no checkpoint.
@@ -456,11 +469,12 @@ class SyncCheckpointer(_FrontEnd):
             CorruptCheckpointError: ``step`` fails its checks, or every checkpoint does
                 (each one's reason is named).
             WorldSizeError: per-rank state saved by fewer ranks than restore it.
-            MissingStateError: the checkpoint holds no state under a name asked for.
+            MissingStateError: the checkpoint holds no state under a name asked for
+                (with ``strict`` True).
             ValueError: ``only`` names an unknown object, or ``layers`` is given
                 without a module to apply it to.
         """
-        return self._call(restore(self._core.restorer, step, only, layers, self._bridge))
+        return self._call(restore(self._core.restorer, step, only, layers, self._bridge, strict))
 
     def close(self, *, cancel: bool = False) -> None:
         """Drain what is in flight, release memory, threads and the directory lock.

@@ -155,6 +155,13 @@ class CheckpointerStats:
         failed: failed in the background.
         last_restore_bytes: bytes the last restore read (less for a partial one).
         replayed: captures that reused the previous flattening plan (no re-walk).
+        last_restore_missing: after a ``restore(strict=False)``, each module's keys that
+            the checkpoint did not hold (they kept their values); modules with none are
+            left out.
+        last_restore_unexpected: the same for keys the checkpoint held and the module
+            does not have (they were not loaded).
+        last_restore_skipped: the objects a ``restore(strict=False)`` asked for that the
+            checkpoint held no state for (they kept their values).
     """
 
     requested: int = 0
@@ -163,6 +170,9 @@ class CheckpointerStats:
     failed: int = 0
     last_restore_bytes: int = 0  # bytes the last restore read (less for a partial one)
     replayed: int = 0  # captures that reused the previous flattening plan (no re-walk)
+    last_restore_missing: dict[str, list[str]] = field(default_factory=dict)
+    last_restore_unexpected: dict[str, list[str]] = field(default_factory=dict)
+    last_restore_skipped: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

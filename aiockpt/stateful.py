@@ -1,5 +1,6 @@
-"""The Stateful protocol, the random-number state that exact resume needs, and how the
-state of an object that shards it across ranks is taken whole."""
+"""The Stateful protocol, the random-number state that exact resume needs, how the
+state of an object that shards it across ranks is taken whole, and how a compiled
+module's state is named as its eager module's."""
 
 from __future__ import annotations
 
@@ -9,7 +10,19 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["RNGState", "Stateful", "is_zero_optimizer", "state_to_save"]
+__all__ = [
+    "RNGState",
+    "Stateful",
+    "eager_name",
+    "is_zero_optimizer",
+    "live_names",
+    "state_to_save",
+    "uncompiled",
+]
+
+# The attribute under which torch.compile's OptimizedModule keeps the module it wraps, and
+# so a segment of every state_dict key of a compiled module.
+_COMPILED = "_orig_mod"
 
 
 @runtime_checkable
@@ -111,6 +124,10 @@ def is_zero_optimizer(obj: object) -> bool:
 def state_to_save(obj: Any) -> Any:
     """What a checkpoint saves of ``obj``: its state_dict(), taken whole.
 
+    A module compiled with torch.compile, or holding compiled submodules, is saved under
+    the names of the eager module, so that its checkpoint restores into the module
+    compiled or not (see :func:`live_names`).
+
     A ZeroRedundancyOptimizer holds only this rank's shard of the optimizer state, and its
     state_dict() refuses to answer until consolidate_state_dict() has gathered the shards
     on one rank. Following torch's recipe, the shards are consolidated on rank 0 of its
@@ -118,6 +135,8 @@ def state_to_save(obj: Any) -> Any:
     loads, each taking its own shard) the same full state. Both steps are collectives:
     every rank of the group takes part, as every rank calls checkpoint() at the same step.
     """
+    if isinstance(obj, torch.nn.Module):
+        return _eager_keys(uncompiled(obj).state_dict())
     if not is_zero_optimizer(obj):
         return obj.state_dict()
     import torch.distributed as dist
@@ -128,3 +147,40 @@ def state_to_save(obj: Any) -> Any:
     if dist.get_world_size(group) > 1:
         dist.broadcast_object_list(whole, src=dist.get_global_rank(group, 0), group=group)
     return whole[0]
+
+
+def uncompiled(obj: Any) -> Any:
+    """The module that torch.compile wrapped in ``obj``, or ``obj`` when it is no compiled
+    module."""
+    while isinstance(obj, torch.nn.Module) and isinstance(
+        getattr(obj, _COMPILED, None), torch.nn.Module
+    ):
+        obj = getattr(obj, _COMPILED)
+    return obj
+
+
+def eager_name(key: str) -> str:
+    """A module's state_dict key as the eager module names it: without the segments that
+    compiled submodules add (``block._orig_mod.weight`` -> ``block.weight``)."""
+    if _COMPILED not in key:
+        return key
+    return ".".join(part for part in key.split(".") if part != _COMPILED)
+
+
+def _eager_keys(state: dict[str, Any]) -> dict[str, Any]:
+    # The usual module holds no compiled submodule: its own state_dict, as it is.
+    if not any(_COMPILED in key for key in state):
+        return state
+    return {eager_name(key): value for key, value in state.items()}
+
+
+def live_names(module: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """``state``, a module state saved by any module of the same eager names, keyed as
+    ``module``'s own load_state_dict expects: compiled submodules' segments are put in or
+    taken out where ``module`` has (or lacks) them. Keys that ``module`` has no match for
+    are kept as they are, for load_state_dict to report."""
+    live = uncompiled(module).state_dict()
+    if not any(_COMPILED in key for key in state) and not any(_COMPILED in key for key in live):
+        return state
+    by_eager_name = {eager_name(key): key for key in live}
+    return {by_eager_name.get(eager_name(key), key): value for key, value in state.items()}

@@ -19,7 +19,7 @@ from ..distributed.group import RankGroup
 from ..distributed.sharding import Replicated, object_kinds
 from ..errors import CheckpointError, UsageError
 from ..metrics import CheckpointerStats
-from ..stateful import Stateful, is_zero_optimizer
+from ..stateful import Stateful, is_zero_optimizer, uncompiled
 from ..storage import CheckpointStorage, open_storage
 from . import shutdown
 from .capture import check_state_name
@@ -51,6 +51,9 @@ class Core:
                     f"{name}={type(obj).__name__} has no state_dict()/load_state_dict(); pass "
                     "modules, optimizers, schedulers, aiockpt.RNGState() or your own Stateful"
                 )
+        # A compiled module is checkpointed as the module it wraps: the same tensors,
+        # under the names the eager module gives them.
+        stateful = {name: uncompiled(obj) for name, obj in stateful.items()}
         self.config = config
         # A ZeRO optimizer's state is saved whole, the same on every rank (state_to_save).
         self.kinds = object_kinds(

@@ -28,6 +28,7 @@ from ..distributed.sharding import (
     shard_box,
 )
 from ..errors import RestoreError
+from ..stateful import state_to_save
 from .capture import flatten_state
 
 __all__ = ["RankSelection", "place_shards"]
@@ -44,7 +45,7 @@ class RankSelection:
         # Where each live DTensor's shard lies: (offset, local shape) by its state path.
         self.boxes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         if any(holds_dtensors(obj) for obj in objects.values()):
-            live = flatten_state({key: obj.state_dict() for key, obj in objects.items()})
+            live = flatten_state({key: state_to_save(obj) for key, obj in objects.items()})
             for index, info in live.shards.items():
                 local = tuple(live.tensors[index].shape)
                 self.boxes[live.names[index]] = (info.offset, local)
@@ -101,7 +102,7 @@ def _shard_offsets(state: Any) -> dict[int, tuple[int, ...]]:
 def place_shards(state: Any, obj: Any) -> Any:
     """Turn the SavedShards in ``state`` (decoded for ``obj``) into what ``obj`` holds now:
     DTensors sharded as its live ones are, or whole tensors where it has plain ones."""
-    live = obj.state_dict()
+    live = state_to_save(obj)  # named as saved (a compiled module's under eager names)
     params = _optimizer_params(obj)
     return _place(state, live, "", params)
 

@@ -30,7 +30,7 @@ from ..errors import (
     WorldSizeError,
 )
 from ..metrics import CheckpointerStats
-from ..stateful import is_zero_optimizer
+from ..stateful import is_zero_optimizer, live_names, state_to_save, uncompiled
 from ..storage import CheckpointStorage
 from ..storage.base import CheckpointInfo
 from .capture import flatten_state
@@ -46,11 +46,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RestoreRequest:
-    """Which objects a restore loads, and which of them only in part (by layer)."""
+    """Which objects a restore loads, which of them only in part (by layer), and whether
+    every key must match (``strict``)."""
 
     names: list[str]
     partial: set[str]
     layers: str | None
+    strict: bool = True
 
     def select(self) -> TensorFilter | None:
         # Non-module objects are restored whole, whatever the layer pattern.
@@ -80,7 +82,9 @@ class Restorer:
         self.pipeline = pipeline
         self.stats = stats
 
-    def request(self, only: Iterable[str] | None, layers: str | None) -> RestoreRequest:
+    def request(
+        self, only: Iterable[str] | None, layers: str | None, strict: bool = True
+    ) -> RestoreRequest:
         names = list(self.objects) if only is None else list(only)
         unknown = [name for name in names if name not in self.objects]
         if unknown:
@@ -88,7 +92,7 @@ class Restorer:
         modules = {n for n in names if isinstance(self.objects[n], torch.nn.Module)}
         if layers is not None and not modules:
             raise ValueError("restore(layers=...) needs a module among the restored objects")
-        return RestoreRequest(names, modules if layers is not None else set(), layers)
+        return RestoreRequest(names, modules if layers is not None else set(), layers, strict)
 
     # -- which checkpoint ----------------------------------------------------------------
     def candidates(self, step: int | None) -> list[CheckpointInfo]:
@@ -191,13 +195,18 @@ class Restorer:
             pinned=pinned,
         )
         missing = [name for name in request.names if name not in loaded.manifest.state]
-        if missing:
+        if missing and not request.strict:
+            # Not strict: the objects the checkpoint lacks keep their values.
+            self.stats.last_restore_skipped = missing
+            logger.warning("%s has no state for %s; they keep their values", info.path, missing)
+        elif missing:
             raise MissingStateError(
                 f"{info.path} has no state for {missing} (it holds "
                 f"{sorted(loaded.manifest.state)}); pass the same keyword names that saved it"
             )
         self.stats.last_restore_bytes = loaded.bytes_read
-        state = loaded.state(None, keys=request.names, rank=rank, dtensor=lambda saved: saved)
+        present = [name for name in request.names if name not in missing]
+        state = loaded.state(None, keys=present, rank=rank, dtensor=lambda saved: saved)
         # DTensors come back sharded as the live objects shard them now.
         return {
             name: place_shards(state[name], self.objects[name]) if name in live else state[name]
@@ -227,7 +236,8 @@ class Restorer:
                 )
                 continue
             try:
-                flat = flatten_state({name: obj.state_dict()})
+                # Named as saved: a compiled module's tensors under its eager names.
+                flat = flatten_state({name: state_to_save(obj)})
             except UnsupportedStateError:  # restore never needed to save it: read to host
                 continue
             devices.update(
@@ -254,14 +264,41 @@ class Restorer:
     # -- loading it ------------------------------------------------------------------------
     def apply(self, state: dict[str, Any], request: RestoreRequest) -> None:
         for name in request.names:
+            if name not in state:  # not strict, and the checkpoint lacks it
+                continue
             obj = self.objects[name]
             # Namedtuples and IntEnums come back as the classes the object uses now.
             state[name] = adopt_live_types(state[name], obj.state_dict)
+            if not isinstance(obj, torch.nn.Module):
+                obj.load_state_dict(state[name])
+                continue
+            # Saved under eager names; loaded under the names the module has now, compiled
+            # (whole or in parts) or not.
+            module = uncompiled(obj)
+            module_state = live_names(module, state[name])
             if name in request.partial:
                 # Only the matching layers were read; the rest of the module keeps its values.
-                obj.load_state_dict(state[name], strict=False)
+                module.load_state_dict(module_state, strict=False)
+            elif request.strict:
+                module.load_state_dict(module_state)
             else:
-                obj.load_state_dict(state[name])
+                result = module.load_state_dict(module_state, strict=False)
+                self.mismatch(name, result.missing_keys, result.unexpected_keys)
+
+    def mismatch(self, name: str, missing: list[str], unexpected: list[str]) -> None:
+        """Record (in stats) and log the keys a ``strict=False`` load could not match."""
+        if missing:
+            self.stats.last_restore_missing[name] = list(missing)
+        if unexpected:
+            self.stats.last_restore_unexpected[name] = list(unexpected)
+        if missing or unexpected:
+            logger.warning(
+                "restored %s with strict=False: missing keys (kept their values) %s, "
+                "unexpected keys (not loaded) %s",
+                name,
+                missing,
+                unexpected,
+            )
 
 
 async def restore(
@@ -270,9 +307,14 @@ async def restore(
     only: Iterable[str] | None,
     layers: str | None,
     bridge: Bridge,
+    strict: bool = True,
 ) -> int | None:
     """Load the newest valid checkpoint (or ``step``); its step, or None when there is none."""
-    request = restorer.request(only, layers)
+    request = restorer.request(only, layers, strict)
+    stats = restorer.stats
+    # The report describes the last restore alone.
+    stats.last_restore_missing, stats.last_restore_unexpected = {}, {}
+    stats.last_restore_skipped = []
     await bridge(restorer.pipeline.drain())  # what is in flight commits first
     tried: list[str] = []
     place = restorer.placement(request)  # on the caller's thread, like checkpoint()'s state_dict()

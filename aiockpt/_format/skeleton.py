@@ -146,7 +146,8 @@ def _decode_tagged(node: dict[str, Any], how: _Decoding) -> Any:
         if not 0 <= how.rank < len(payload):
             raise WorldSizeError(
                 f"state saved per rank by {len(payload)} ranks has none for rank {how.rank}; "
-                "restore it with as many ranks as saved it, or leave it out (restore(only=...))"
+                "restore it with as many ranks as saved it, or leave it out (restore(only=...), "
+                "or a Trainer's resume(only=...))"
             )
         return _decode(payload[how.rank], how)
     if tag == DTENSOR_TAG:

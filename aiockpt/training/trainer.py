@@ -21,7 +21,7 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -317,7 +317,9 @@ class _Calls(Protocol):
     def checkpoint(self, step: int) -> Awaitable[Handle]: ...
     def outcome(self, handle: Handle) -> Awaitable[CheckpointInfo | None]: ...
     def wait(self) -> Awaitable[None]: ...
-    def restore(self, step: int | None) -> Awaitable[int | None]: ...
+    def restore(
+        self, step: int | None, only: Iterable[str] | None, strict: bool
+    ) -> Awaitable[int | None]: ...
     def close(self) -> Awaitable[None]: ...
     def let_pipeline_run(self) -> Awaitable[None]: ...
 
@@ -338,8 +340,10 @@ class _AsyncCalls:
     def wait(self) -> Awaitable[None]:
         return self.checkpointer.wait()
 
-    def restore(self, step: int | None) -> Awaitable[int | None]:
-        return self.checkpointer.restore(step)
+    def restore(
+        self, step: int | None, only: Iterable[str] | None, strict: bool
+    ) -> Awaitable[int | None]:
+        return self.checkpointer.restore(step, only=only, strict=strict)
 
     def close(self) -> Awaitable[None]:
         return self.checkpointer.close()
@@ -368,8 +372,8 @@ class _BlockingCalls:
         self.checkpointer.wait()
         return Ready(None)
 
-    def restore(self, step: int | None) -> Ready:
-        return Ready(self.checkpointer.restore(step))
+    def restore(self, step: int | None, only: Iterable[str] | None, strict: bool) -> Ready:
+        return Ready(self.checkpointer.restore(step, only=only, strict=strict))
 
     def close(self) -> Ready:
         self.checkpointer.close()
@@ -462,8 +466,8 @@ class _TrainerBase:
         await self._calls.wait()
         await self._collect()
 
-    async def _resume(self, step: int | None) -> int:
-        return self._engine.restored(await self._calls.restore(step))
+    async def _resume(self, step: int | None, only: Iterable[str] | None, strict: bool) -> int:
+        return self._engine.restored(await self._calls.restore(step, only, strict))
 
     async def _close(self) -> None:
         try:
@@ -618,11 +622,23 @@ class Trainer(_TrainerBase):
         """
         await self._wait()
 
-    async def resume(self, step: int | None = None) -> int:
+    async def resume(
+        self,
+        step: int | None = None,
+        *,
+        only: Iterable[str] | None = None,
+        strict: bool = True,
+    ) -> int:
         """Restore the newest valid checkpoint (or ``step``) into every object.
 
         Args:
             step: restore this step rather than the newest valid one.
+            only: the names of the objects to restore (e.g. ``["model", "trainer"]``;
+                the Trainer saves ``model``, ``optimizer``, ``trainer`` and the others
+                named in the README); the others keep their values.
+            strict: with False, modules load with ``load_state_dict(strict=False)`` and
+                objects the checkpoint lacks are skipped, as
+                :meth:`aiockpt.Checkpointer.restore` describes.
 
         Returns:
             The step to go on from (0 when there is no checkpoint yet).
@@ -631,8 +647,11 @@ class Trainer(_TrainerBase):
             NoCheckpointError: ``step`` was asked for and is not committed.
             CorruptCheckpointError: ``step`` was asked for and fails its checks, or every
                 checkpoint does.
+            MissingStateError: the checkpoint holds no state under a name asked for
+                (with ``strict`` True).
+            ValueError: ``only`` names an object the Trainer does not save.
         """
-        return await self._resume(step)
+        return await self._resume(step, only, strict)
 
     async def close(self) -> None:
         """Drain what is in flight and release the checkpointer.
@@ -711,11 +730,23 @@ class SyncTrainer(_TrainerBase):
         """
         drive(self._wait())
 
-    def resume(self, step: int | None = None) -> int:
+    def resume(
+        self,
+        step: int | None = None,
+        *,
+        only: Iterable[str] | None = None,
+        strict: bool = True,
+    ) -> int:
         """Restore the newest valid checkpoint (or ``step``) into every object.
 
         Args:
             step: restore this step rather than the newest valid one.
+            only: the names of the objects to restore (e.g. ``["model", "trainer"]``;
+                the Trainer saves ``model``, ``optimizer``, ``trainer`` and the others
+                named in the README); the others keep their values.
+            strict: with False, modules load with ``load_state_dict(strict=False)`` and
+                objects the checkpoint lacks are skipped, as
+                :meth:`aiockpt.Checkpointer.restore` describes.
 
         Returns:
             The step to go on from (0 when there is no checkpoint yet).
@@ -724,8 +755,11 @@ class SyncTrainer(_TrainerBase):
             NoCheckpointError: ``step`` was asked for and is not committed.
             CorruptCheckpointError: ``step`` was asked for and fails its checks, or every
                 checkpoint does.
+            MissingStateError: the checkpoint holds no state under a name asked for
+                (with ``strict`` True).
+            ValueError: ``only`` names an object the Trainer does not save.
         """
-        return drive(self._resume(step))
+        return drive(self._resume(step, only, strict))
 
     def close(self) -> None:
         """Drain what is in flight and release the checkpointer.
