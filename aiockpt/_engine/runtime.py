@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from ..errors import EventLoopError
 
 __all__ = [
+    "IO_THREADS",
     "CallerLoop",
     "DeferredInterrupt",
     "MonitorLoop",
@@ -30,6 +31,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+# Threads of the monitor loop's default executor (see MonitorLoop).
+IO_THREADS = 4
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -145,6 +148,13 @@ class MonitorLoop(Runtime):
 
     def __init__(self, name: str = "aiockpt-monitor") -> None:
         self.loop = new_event_loop()
+        # The default executor serves the commit path's small-file and directory calls
+        # (aiofiles), retention and restore's hand-off: short calls a few threads keep up
+        # with. Bounded and named, so a long run's thread count stays flat whatever the
+        # machine's core count (asyncio's own default grows to cores + 4).
+        self.loop.set_default_executor(
+            concurrent.futures.ThreadPoolExecutor(IO_THREADS, thread_name_prefix="aiockpt-io")
+        )
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
