@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .._engine.capture import check_state_name
 from .._engine.reader import read_checkpoint, read_manifest
 from .._format.manifest import Manifest, TensorRecord
 from .._format.skeleton import tensor_paths
@@ -364,12 +365,14 @@ def _check_top_level(groups: dict[str, Any], source: Path) -> None:
     """Top-level keys become the keyword names a Checkpointer restores by; refuse those that
     cannot be such a name before anything is written."""
     for name in groups:
-        if not isinstance(name, str) or not name or name.startswith("$") or "/" in name:
+        try:
+            check_state_name(name)  # the rule the Checkpointer applies to its keywords
+        except UnsupportedStateError:
             raise ConversionError(
                 f"{source}: top-level key {name!r} cannot name a checkpointed object "
                 "(it must be a non-empty string without '/' that does not start with '$')",
                 hint="put everything under one name with --key NAME",
-            )
+            ) from None
 
 
 class _Holder:
