@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from aiockpt._util.location import local_directory
+from aiockpt._util.text import shown
 from aiockpt.errors import ConfigError
 
 try:
@@ -146,8 +147,7 @@ def _check(key: str, value: object) -> Any:
 
 def _shown(value: object) -> str:
     # A 400-digit integer is still named, but not spelt out in full.
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:40]}...({len(text)} characters)"
+    return shown(value, limit=80, keep=40)
 
 
 def _type_hint(spec: _Key, value: object) -> str:

@@ -22,6 +22,7 @@ from typing import Any
 import crc32c
 import torch
 
+from .._util.text import shown
 from ..errors import CorruptCheckpointError, UnsupportedStateError
 from .tags import (
     DEFAULT_FACTORIES,
@@ -458,9 +459,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _shown(value: Any) -> str:
-    """``repr`` for a message, cut short: a hostile name may be megabytes long."""
-    text = repr(value)
-    return text if len(text) <= 200 else f"{text[:160]}...({len(text)} characters)"
+    return shown(value, limit=200, keep=160)
 
 
 class SkeletonError(ValueError):

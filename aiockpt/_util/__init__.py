@@ -1,2 +1,3 @@
-"""Small helpers every layer may use: console output, human units, statistics, logging setup,
-and the bridge that lets one coroutine body serve both async and blocking front-ends."""
+"""Small helpers every layer may use: console output, human units, values in messages,
+statistics, logging setup, and the bridge that lets one coroutine body serve both async and
+blocking front-ends."""
