@@ -19,7 +19,7 @@ import os
 import aiofiles
 import aiofiles.os
 
-from .fileio import fsync_directory
+from .fileio import CREATE_NEW_FLAGS, fsync_directory
 
 __all__ = [
     "create_file",
@@ -27,15 +27,12 @@ __all__ = [
     "replace_file_atomically",
 ]
 
-# A new file of our own: never an existing one, never through a symlink planted there.
-_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
 
 def _create_exclusive(path: str, flags: int) -> int:
     # aiofiles.open's ``opener``: the flags open() derives from "wb" would truncate
     # whatever is there; these refuse it instead.
     del flags
-    return os.open(path, _CREATE_FLAGS, 0o644)
+    return os.open(path, CREATE_NEW_FLAGS, 0o644)
 
 
 def _fsync(fd: int) -> None:

@@ -18,6 +18,7 @@ import crc32c
 
 __all__ = [
     "CHECKSUM_ALGORITHM",
+    "CREATE_NEW_FLAGS",
     "checksum",
     "NotRegularFileError",
     "fsync_directory",
@@ -214,6 +215,10 @@ def fsync_directory(path: str) -> None:
         os.close(fd)
 
 
+# A new file of our own: never an existing one, never through a symlink planted there.
+CREATE_NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def write_file_atomically(path: str, payload: bytes, *, durable: bool) -> None:
     """Replace ``path`` with ``payload`` so that readers see the old or the new file, whole."""
     temporary = f"{path}.tmp"
@@ -221,9 +226,7 @@ def write_file_atomically(path: str, payload: bytes, *, durable: bool) -> None:
     # O_EXCL | O_NOFOLLOW then creates a fresh file of our own.
     with contextlib.suppress(FileNotFoundError):
         os.unlink(temporary)
-    fd = os.open(
-        temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-    )
+    fd = os.open(temporary, CREATE_NEW_FLAGS, 0o644)
     try:
         try:
             view = memoryview(payload)
