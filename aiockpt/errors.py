@@ -17,6 +17,8 @@
      │    ├── CorruptCheckpointError  a file is missing, torn, hostile or fails its checksum
      │    ├── MissingStateError       the checkpoint holds no state under a requested name
      │    │                           (also a ``KeyError``, as a dict lookup would raise)
+     │    ├── StateMismatchError      a strict restore's keys differ from the live objects'
+     │    │                           (also a ``RuntimeError``, as load_state_dict raises)
      │    └── WorldSizeError          state saved per rank has nothing for this rank
      ├── UnsupportedStateError     a state_dict holds a value aiockpt cannot store safely
      ├── ConversionError           an import or export was refused (``hint`` says what to do)
@@ -42,6 +44,7 @@ __all__ = [
     "MissingStateError",
     "NoCheckpointError",
     "RestoreError",
+    "StateMismatchError",
     "UnsupportedStateError",
     "UsageError",
     "WorldSizeError",
@@ -114,6 +117,14 @@ class MissingStateError(RestoreError, KeyError):
     def __str__(self) -> str:
         # KeyError quotes its message as a key; this one is a sentence.
         return Exception.__str__(self)
+
+
+class StateMismatchError(RestoreError, RuntimeError):
+    """A strict restore found saved keys that differ from the live objects' (a module's
+    missing or unexpected keys, an optimizer's parameter groups); nothing was loaded.
+
+    It is also a ``RuntimeError``, which torch's ``load_state_dict`` raises for the same.
+    """
 
 
 class WorldSizeError(RestoreError):

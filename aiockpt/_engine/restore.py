@@ -26,6 +26,7 @@ from ..errors import (
     CorruptCheckpointError,
     MissingStateError,
     NoCheckpointError,
+    StateMismatchError,
     UnsupportedStateError,
     WorldSizeError,
 )
@@ -263,6 +264,11 @@ class Restorer:
 
     # -- loading it ------------------------------------------------------------------------
     def apply(self, state: dict[str, Any], request: RestoreRequest) -> None:
+        if request.strict:
+            # Checked for every object before any is loaded: a mismatch found by the
+            # second object's load_state_dict would leave the first one restored and the
+            # rest not, a state that no step ever had.
+            self.check_keys(state, request)
         for name in request.names:
             if name not in state:  # not strict, and the checkpoint lacks it
                 continue
@@ -285,6 +291,48 @@ class Restorer:
                 result = module.load_state_dict(module_state, strict=False)
                 self.mismatch(name, result.missing_keys, result.unexpected_keys)
 
+    def check_keys(self, state: dict[str, Any], request: RestoreRequest) -> None:
+        """Refuse a strict restore whose saved keys do not match the live objects', before
+        anything is loaded: modules by their state_dict keys, optimizers by their parameter
+        groups (what torch's own load_state_dict checks, one object at a time)."""
+        problems: list[str] = []
+        for name in request.names:
+            if name not in state or name in request.partial:
+                continue
+            obj = self.objects[name]
+            saved = state[name]
+            if isinstance(obj, torch.nn.Module):
+                module = uncompiled(obj)
+                live_keys = set(module.state_dict())
+                saved_keys = set(live_names(module, saved)) if isinstance(saved, dict) else set()
+                missing = sorted(live_keys - saved_keys)
+                unexpected = sorted(saved_keys - live_keys)
+                if missing or unexpected:
+                    problems.append(
+                        f"{name}: missing keys {shown_keys(missing)}, "
+                        f"unexpected keys {shown_keys(unexpected)}"
+                    )
+            elif isinstance(obj, torch.optim.Optimizer) and not is_zero_optimizer(obj):
+                live_groups = [len(g["params"]) for g in obj.param_groups]
+                groups = saved.get("param_groups") if isinstance(saved, dict) else None
+                saved_groups = (
+                    [len(g.get("params", ())) for g in groups if isinstance(g, dict)]
+                    if isinstance(groups, list)
+                    else None
+                )
+                if saved_groups != live_groups:
+                    problems.append(
+                        f"{name}: parameter groups of sizes {saved_groups} saved, "
+                        f"{live_groups} live"
+                    )
+        if problems:
+            raise StateMismatchError(
+                "the checkpoint's state does not match the objects given (nothing was "
+                "loaded):\n  " + "\n  ".join(problems) + "\npass strict=False to load the "
+                "keys that match and keep the rest (reported in stats), or build the objects "
+                "as they were when the checkpoint was saved"
+            )
+
     def mismatch(self, name: str, missing: list[str], unexpected: list[str]) -> None:
         """Record (in stats) and log the keys a ``strict=False`` load could not match."""
         if missing:
@@ -299,6 +347,13 @@ class Restorer:
                 missing,
                 unexpected,
             )
+
+
+def shown_keys(keys: list[str], limit: int = 8) -> str:
+    """At most ``limit`` keys of a long list, and how many more there are."""
+    if len(keys) <= limit:
+        return str(keys)
+    return f"{keys[:limit]} and {len(keys) - limit} more"
 
 
 async def restore(

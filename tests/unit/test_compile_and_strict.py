@@ -13,7 +13,7 @@ from torch import nn
 
 import aiockpt
 from aiockpt._engine.reader import read_manifest
-from aiockpt.errors import MissingStateError
+from aiockpt.errors import MissingStateError, StateMismatchError
 
 
 def _net(seed: int) -> nn.Sequential:
@@ -168,8 +168,10 @@ def test_strict_false_loads_matching_keys_and_reports_the_rest(
     target = _Grown()
     extra_before = target.extra.weight.clone()
     with aiockpt.SyncCheckpointer(config, model=target) as ckpt:
-        with pytest.raises(RuntimeError, match=r"extra\.weight"):
+        with pytest.raises(StateMismatchError, match=r"extra\.weight") as refused:
             ckpt.restore()  # strict by default, as load_state_dict
+        assert isinstance(refused.value, RuntimeError)  # what load_state_dict raises
+        assert "gone.weight" in str(refused.value) and "strict=False" in str(refused.value)
         with caplog.at_level(logging.WARNING, logger="aiockpt"):
             assert ckpt.restore(strict=False) == 1
         stats = ckpt.stats
@@ -179,6 +181,26 @@ def test_strict_false_loads_matching_keys_and_reports_the_rest(
     assert stats.last_restore_unexpected == {"model": ["gone.weight", "gone.bias"]}
     assert stats.last_restore_skipped == []
     assert "extra.weight" in caplog.text and "gone.weight" in caplog.text
+
+
+def test_strict_mismatch_of_a_later_object_loads_nothing(tmp_path: Path) -> None:
+    # The model matches, the optimizer does not (another parameter grouping): torch's
+    # load_state_dict would refuse the optimizer after the model had been loaded.
+    source = _net(0)
+    saved_optimizer = torch.optim.SGD(source.parameters(), lr=0.1)
+    config = _save(tmp_path, model=source, optimizer=saved_optimizer)
+    model = _net(1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = [{"params": list(model[0].parameters())}, {"params": list(model[2].parameters())}]
+    optimizer = torch.optim.SGD(groups, lr=0.1)
+    with (
+        aiockpt.SyncCheckpointer(config, model=model, optimizer=optimizer) as ckpt,
+        pytest.raises(StateMismatchError, match="parameter groups") as refused,
+    ):
+        ckpt.restore()
+    assert "nothing was loaded" in str(refused.value)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
 
 
 def test_strict_false_skips_objects_the_checkpoint_lacks(tmp_path: Path) -> None:
