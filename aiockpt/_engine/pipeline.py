@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from .._format.manifest import Manifest, manifest_from_layout
+from .._format.manifest import manifest_from_layout
+from .._format.writer import ManifestWriter
 from ..config import Config
 from ..distributed.group import RankGroup
 from ..errors import CheckpointError
@@ -118,6 +119,8 @@ class Pipeline:
         self._last_commit: asyncio.Future[None] | None = None
         self._chain_lock = threading.Lock()
         self._jobs: set[asyncio.Task[Any]] = set()
+        # One process's manifests, encoded at the cost of what changed between them.
+        self.manifests = ManifestWriter()
 
     # -- admission -----------------------------------------------------------------------
     def admit_now(self, capturer: Capturer, loop: asyncio.AbstractEventLoop) -> Admitted | None:
@@ -184,8 +187,8 @@ class Pipeline:
         temporary: Path | None = None
         try:
             temporary = await self._begin(job)
-            manifest = await self._write_chunks(job, temporary)
-            payload = manifest.to_json()
+            checksums = await self._write_chunks(job, temporary)
+            payload = self.manifests.encode(**self._manifest_fields(job, checksums))
             if job.previous_commit is not None:
                 await asyncio.wait([job.previous_commit])
             commit_start = time.perf_counter()
@@ -221,8 +224,9 @@ class Pipeline:
             await self.memory.give_back(snapshot.admission.host.values())
             raise
 
-    async def _write_chunks(self, job: Job, temporary: Path) -> Manifest:
-        """Copy and write every chunk of ``job``; the manifest of what this process wrote."""
+    async def _write_chunks(self, job: Job, temporary: Path) -> dict[tuple[int, int], int]:
+        """Copy and write every chunk of ``job``; the checksum of each (tensor index, piece
+        number) this process wrote."""
         snapshot, metrics = job.snapshot, job.metrics
         slots = self._semaphore(len(snapshot.layout.chunks))
         spans: list[ChunkSpan] = []
@@ -249,18 +253,23 @@ class Pipeline:
         for chunk_sums in results:
             assert isinstance(chunk_sums, dict)
             checksums.update(chunk_sums)
-        return manifest_from_layout(
-            step=snapshot.step,
-            created=time.time(),
-            versions=job.versions,
-            names=job.names,
-            layout_tensors=snapshot.layout.tensors,
-            chunk_sizes=[c.nbytes for c in snapshot.layout.chunks],
-            file_names=[chunk_file_name(c.index, job.rank) for c in snapshot.layout.chunks],
-            checksums=checksums,
-            state=snapshot.skeleton,
-            layers=job.layers,
-        )
+        return checksums
+
+    def _manifest_fields(self, job: Job, checksums: dict[tuple[int, int], int]) -> dict[str, Any]:
+        """What the manifest of ``job``'s part says, given its checksums."""
+        snapshot = job.snapshot
+        return {
+            "step": snapshot.step,
+            "created": time.time(),
+            "versions": job.versions,
+            "names": job.names,
+            "layout_tensors": snapshot.layout.tensors,
+            "chunk_sizes": [c.nbytes for c in snapshot.layout.chunks],
+            "file_names": [chunk_file_name(c.index, job.rank) for c in snapshot.layout.chunks],
+            "checksums": checksums,
+            "state": snapshot.skeleton,
+            "layers": job.layers,
+        }
 
     async def _retain(self, final: Path) -> None:
         try:
@@ -299,7 +308,9 @@ class Pipeline:
         error: BaseException | None = None
         try:
             temporary = await self._begin(job)
-            manifest = await self._write_chunks(job, temporary)
+            manifest = manifest_from_layout(
+                **self._manifest_fields(job, await self._write_chunks(job, temporary))
+            )
             # This rank's files, durable on any filesystem before it votes to commit.
             await loop.run_in_executor(self.writers, self.store.make_durable, temporary)
             part = dataclasses.replace(part, status=OK, manifest=manifest, **job.share)

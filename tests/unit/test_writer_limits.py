@@ -245,7 +245,10 @@ def test_world_size_limit_is_checked_before_commit(
     root = Path(config.directory)
     with aiockpt.SyncCheckpointer(config, bag=Bag(clone_state(BASELINE))) as ckpt:
         ckpt.checkpoint(1).wait()
-        monkeypatch.setattr(manifest, "MAX_WORLD_SIZE", 0)
+    # A writer validates the parts of its manifests that never change (the world size
+    # among them) once, with its first manifest: a new one meets the lowered limit.
+    monkeypatch.setattr(manifest, "MAX_WORLD_SIZE", 0)
+    with aiockpt.SyncCheckpointer(config, bag=Bag(clone_state(BASELINE))) as ckpt:
         _refuse(ckpt, 2, Case(dict, dict, "commit", r"world_size = 1 is not an integer", ""))
         monkeypatch.setattr(manifest, "MAX_WORLD_SIZE", 1)
         ckpt.checkpoint(3).wait()
