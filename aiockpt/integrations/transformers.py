@@ -29,11 +29,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 import aiockpt
+from aiockpt.cli.convert import export_checkpoint
 from aiockpt.cli.verify import verify_checkpoints
 from aiockpt.config import resolve_config
 
@@ -48,8 +48,9 @@ _RNG_FILE = "rng_state.pth"
 # Where resume_point() writes that directory, under the Trainer's output_dir. Not named
 # checkpoint-<N>, so that the Trainer's rotation and get_last_checkpoint() never see it.
 _RESUME_DIR = "aiockpt-resume"
-# What resume_point() reads for the Trainer; the rest is restored in place at train begin.
-_FOR_THE_TRAINER = ("model", "trainer_state", "rng")
+# What resume_point() reads for the Trainer besides the model weights; the rest is
+# restored in place at train begin.
+_FOR_THE_TRAINER = ("trainer_state", "rng")
 _RESTORED_IN_PLACE = ("optimizer", "scheduler", "scaler")
 
 
@@ -169,7 +170,9 @@ class AiockptCallback(TrainerCallback):
                     f"{info.path} was not written by AiockptCallback (it lacks one of "
                     f"{list(_FOR_THE_TRAINER)}); give the callback a directory of its own"
                 ) from exc
-            directory = _write_resume_directory(_output_dir(args), saved)
+            directory = _write_resume_directory(
+                _output_dir(args), info.path, saved, config.num_threads
+            )
             self._resume = (info.step, directory)
             logger.info("resuming from %s (step %d) through %s", info.path, info.step, directory)
             return str(directory)
@@ -190,9 +193,11 @@ class AiockptCallback(TrainerCallback):
         self._args = args
         _check_supported(args)
         config = self._config_for(args)
+        _warn_about_unused_settings(args, config)
         if self._resume is not None and state.global_step != self._resume[0]:
-            step = self._resume[0]
+            step, self._consumed = self._resume
             self._resume = None
+            self._drop_resume_directory()
             raise aiockpt.UsageError(
                 f"resume_point() prepared step {step}, but the Trainer starts at step "
                 f"{state.global_step}: pass what it returned to "
@@ -232,10 +237,8 @@ class AiockptCallback(TrainerCallback):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self._consumed is not None:
-            # The Trainer has read the generators' file by the end of the first step.
-            shutil.rmtree(self._consumed, ignore_errors=True)
-            self._consumed = None
+        # The Trainer has read the generators' file by the end of the first step.
+        self._drop_resume_directory()
         self._take_over_save(state, control)
 
     def on_epoch_begin(
@@ -252,6 +255,7 @@ class AiockptCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._capture_due(state)
+        self._drop_resume_directory()  # when no step was left to train
         checkpointer, self._checkpointer = self._checkpointer, None
         if checkpointer is not None:
             checkpointer.close()  # every checkpoint durable; a background failure raises
@@ -261,6 +265,12 @@ class AiockptCallback(TrainerCallback):
             # The Trainer's blocking save would write the same state a second time.
             control.should_save = False
             self._due = state.global_step
+
+    def _drop_resume_directory(self) -> None:
+        if self._consumed is not None:
+            # Derived from a checkpoint that stays; left behind, the next resume replaces it.
+            shutil.rmtree(self._consumed, ignore_errors=True)
+            self._consumed = None
 
     def _capture_due(self, state: TrainerState) -> None:
         if self._due is None or self._checkpointer is None:
@@ -303,7 +313,34 @@ def _check_supported(args: TrainingArguments) -> None:
         )
 
 
-def _write_resume_directory(output_dir: Path, saved: dict[str, Any]) -> Path:
+def _warn_about_unused_settings(args: TrainingArguments, config: aiockpt.Config) -> None:
+    """Say which settings do not do what they would without the callback."""
+    if args.save_strategy == "no":
+        logger.warning(
+            "save_strategy is 'no': AiockptCallback takes no checkpoint; set it to 'steps' "
+            "(with save_steps) or 'epoch'"
+        )
+    intervals = [
+        k
+        for k in ("interval_steps", "interval_seconds", "max_overhead")
+        if getattr(config, k) is not None
+    ]
+    if intervals:
+        logger.warning(
+            "AiockptCallback checkpoints when the Trainer's save_strategy says so; the "
+            "Config's %s is not used",
+            ", ".join(intervals),
+        )
+    if args.push_to_hub:
+        logger.warning(
+            "push_to_hub: the Trainer pushes the checkpoints it writes itself, and "
+            "AiockptCallback takes their place, so none is pushed during training"
+        )
+
+
+def _write_resume_directory(
+    output_dir: Path, checkpoint: Path, saved: dict[str, Any], threads: int
+) -> Path:
     """Write what the Trainer reads on resume as ``output_dir/aiockpt-resume``, whole or
     not at all: it is built beside the target and renamed into place."""
     target = output_dir / _RESUME_DIR
@@ -316,8 +353,9 @@ def _write_resume_directory(output_dir: Path, saved: dict[str, Any]) -> Path:
             "Trainer's output_dir writable"
         ) from exc
     try:
-        safetensors.torch.save_file(
-            _separate_storages(saved["model"]), staging / _WEIGHTS_FILE, metadata={"format": "pt"}
+        # The model's tensors under the module's own names, tied weights stored once each.
+        export_checkpoint(
+            checkpoint, "safetensors", staging / _WEIGHTS_FILE, keys=["model"], threads=threads
         )
         (staging / _TRAINER_STATE_FILE).write_text(saved["trainer_state"]["json"])
         torch.save(_trainer_rng_state(saved["rng"]), staging / _RNG_FILE)
@@ -331,31 +369,6 @@ def _write_resume_directory(output_dir: Path, saved: dict[str, Any]) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already once renamed
     return target
-
-
-def _separate_storages(model_state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The model's tensors as safetensors takes them, each on storage of its own.
-
-    Tied weights (an input embedding shared with the output layer) come back from a
-    checkpoint as one tensor under two names; safetensors refuses shared storage, and the
-    Trainer loads every name, so the second name gets a copy.
-    """
-    seen: set[int] = set()
-    tensors: dict[str, torch.Tensor] = {}
-    for name, value in model_state.items():
-        if not isinstance(value, torch.Tensor):
-            raise aiockpt.ConversionError(
-                f"the model's state holds {name!r} = {type(value).__name__}, which the "
-                "Trainer's weights file cannot hold",
-                hint="resume this model with aiockpt.Checkpointer.restore() instead",
-            )
-        if value.numel():
-            storage = value.untyped_storage().data_ptr()
-            if storage in seen:
-                value = value.clone()
-            seen.add(storage)
-        tensors[name] = value.contiguous()
-    return tensors
 
 
 def _trainer_rng_state(saved: dict[str, Any]) -> dict[str, Any]:

@@ -221,6 +221,7 @@ def test_a_prepared_resume_not_passed_to_train(tmp_path: Path) -> None:
     with pytest.raises(aiockpt.UsageError, match="resume_from_checkpoint"):
         trainer.train()
     assert trainer.state.global_step == 0
+    assert not (tmp_path / "out" / "aiockpt-resume").exists()
 
 
 def test_settings_it_cannot_serve_are_refused_before_training(tmp_path: Path) -> None:
@@ -235,6 +236,18 @@ def test_settings_it_cannot_serve_are_refused_before_training(tmp_path: Path) ->
     with pytest.raises(aiockpt.UsageError, match="load_best_model_at_end"):
         trainer.train()
     assert trainer.state.global_step == 0
+    assert not aiockpt.list_checkpoints(tmp_path / "ckpt")
+
+
+def test_no_save_strategy_is_said_out_loud(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = checkpoint_config(tmp_path, interval_steps=5)
+    trainer = make_trainer(tmp_path, [AiockptCallback(config)], save_strategy="no", max_steps=2)
+    with caplog.at_level("WARNING", logger="aiockpt"):
+        trainer.train()
+    assert "takes no checkpoint" in caplog.text
+    assert "interval_steps is not used" in caplog.text
     assert not aiockpt.list_checkpoints(tmp_path / "ckpt")
 
 
