@@ -8,6 +8,9 @@ same final weights. The Trainer writes no checkpoint of its own.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +74,17 @@ class StopAt(transformers.TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             control.should_training_stop = True
+
+
+class KillAt(transformers.TrainerCallback):
+    """SIGKILLs its own process after a given step, checkpoints in flight or not."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def make_trainer(tmp_path: Path, callbacks: list[Any], **overrides: Any) -> transformers.Trainer:
@@ -254,3 +268,38 @@ def test_no_save_strategy_is_said_out_loud(
 def test_a_config_of_the_wrong_type() -> None:
     with pytest.raises(aiockpt.ConfigError, match="AiockptCallback"):
         AiockptCallback(42)  # type: ignore[arg-type]
+
+
+KILL_AT = 10
+
+
+def train_until_killed(root: str) -> None:
+    """In a process of its own: train with checkpoints until SIGKILL after step KILL_AT."""
+    torch.set_num_threads(1)  # as in the test process: the same arithmetic
+    tmp_path = Path(root)
+    callbacks = [AiockptCallback(checkpoint_config(tmp_path)), KillAt(KILL_AT)]
+    make_trainer(tmp_path, callbacks).train()
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_of_the_training_process(tmp_path: Path) -> None:
+    whole = train_uninterrupted(tmp_path)
+    here = Path(__file__).resolve().parent
+    code = (
+        f"import sys; sys.path.insert(0, {str(here)!r}); import test_transformers as t; "
+        f"t.train_until_killed({str(tmp_path)!r})"
+    )
+    python_path = os.pathsep.join([str(here.parents[1]), os.environ.get("PYTHONPATH", "")])
+    child = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": python_path},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    losses, final = resume(tmp_path, checkpoint_config(tmp_path))
+    # Step 8's checkpoint may or may not have been durable when the process died.
+    start = min(losses) - 1
+    assert start in (4, 8)
+    assert_same_run(whole, losses, final, start)
