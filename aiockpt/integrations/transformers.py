@@ -109,7 +109,9 @@ class AiockptCallback(TrainerCallback):
         # The step whose save the Trainer asked for, captured at the next step, epoch or
         # the end of training: by then the Trainer has logged and evaluated (evaluation
         # draws from the global generator, and ReduceLROnPlateau steps on its metric),
-        # which is the state its own save would have held.
+        # which is the state its own save would have held. The next step's batches are
+        # fetched by then too, as on resume, where the Trainer fetches them before it puts
+        # the generators back.
         self._due: int | None = None
         # The step and directory that resume_point() prepared, until training restores it.
         self._resume: tuple[int, Path] | None = None

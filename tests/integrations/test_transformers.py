@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -77,14 +78,20 @@ class StopAt(transformers.TrainerCallback):
 
 
 class KillAt(transformers.TrainerCallback):
-    """SIGKILLs its own process after a given step, checkpoints in flight or not."""
+    """SIGKILLs its own process after a given step, checkpoints in flight or not, once the
+    checkpoint of step ``durable`` is committed (so that there is one to resume from)."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, durable: int, directory: Path) -> None:
+        self.step, self.durable, self.directory = step, durable, directory
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
+        if state.global_step != self.step:
+            return
+        for _ in range(6000):  # a minute at most, on a loaded machine
+            if self.durable in [i.step for i in aiockpt.list_checkpoints(self.directory)]:
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(0.01)
+        raise AssertionError(f"step {self.durable} never committed")
 
 
 def make_trainer(tmp_path: Path, callbacks: list[Any], **overrides: Any) -> transformers.Trainer:
@@ -131,7 +138,7 @@ def weights(trainer: transformers.Trainer) -> dict[str, torch.Tensor]:
 
 def train_uninterrupted(tmp_path: Path, **overrides: Any) -> tuple[dict[int, float], dict]:
     losses = LossPerStep()
-    trainer = make_trainer(tmp_path / "whole", [losses], save_strategy="no", **overrides)
+    trainer = make_trainer(tmp_path / "whole", [losses], **{**overrides, "save_strategy": "no"})
     trainer.train()
     return losses.losses, weights(trainer)
 
@@ -180,8 +187,8 @@ EVAL_AND_ACCUMULATION = {
 
 @pytest.mark.parametrize(
     ("stop", "overrides"),
-    [(8, {}), (12, {}), (8, EVAL_AND_ACCUMULATION)],
-    ids=["mid-epoch", "epoch-boundary", "eval-and-accumulation"],
+    [(8, {}), (12, {}), (8, EVAL_AND_ACCUMULATION), (12, {"save_strategy": "epoch"})],
+    ids=["mid-epoch", "epoch-boundary", "eval-and-accumulation", "save-every-epoch"],
 )
 def test_resume_continues_bit_for_bit(tmp_path: Path, stop: int, overrides: dict) -> None:
     whole = train_uninterrupted(tmp_path, **overrides)
@@ -277,7 +284,8 @@ def train_until_killed(root: str) -> None:
     """In a process of its own: train with checkpoints until SIGKILL after step KILL_AT."""
     torch.set_num_threads(1)  # as in the test process: the same arithmetic
     tmp_path = Path(root)
-    callbacks = [AiockptCallback(checkpoint_config(tmp_path)), KillAt(KILL_AT)]
+    config = checkpoint_config(tmp_path)
+    callbacks = [AiockptCallback(config), KillAt(KILL_AT, SAVE_STEPS, config.directory)]
     make_trainer(tmp_path, callbacks).train()
 
 
