@@ -30,7 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ImportError as exc:  # the extra is optional: say which one
+    raise ImportError(
+        "aiockpt.integrations.transformers needs transformers and accelerate: "
+        "pip install 'aiockpt[transformers]'"
+    ) from exc
 
 import aiockpt
 from aiockpt.cli.convert import export_checkpoint
@@ -187,11 +194,20 @@ class AiockptCallback(TrainerCallback):
     def on_init_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        """Keep the Trainer's arguments, for resume_point()."""
         self._args = args
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        """Open a checkpointer on the Trainer's objects; restore the optimizer, scheduler
+        and grad scaler of the checkpoint that resume_point() prepared.
+
+        Raises:
+            UsageError: a setting the callback cannot serve, or a prepared resume that was
+                not passed to ``trainer.train(resume_from_checkpoint=...)``.
+            RestoreError: the prepared checkpoint can no longer be read.
+        """
         self._args = args
         _check_supported(args)
         config = self._config_for(args)
@@ -234,11 +250,13 @@ class AiockptCallback(TrainerCallback):
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        """Capture the checkpoint the last step's save asked for."""
         self._capture_due(state)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        """Take over the save the Trainer's flow asks for at this step."""
         # The Trainer has read the generators' file by the end of the first step.
         self._drop_resume_directory()
         self._take_over_save(state, control)
@@ -246,16 +264,24 @@ class AiockptCallback(TrainerCallback):
     def on_epoch_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        """Capture the checkpoint the last epoch's save asked for."""
         self._capture_due(state)
 
     def on_epoch_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        """Take over the save the Trainer's flow asks for at the end of the epoch."""
         self._take_over_save(state, control)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        """Capture the last checkpoint asked for, wait until every one is durable, and close.
+
+        Raises:
+            BackgroundError: a checkpoint failed in the background; ``__cause__`` holds the
+                original exception, and the checkpoints before it are intact.
+        """
         self._capture_due(state)
         self._drop_resume_directory()  # when no step was left to train
         checkpointer, self._checkpointer = self._checkpointer, None
