@@ -151,6 +151,8 @@ class AiockptCallback(TrainerCallback):
                 cannot serve (``load_best_model_at_end``, several processes, ...).
             CorruptCheckpointError: every checkpoint fails its checks (each is named).
             MissingStateError: a checkpoint that this callback did not write.
+            ConversionError: the model holds a dtype that the Trainer's weights file
+                (safetensors) has no name for.
             RestoreError: the resume directory could not be written.
         """
         if self._args is None:
