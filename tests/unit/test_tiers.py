@@ -410,3 +410,25 @@ def test_memory_tier_keeps_its_files_in_ram(tmp_path: Path, shm_cleanup: list[Pa
         ckpt.checkpoint(1).wait()
         assert os.statvfs(location).f_fsid == os.statvfs("/dev/shm").f_fsid
         assert step_dirs(location) == [1]
+
+
+def test_the_trainer_checkpoints_at_the_memory_interval_too(tmp_path: Path):
+    config = tiered(
+        tmp_path,
+        interval_steps=4,
+        keep_last=None,
+        memory={"directory": str(tmp_path / "shm"), "interval_steps": 2, "keep_last": 10},
+    )
+    model = torch.nn.Linear(3, 1)
+
+    def loss_fn(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return model(batch).square().mean()
+
+    with aiockpt.SyncTrainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, config=config
+    ) as trainer:
+        for _ in range(8):
+            trainer.train_step(torch.randn(4, 3))
+        trainer.wait()
+        assert step_dirs(tmp_path / "shm") == [2, 4, 6, 8]
+        assert step_dirs(tmp_path / "primary") == [4, 8]
