@@ -314,10 +314,12 @@ class TierSet:
                     self._release(plan, index, failed=True)
                     raise
                 self._committed(target, plan.step)
+                # Retention of the target before its next copy's turn, so the two never
+                # change its directory at once; the source's once this copy let go of it.
+                await self._retain(target)
                 self._release(plan, index)
                 await self._notify()
                 await self._retain(source)
-                await self._retain(target)
                 if target.name == PRIMARY or index == len(plan.chain) - 2:
                     result = final
             return result

@@ -432,3 +432,25 @@ def test_the_trainer_checkpoints_at_the_memory_interval_too(tmp_path: Path):
         trainer.wait()
         assert step_dirs(tmp_path / "shm") == [2, 4, 6, 8]
         assert step_dirs(tmp_path / "primary") == [4, 8]
+
+
+@pytest.mark.parametrize("use_monitor", [True, False])
+def test_async_checkpointer_on_either_loop(tmp_path: Path, use_monitor: bool):
+    config = tiered(tmp_path, interval_steps=2, use_monitor=use_monitor)
+    model = MixedModel()
+
+    async def session() -> tuple[int | None, dict[str, Any]]:
+        async with aiockpt.Checkpointer(config, model=model) as ckpt:
+            for step in range(1, 4):
+                train_one(model)
+                handle = await ckpt.checkpoint(step)
+            info = await handle
+            assert info is not None and info.path == tmp_path / "shm" / "step-3"
+            expected = clone_state(model.state_dict())
+            train_one(model)
+            return await ckpt.restore(), expected
+
+    step, expected = asyncio.run(session())
+    assert step == 3
+    assert_state_equal(model.state_dict(), expected)
+    assert step_dirs(tmp_path / "primary") == [2]
