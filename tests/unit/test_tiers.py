@@ -454,3 +454,60 @@ def test_async_checkpointer_on_either_loop(tmp_path: Path, use_monitor: bool):
     assert step == 3
     assert_state_equal(model.state_dict(), expected)
     assert step_dirs(tmp_path / "primary") == [2]
+
+
+def test_a_full_block_queue_waits_for_a_place(tmp_path: Path):
+    config = tiered(
+        tmp_path,
+        remote={"url": str(tmp_path / "remote"), "max_pending": 1, "on_backpressure": "block"},
+    )
+    tiers = tier_set(config)
+
+    async def bridge(coro: Any) -> Any:
+        return await coro
+
+    async def scenario() -> list[str]:
+        first = await tiers.plan(1, bridge)
+        waiting = asyncio.ensure_future(tiers.plan(2, bridge))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert not waiting.done()  # the remote tier's one place is taken
+        await tiers.abandon(first)
+        second = await waiting
+        await tiers.abandon(second)
+        return [t.name for t in second.chain]
+
+    try:
+        assert asyncio.run(scenario()) == ["memory", "primary", "remote"]
+        assert tiers.stats.tiers["remote"].skipped == 0
+    finally:
+        tiers.close()
+
+
+def test_trainer_resume_takes_the_memory_tiers_newer_step(tmp_path: Path):
+    config = tiered(
+        tmp_path,
+        interval_steps=4,
+        memory={"directory": str(tmp_path / "shm"), "interval_steps": 2, "keep_last": 2},
+    )
+
+    def loss_fn(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return model(batch).square().mean()
+
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 3) for _ in range(6)]
+    model = torch.nn.Linear(3, 1)
+    with aiockpt.SyncTrainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, config=config
+    ) as trainer:
+        for batch in batches:
+            trainer.train_step(batch)
+        expected = clone_state(model.state_dict())
+    assert step_dirs(tmp_path / "primary") == [4]
+    fresh = torch.nn.Linear(3, 1)
+    with aiockpt.SyncTrainer(
+        fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), loss_fn, config=config
+    ) as trainer:
+        assert trainer.resume() == 6
+        assert trainer.checkpointer.stats.last_restore_tier == "memory"
+    assert_state_equal(fresh.state_dict(), expected)
