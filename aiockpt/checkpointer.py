@@ -254,6 +254,8 @@ class Checkpointer(_FrontEnd):
         """Capture the state now and persist it in the background.
 
         Returns once the snapshot is exact (training may change tensors right after).
+        With a memory or remote tier configured, the checkpoint goes to each tier whose
+        ``interval_steps`` divides ``step`` (README, "Tiers").
 
         Args:
             step: the training step, a non-negative int; it names the checkpoint.
@@ -405,7 +407,9 @@ class SyncCheckpointer(_FrontEnd):
         """Capture the state now and persist it in the background.
 
         Returns once the snapshot is exact (training may change tensors right after);
-        with ``use_monitor = false``, once the checkpoint is durable.
+        with ``use_monitor = false``, once the checkpoint is durable. With a memory or
+        remote tier configured, the checkpoint goes to each tier whose ``interval_steps``
+        divides ``step`` (README, "Tiers").
 
         Args:
             step: the training step, a non-negative int; it names the checkpoint.

@@ -121,6 +121,8 @@ class TierSet:
                     str(location),
                     config.memory.interval_steps,
                     config.memory.keep_last,
+                    # The entry tier takes no copies: the pipeline's admission (max_async
+                    # in flight) is its queue.
                     config.max_async,
                     block=True,
                 )
