@@ -113,7 +113,7 @@ class TierSet:
                 # durable = False: fsync keeps nothing more on tmpfs, which a crash of the
                 # machine empties anyway; the rename commit is what a process crash needs.
                 store = open_storage(location, durable=False)
-                store.open()
+                _open_tier(store, "memory.directory", location)
                 opened.append(store)
                 self._add(
                     MEMORY,
@@ -139,7 +139,7 @@ class TierSet:
                 remote = config.remote
                 assert remote.url is not None  # RemoteTier refuses a missing url
                 store = open_storage(remote.url, durable=config.durable)
-                store.open()
+                _open_tier(store, "remote.url", remote.url)
                 opened.append(store)
                 self._add(
                     REMOTE,
@@ -503,6 +503,18 @@ class TierSet:
         for store in self._own:
             store.close()
         self._copiers.shutdown(wait=True)
+
+
+def _open_tier(store: CheckpointStorage, key: str, location: object) -> None:
+    """Take a tier's writer lock; a location that cannot be made is a ConfigError."""
+    try:
+        store.open()
+    except OSError as exc:
+        raise ConfigError(
+            f"{key}: the tier's directory {location} cannot be made or opened "
+            f"({exc.strerror or exc}); set {key} to a directory this process can write"
+            + (" (a tmpfs such as /dev/shm)" if key.startswith("memory") else "")
+        ) from exc
 
 
 def memory_directory(config: Config) -> Path:

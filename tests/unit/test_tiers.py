@@ -511,3 +511,16 @@ def test_trainer_resume_takes_the_memory_tiers_newer_step(tmp_path: Path):
         assert trainer.resume() == 6
         assert trainer.checkpointer.stats.last_restore_tier == "memory"
     assert_state_equal(fresh.state_dict(), expected)
+
+
+@pytest.mark.parametrize("table", ["memory", "remote"])
+def test_a_tier_location_that_cannot_be_made_is_a_config_error(tmp_path: Path, table: str):
+    bad = "/proc/aiockpt-no-such/tier"  # /proc takes no new directories, even from root
+    tier = {"directory": bad} if table == "memory" else {"url": bad}
+    config = aiockpt.Config(directory=tmp_path / "primary", **{table: tier})
+    key = "memory.directory" if table == "memory" else "remote.url"
+    with pytest.raises(aiockpt.ConfigError, match=f"{key}: the tier's directory {bad}"):
+        aiockpt.SyncCheckpointer(config, model=MixedModel())
+    # Nothing was left holding the primary: a checkpointer without the tier opens it.
+    with aiockpt.SyncCheckpointer(aiockpt.Config(directory=tmp_path / "primary"), m=MixedModel()):
+        pass
