@@ -83,6 +83,43 @@ class Tier:
         return self.interval_steps is None or step % self.interval_steps == 0
 
 
+class _CopyBuffers:
+    """Page-aligned buffers for the copier threads, kept between copies.
+
+    A fresh anonymous mapping is paid for page by page as it is first written: measured
+    on a VM, reading 256 MiB into a new one took 0.6-1.5 s and into a reused one
+    0.06-0.16 s. So each buffer is kept (at most one per copier thread, each as large as
+    the largest data file copied), and page alignment lets a durable target write it with
+    direct I/O.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[mmap.mmap] = []
+
+    def take(self, nbytes: int) -> mmap.mmap:
+        padded = max(-(-nbytes // _PAGE) * _PAGE, _PAGE)
+        with self._lock:
+            fitting = [b for b in self._free if len(b) >= padded]
+            if fitting:
+                buffer = min(fitting, key=len)
+                self._free.remove(buffer)
+                return buffer
+            if self._free:  # too small: replaced, so the pool never outgrows the threads
+                self._free.pop().close()
+        return mmap.mmap(-1, padded)
+
+    def give_back(self, buffer: mmap.mmap) -> None:
+        with self._lock:
+            self._free.append(buffer)
+
+    def release(self) -> None:
+        with self._lock:
+            for buffer in self._free:
+                buffer.close()
+            self._free.clear()
+
+
 @dataclass(eq=False)
 class Plan:
     """The tiers one checkpoint goes to, in order, and the turn it holds in each."""
@@ -105,6 +142,7 @@ class TierSet:
         self._changed: asyncio.Condition | None = None
         self._outstanding = 0
         self._copiers = ThreadPoolExecutor(_COPY_THREADS, thread_name_prefix="aiockpt-promote")
+        self._buffers = _CopyBuffers()
         self.tiers: list[Tier] = []
         opened: list[CheckpointStorage] = []
         try:
@@ -379,8 +417,8 @@ class TierSet:
             raise
         return final
 
-    @staticmethod
     def _copy_file(
+        self,
         source: Tier,
         checkpoint: Path,
         record: FileRecord,
@@ -392,9 +430,7 @@ class TierSet:
         the manifest's on the bytes written (so a copy never commits what a reader would
         refuse, and a corrupt source fails the copy instead of spreading)."""
         file = open_data_file(checkpoint, record, source.store)
-        padded = max(-(-record.nbytes // _PAGE) * _PAGE, _PAGE)
-        # Page-aligned, so that a durable target writes it with direct I/O.
-        buffer = mmap.mmap(-1, padded)
+        buffer = self._buffers.take(record.nbytes)
         view = memoryview(buffer)
         try:
             try:
@@ -419,7 +455,7 @@ class TierSet:
                     )
         finally:
             view.release()
-            buffer.close()
+            self._buffers.give_back(buffer)
 
     async def _retain(self, tier: Tier) -> None:
         if tier.keep_last is None:
@@ -503,6 +539,7 @@ class TierSet:
         for store in self._own:
             store.close()
         self._copiers.shutdown(wait=True)
+        self._buffers.release()
 
 
 def _open_tier(store: CheckpointStorage, key: str, location: object) -> None:
