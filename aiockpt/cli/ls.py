@@ -154,6 +154,8 @@ def render_tiers(report: dict[str, Any]) -> None:
     console = stdout_console()
     render(report)
     for tier in report["tiers"]:
+        if tier["derived"] and not tier["exists"]:
+            continue  # a run without a memory tier: nothing to say about one
         derived = " (derived from the primary directory)" if tier["derived"] else ""
         console.print(f"\n[bold]{tier['tier']} tier[/bold]{derived}:")
         if not tier["exists"]:

@@ -524,3 +524,15 @@ def test_a_tier_location_that_cannot_be_made_is_a_config_error(tmp_path: Path, t
     # Nothing was left holding the primary: a checkpointer without the tier opens it.
     with aiockpt.SyncCheckpointer(aiockpt.Config(directory=tmp_path / "primary"), m=MixedModel()):
         pass
+
+
+def test_ls_of_a_run_without_tiers_says_nothing_of_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    with aiockpt.SyncCheckpointer(aiockpt.Config(directory=tmp_path / "p"), m=MixedModel()) as c:
+        c.checkpoint(1)
+    code, out, _ = run_cli(capsys, "ls", tmp_path / "p")
+    assert code == 0 and "memory tier" not in out and "/dev/shm" not in out
+    code, out, _ = run_cli(capsys, "ls", tmp_path / "p", "--json")
+    (memory,) = json.loads(out)["tiers"]
+    assert memory["tier"] == "memory" and not memory["exists"] and memory["steps"] == []
