@@ -7,7 +7,7 @@ moves it GPU -> pinned host memory -> files in the background and commits it ato
 from ._engine.reader import load
 from ._version import __version__
 from .checkpointer import Checkpointer, CheckpointHandle, SyncCheckpointer, SyncCheckpointHandle
-from .config import Config
+from .config import Config, MemoryTier, RemoteTier
 from .distributed.sharding import Replicated
 from .errors import (
     AiockptError,
@@ -27,7 +27,7 @@ from .errors import (
     UsageError,
     WorldSizeError,
 )
-from .metrics import CheckpointMetrics, ChunkSpan, LayoutSummary, StagingSummary
+from .metrics import CheckpointMetrics, ChunkSpan, LayoutSummary, StagingSummary, TierStats
 from .stateful import RNGState, Stateful
 from .storage.local import CheckpointInfo, list_checkpoints
 from .training.policy import (
@@ -67,9 +67,11 @@ __all__ = [
     "IntervalPolicy",
     "MissingStateError",
     "LayoutSummary",
+    "MemoryTier",
     "Never",
     "NoCheckpointError",
     "RNGState",
+    "RemoteTier",
     "Replicated",
     "RestoreError",
     "ResumableSampler",
@@ -79,6 +81,7 @@ __all__ = [
     "SyncCheckpointHandle",
     "SyncCheckpointer",
     "SyncTrainer",
+    "TierStats",
     "Trainer",
     "UnsupportedStateError",
     "UsageError",

@@ -23,7 +23,7 @@ from ._engine.core import Core, close, wait
 from ._engine.failures import AnyFuture, FailureLog
 from ._engine.restore import restore
 from ._engine.runtime import CallerLoop, MonitorLoop, PrivateLoop, Runtime
-from ._engine.saver import checkpoint
+from ._engine.tiers import checkpoint_tiers
 from ._util.bridge import Ready, drive
 from ._util.logs import apply_config_level
 from .config import Config, resolve_config
@@ -254,6 +254,8 @@ class Checkpointer(_FrontEnd):
         """Capture the state now and persist it in the background.
 
         Returns once the snapshot is exact (training may change tensors right after).
+        With a memory or remote tier configured, the checkpoint goes to each tier whose
+        ``interval_steps`` divides ``step`` (README, "Tiers").
 
         Args:
             step: the training step, a non-negative int; it names the checkpoint.
@@ -275,8 +277,8 @@ class Checkpointer(_FrontEnd):
                 way, or (with ``use_monitor = false``) from another event loop.
         """
         with self._callers.entered(self._core.runtime):
-            metrics, future = await checkpoint(
-                self._core.saver, step, block, self._core.runtime.run
+            metrics, future = await checkpoint_tiers(
+                self._core.tiers, self._core.saver, step, block, self._core.runtime.run
             )
         return CheckpointHandle(self._core.failures, step, metrics, future)
 
@@ -405,7 +407,9 @@ class SyncCheckpointer(_FrontEnd):
         """Capture the state now and persist it in the background.
 
         Returns once the snapshot is exact (training may change tensors right after);
-        with ``use_monitor = false``, once the checkpoint is durable.
+        with ``use_monitor = false``, once the checkpoint is durable. With a memory or
+        remote tier configured, the checkpoint goes to each tier whose ``interval_steps``
+        divides ``step`` (README, "Tiers").
 
         Args:
             step: the training step, a non-negative int; it names the checkpoint.
@@ -424,7 +428,10 @@ class SyncCheckpointer(_FrontEnd):
             UnsupportedStateError: a state_dict holds a value aiockpt cannot store; its
                 path is named, and nothing was written.
         """
-        metrics, future = self._call(checkpoint(self._core.saver, step, block, self._bridge))
+        core = self._core
+        metrics, future = self._call(
+            checkpoint_tiers(core.tiers, core.saver, step, block, self._bridge)
+        )
         return SyncCheckpointHandle(self._core.failures, step, metrics, future)
 
     def wait(self) -> None:

@@ -37,6 +37,8 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE_MB",
     "ENV_PREFIX",
     "Config",
+    "MemoryTier",
+    "RemoteTier",
     "add_config_arguments",
     "config_from_arguments",
     "resolve_config",
@@ -87,6 +89,126 @@ def _float(hi: float | None, below: bool = False, optional: bool = False) -> _Ke
 
 
 _BOOL = _Key(bool, "True or False")
+
+
+# -- tiers: [checkpoint.memory] and [checkpoint.remote] ---------------------------------
+# Each sub-key is checked by the spec of the top-level key it mirrors, so that
+# memory.keep_last and keep_last accept the same values and say so the same way.
+@dataclass(frozen=True, kw_only=True)
+class MemoryTier:
+    """The shared-memory tier (``[checkpoint.memory]``, ``Config(memory={...})``).
+
+    Checkpoints in a tmpfs directory: they survive a crash of the training process (not
+    of the machine), and restore prefers them when they are the newest.
+
+    Attributes:
+        directory: the tmpfs directory; None derives ``/dev/shm/aiockpt-<hash>`` from the
+            primary directory, so that a restarted process finds it unconfigured.
+        interval_steps: every checkpoint whose step this divides is kept here (None:
+            every checkpoint).
+        keep_last: checkpoints kept in memory (each costs the state's size in RAM).
+
+    Raises:
+        ConfigError: an unknown sub-key or a bad value, named ``memory.<key>``.
+    """
+
+    directory: Path | None = None
+    interval_steps: int | None = None
+    keep_last: int = 2
+
+    def __post_init__(self) -> None:
+        _check_tier(self, "memory", {"directory": "directory", "interval_steps": "interval_steps"})
+        # Never "none": every checkpoint kept here holds the state's size of RAM.
+        object.__setattr__(self, "keep_last", _check("memory.keep_last", self.keep_last, _int(1)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RemoteTier:
+    """A second, slower tier (``[checkpoint.remote]``, ``Config(remote={...})``), fed by
+    copying committed checkpoints from the primary directory.
+
+    Attributes:
+        url: where its checkpoints go: a path (an NFS mount, another disk) or a URL of a
+            scheme a storage backend serves.
+        interval_steps: the steps whose checkpoints are copied here (None: every one that
+            reaches the primary).
+        keep_last: checkpoints kept there (None keeps all).
+        on_backpressure: when ``max_pending`` copies are queued, a new one is dropped
+            (``"skip"``, so a slow remote never holds training back) or waited for
+            (``"block"``).
+        max_pending: copies queued or running at once.
+
+    Raises:
+        ConfigError: an unknown sub-key, a missing ``url`` or a bad value, named
+            ``remote.<key>``.
+    """
+
+    url: Path | None = None
+    interval_steps: int | None = None
+    keep_last: int | None = 3
+    on_backpressure: str = "skip"
+    max_pending: int = 1
+
+    def __post_init__(self) -> None:
+        if self.url is None:
+            raise ConfigError(
+                "remote.url is missing: give the location the remote tier copies to, "
+                'e.g. remote = {"url": "/mnt/nfs/run-1"} or url = "..." in [checkpoint.remote]'
+            )
+        _check_tier(
+            self,
+            "remote",
+            {
+                "url": "directory",
+                "interval_steps": "interval_steps",
+                "keep_last": "keep_last",
+                "on_backpressure": "on_backpressure",
+            },
+        )
+        pending = _check("remote.max_pending", self.max_pending, _int(1, 64))
+        object.__setattr__(self, "max_pending", pending)
+
+
+_Tier = MemoryTier | RemoteTier
+
+
+def _check_tier(tier: _Tier, table: str, mirrors: dict[str, str]) -> None:
+    for name, key in mirrors.items():
+        value = getattr(tier, name)
+        if name == "directory" and value is None:
+            continue
+        try:
+            checked = _check(f"{table}.{name}", value, _KEYS[key])
+        except ConfigError as exc:
+            if str(exc).startswith(f"{table}."):
+                raise
+            raise ConfigError(f"{table}.{name}: {exc}") from None  # the location's own words
+        object.__setattr__(tier, name, checked)
+
+
+def _tier_from(kind: type[_Tier], table: str, value: object) -> _Tier:
+    """A tier's settings from a dict (Python, or a TOML sub-table) or the dataclass."""
+    if isinstance(value, kind):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"{table} = {_shown(value)} has the wrong type ({type(value).__name__}): expected "
+            f"a table ([checkpoint.{table}] in TOML), a dict, or aiockpt.{kind.__name__}"
+        )
+    names = [f.name for f in dataclasses.fields(kind)]
+    values = dict(value)
+    for key, item in values.items():
+        if key not in names:
+            raise ConfigError(
+                f"unknown key {table}.{key}{_suggest(str(key), names)}; valid keys of "
+                f"[checkpoint.{table}] are: {', '.join(names)}"
+            )
+        optional = key != "directory" and kind.__dataclass_fields__[key].default is None
+        if (optional or key == "keep_last") and isinstance(item, str) and item.lower() == "none":
+            values[key] = None
+    return kind(**values)
+
+
 _KEYS: dict[str, _Key] = {
     "directory": _Key(Path, "a non-empty path (str or os.PathLike) or a file:// URL"),
     "interval_steps": _int(1, optional=True),
@@ -105,16 +227,22 @@ _KEYS: dict[str, _Key] = {
     "durable": _BOOL,
     "verbose": _BOOL,
     "rank_timeout_s": _float(None),
+    "memory": _Key(MemoryTier, "a table of directory, interval_steps, keep_last", optional=True),
+    "remote": _Key(RemoteTier, "a table of url, interval_steps, keep_last, ...", optional=True),
 }
 
 
-def _check(key: str, value: object) -> Any:
-    """Return ``value`` normalised (Path, float) or raise a ConfigError about it."""
-    spec = _KEYS[key]
+def _check(key: str, value: object, spec: _Key | None = None) -> Any:
+    """Return ``value`` normalised (Path, float) or raise a ConfigError about it.
+
+    ``spec`` checks a tier's sub-key (``memory.keep_last``) as the key it mirrors."""
+    spec = _KEYS[key] if spec is None else spec
     if value is None:
         if spec.optional:
             return None
         raise ConfigError(f"{key} = None is not allowed: expected {spec.expected}")
+    if spec.kind in (MemoryTier, RemoteTier):
+        return _tier_from(spec.kind, key, value)
     if spec.kind is Path:
         text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
         if isinstance(text, str) and text and "\0" not in text:
@@ -337,6 +465,10 @@ class Config:
         verbose: log every checkpoint, not only problems.
         rank_timeout_s: under torch.distributed, how long ranks wait for each other to
             agree on a commit (or a restore) before the checkpoint is given up.
+        memory: the shared-memory tier (:class:`MemoryTier`, or a dict of its keys);
+            None: none.
+        remote: a slower tier fed from the primary (:class:`RemoteTier`, or a dict of
+            its keys); None: none.
 
     Raises:
         ConfigError: a key that is unknown, mistyped or out of range (the message names
@@ -361,6 +493,8 @@ class Config:
     durable: bool = True
     verbose: bool = False
     rank_timeout_s: float = 1800.0
+    memory: MemoryTier | None = None
+    remote: RemoteTier | None = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Config:
         # Runs before the generated __init__, whose TypeError for a misspelt keyword
@@ -558,6 +692,13 @@ class Config:
         """
         out: dict[str, object] = {key: getattr(self, key) for key in _KEYS}
         out["directory"] = str(self.directory)
+        for table in ("memory", "remote"):
+            tier = getattr(self, table)
+            if tier is not None:
+                out[table] = {
+                    k: str(v) if isinstance(v, Path) else v
+                    for k, v in dataclasses.asdict(tier).items()
+                }
         return out
 
     def to_toml(self) -> str:
@@ -568,11 +709,20 @@ class Config:
         """
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         lines = ["[checkpoint]"]
+        tables: list[str] = []
         for key, value in self.to_dict().items():
             if value is None and defaults[key] is None:
                 continue  # absent means None already
+            if isinstance(value, dict):  # a tier: its own [checkpoint.<key>] sub-table
+                tables.append(f"\n[checkpoint.{key}]")
+                tables.extend(
+                    f"{k} = {_toml_value('none' if v is None else v)}"
+                    for k, v in value.items()
+                    if v is not None or k == "keep_last"
+                )
+                continue
             lines.append(f"{key} = {_toml_value('none' if value is None else value)}")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + tables) + "\n"
 
 
 def resolve_config(config: object, owner: str) -> Config:
@@ -620,6 +770,8 @@ _MEANING: dict[str, str] = {
     "durable": "fsync files before a checkpoint is committed",
     "verbose": "log every checkpoint",
     "rank_timeout_s": "seconds ranks wait for each other to agree on a commit",
+    "memory": "the shared-memory tier",
+    "remote": "a slower tier fed from the primary",
 }
 _METAVAR = {int: "N", float: "X", Path: "DIR"}
 CONFIG_FILE_FLAG = "config"

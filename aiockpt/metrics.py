@@ -145,6 +145,50 @@ class CheckpointMetrics:
 
 
 @dataclass
+class TierStats:
+    """How one storage tier is doing (``ckpt.stats.tiers["memory"]``, ``["primary"]``,
+    ``["remote"]``), kept only when a memory or remote tier is configured.
+
+    Attributes:
+        name: ``"memory"``, ``"primary"`` or ``"remote"``.
+        location: where its checkpoints are.
+        committed: checkpoints committed there.
+        skipped: checkpoints due there that were dropped because its queue of copies was
+            full (``on_backpressure = "skip"``).
+        failed: copies to it that failed.
+        pending: copies to it queued or running now.
+        last_step: the step it committed last (None: none yet).
+        achieved_interval_steps: the mean step distance between its commits so far, the
+            interval it really keeps (None before its second commit).
+        first_step: the step it committed first (None: none yet).
+    """
+
+    name: str
+    location: str
+    committed: int = 0
+    skipped: int = 0
+    failed: int = 0
+    pending: int = 0
+    last_step: int | None = None
+    achieved_interval_steps: float | None = None
+    first_step: int | None = None
+
+    def record_commit(self, step: int) -> None:
+        """Count a commit of ``step``.
+
+        Args:
+            step: the step committed.
+        """
+        if self.first_step is None:
+            self.first_step = step
+        self.committed += 1
+        self.last_step = step
+        if self.committed > 1:
+            span = step - self.first_step
+            self.achieved_interval_steps = span / (self.committed - 1)
+
+
+@dataclass
 class CheckpointerStats:
     """Running totals of one Checkpointer (``ckpt.stats``).
 
@@ -162,6 +206,10 @@ class CheckpointerStats:
             does not have (they were not loaded).
         last_restore_skipped: the objects a ``restore(strict=False)`` asked for that the
             checkpoint held no state for (they kept their values).
+        tiers: with a memory or remote tier configured, each tier's
+            :class:`TierStats` by name; empty otherwise.
+        last_restore_tier: the tier the last restore read from (None: no tiers, or none
+            restored).
     """
 
     requested: int = 0
@@ -173,6 +221,8 @@ class CheckpointerStats:
     last_restore_missing: dict[str, list[str]] = field(default_factory=dict)
     last_restore_unexpected: dict[str, list[str]] = field(default_factory=dict)
     last_restore_skipped: list[str] = field(default_factory=list)
+    tiers: dict[str, TierStats] = field(default_factory=dict)
+    last_restore_tier: str | None = None
 
 
 @dataclass(frozen=True)

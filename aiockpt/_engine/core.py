@@ -29,6 +29,7 @@ from .pipeline import Pipeline
 from .restore import Restorer
 from .runtime import MonitorLoop, Runtime
 from .saver import Saver
+from .tiers import open_tiers
 
 __all__ = ["Core", "close", "wait"]
 
@@ -74,9 +75,21 @@ class Core:
             lead=self.ranks is None or self.ranks.is_zero,
         )
         self._open_store()
-        self.memory = StagingMemory(max_async=config.max_async)
-        self.pipeline = Pipeline(config, self.store, self.memory, self.ranks)
         self.stats = CheckpointerStats()
+        try:
+            self.tiers = open_tiers(config, self.store, self.stats, ranked=self.ranks is not None)
+        except BaseException:
+            self.store.close()
+            raise
+        self.memory = StagingMemory(max_async=config.max_async)
+        # With tiers, the pipeline writes to the entry tier and the tiers keep retention
+        # (a checkpoint still to be copied out of a tier must not be deleted).
+        self.pipeline = Pipeline(
+            config.replace(keep_last=None) if self.tiers else config,
+            self.tiers.entry.store if self.tiers else self.store,
+            self.memory,
+            self.ranks,
+        )
         self.failures = FailureLog(self.stats, on_error=config.on_error)
         self.saver = Saver(
             config,
@@ -92,6 +105,7 @@ class Core:
         self.restorer = Restorer(
             config, self.objects, self.ranks, self.store, self.memory, self.pipeline, self.stats
         )
+        self.restorer.tiers = self.tiers
         self.pid = os.getpid()
         shutdown.track(self)
 
@@ -123,6 +137,8 @@ class Core:
         self.saver.release()
         self.pipeline.close()
         self.memory.release()
+        if self.tiers is not None:
+            self.tiers.close()
         self.store.close()
         self.runtime.close()
         if self.ranks is not None:
@@ -142,6 +158,8 @@ class Core:
 
 async def wait(core: Core, bridge: Bridge) -> None:
     await bridge(core.pipeline.drain())
+    if core.tiers is not None:
+        await bridge(core.tiers.drain())  # the copies to slower tiers too
     core.failures.raise_failures()
 
 
@@ -150,6 +168,10 @@ async def close(core: Core, bridge: Bridge, cancel: bool) -> None:
         return
     try:
         await bridge(core.pipeline.drain(cancel=cancel))
+        if core.tiers is not None:
+            await bridge(core.tiers.drain())
+            if not cancel:
+                core.tiers.finish()  # frees the memory tier once the primary has caught up
     finally:
         core.close_resources()
     core.failures.raise_failures()

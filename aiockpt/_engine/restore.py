@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,6 +39,9 @@ from .memory import StagingMemory
 from .pipeline import Pipeline
 from .reader import Placement, TensorFilter, read_checkpoint, tensor_filter
 from .reshard import RankSelection, place_shards
+
+if TYPE_CHECKING:
+    from .tiers import TierSet
 
 __all__ = ["RestoreRequest", "Restorer", "restore"]
 
@@ -82,6 +85,8 @@ class Restorer:
         # coordinator thread, in order with the pipeline's own.
         self.pipeline = pipeline
         self.stats = stats
+        # The memory and remote tiers, when configured: restore looks in every tier.
+        self.tiers: TierSet | None = None
 
     def request(
         self, only: Iterable[str] | None, layers: str | None, strict: bool = True
@@ -97,6 +102,9 @@ class Restorer:
 
     # -- which checkpoint ----------------------------------------------------------------
     def candidates(self, step: int | None) -> list[CheckpointInfo]:
+        if self.tiers is not None:
+            found = self.tiers.candidates(step, str(self.config.directory))
+            return [info for _, info in found]
         committed = self.store.list_committed()
         if step is None:
             return committed[::-1]
@@ -371,9 +379,12 @@ async def restore(
     stats.last_restore_missing, stats.last_restore_unexpected = {}, {}
     stats.last_restore_skipped = []
     await bridge(restorer.pipeline.drain())  # what is in flight commits first
+    if restorer.tiers is not None:
+        await bridge(restorer.tiers.drain())
     tried: list[str] = []
     place = restorer.placement(request)  # on the caller's thread, like checkpoint()'s state_dict()
-    for info in await bridge(restorer.agreed_candidates(step)):
+    candidates = await bridge(restorer.agreed_candidates(step))
+    for index, info in enumerate(candidates):
         error: BaseException | None = None
         try:
             state = await bridge(restorer.read(info, request, place))
@@ -383,7 +394,8 @@ async def restore(
         # corrupt file is seen by some ranks alone.
         error = await bridge(restorer.agree_on_read(info, error))
         if isinstance(error, CorruptCheckpointError):
-            if step is not None:
+            # A step asked for may still be read from another tier's copy of it.
+            if step is not None and index == len(candidates) - 1:
                 raise error
             restorer.corrupt(info, error, tried)
             continue
@@ -391,7 +403,11 @@ async def restore(
             raise error
         restorer.apply(state, request)
         # The run goes on from here: its next commit supersedes the steps above this one.
-        restorer.store.resumed_from(info.step)
+        if restorer.tiers is not None:
+            restorer.tiers.resumed_from(info.step)
+            stats.last_restore_tier = restorer.tiers.tier_of(info)
+        else:
+            restorer.store.resumed_from(info.step)
         return info.step
     if tried:
         raise CorruptCheckpointError(

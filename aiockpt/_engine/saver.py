@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -237,11 +238,15 @@ def _aligned_total(flat: FlatState) -> int:
     return sum(-(-t.numel() * t.element_size() // ALIGNMENT) * ALIGNMENT for t in flat.tensors)
 
 
+# Wraps the pipeline's persist coroutine of one checkpoint (the tiers: then copy it on).
+Persist = Callable[[Coroutine[Any, Any, Path | None]], Coroutine[Any, Any, Path | None]]
+
+
 async def checkpoint(
-    saver: Saver, step: int, block: bool | None, bridge: Bridge
+    saver: Saver, step: int, block: bool | None, bridge: Bridge, persist: Persist | None = None
 ) -> tuple[CheckpointMetrics, AnyFuture | None]:
     """Capture ``step`` and hand it to the pipeline; its metrics and its future (None:
-    skipped on backpressure)."""
+    skipped on backpressure). ``persist`` wraps what runs in the background."""
     started = time.perf_counter()
     saver.check_can_checkpoint(step)
     metrics = CheckpointMetrics(step)
@@ -277,7 +282,8 @@ async def checkpoint(
         saver.runtime.submit(saver.pipeline.abandon(admitted))
         raise
     metrics.capture_ms = (time.perf_counter() - started) * 1e3
-    future = saver.runtime.submit(_start(saver.pipeline, job))
+    background = _start(saver.pipeline, job)
+    future = saver.runtime.submit(background if persist is None else persist(background))
     saver.failures.started(step, metrics, future)
     return metrics, future
 

@@ -21,13 +21,14 @@ from .._util.console import (
     stdout_console,
 )
 from .._util.location import local_directory
+from .._util.shm import derived_memory_directory
 from ..errors import AiockptError
 from ..storage import open_storage
 from ..storage.local import CheckpointInfo
 from .scan import WriterState, committed_checkpoints, probe_writer, scan_leftovers
 from .verify import verify_checkpoints
 
-__all__ = ["list_directory", "run"]
+__all__ = ["list_directory", "list_tiers", "run"]
 
 
 def _quick_check(info: CheckpointInfo) -> tuple[Manifest | None, list[str]]:
@@ -112,6 +113,57 @@ def list_directory(
     }
 
 
+def list_tiers(
+    root: Path,
+    *,
+    memory_dir: Path | None = None,
+    remote: Path | None = None,
+    verify: bool = False,
+    threads: int = 8,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The ``ls`` report of the primary ``root``, with a ``tiers`` list: the memory tier
+    (``memory_dir``, else the location derived from ``root``) when it exists, and the
+    remote tier when given, each a report of its own plus the steps it holds."""
+    report = list_directory(root, verify=verify, threads=threads, progress=progress)
+    memory = memory_dir if memory_dir is not None else derived_memory_directory(root)
+    tiers = [("memory", memory, memory_dir is None)]
+    if remote is not None:
+        tiers.append(("remote", remote, False))
+    report["tiers"] = []
+    for name, location, derived in tiers:
+        if not location.is_dir():
+            report["tiers"].append(
+                {
+                    "tier": name,
+                    "directory": str(location),
+                    "derived": derived,
+                    "exists": False,
+                    "steps": [],
+                }
+            )
+            continue
+        sub = list_directory(location, verify=verify, threads=threads, progress=progress)
+        sub.update(tier=name, derived=derived, exists=True)
+        sub["steps"] = [row["step"] for row in sub["checkpoints"]]
+        report["tiers"].append(sub)
+    return report
+
+
+def render_tiers(report: dict[str, Any]) -> None:
+    console = stdout_console()
+    render(report)
+    for tier in report["tiers"]:
+        if tier["derived"] and not tier["exists"]:
+            continue  # a run without a memory tier: nothing to say about one
+        derived = " (derived from the primary directory)" if tier["derived"] else ""
+        console.print(f"\n[bold]{tier['tier']} tier[/bold]{derived}:")
+        if not tier["exists"]:
+            console.print(f"{tier['directory']}: nothing there")
+            continue
+        render(tier)
+
+
 def render(report: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -174,8 +226,10 @@ def render(report: dict[str, Any]) -> None:
 
 
 def run(args: Any) -> int:
-    report = list_directory(
+    report = list_tiers(
         local_directory(args.directory),
+        memory_dir=None if args.memory_dir is None else local_directory(args.memory_dir),
+        remote=None if args.remote is None else local_directory(args.remote),
         verify=args.verify,
         threads=args.threads,
         progress=not args.json,
@@ -183,5 +237,7 @@ def run(args: Any) -> int:
     if args.json:
         print_json(report)
     else:
-        render(report)
-    return 1 if any(row["status"] == "corrupt" for row in report["checkpoints"]) else 0
+        render_tiers(report)
+    reports = [report, *(tier for tier in report["tiers"] if tier["exists"])]
+    corrupt = any(row["status"] == "corrupt" for r in reports for row in r["checkpoints"])
+    return 1 if corrupt else 0

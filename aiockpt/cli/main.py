@@ -64,6 +64,11 @@ examples:
   aiockpt ls checkpoints
   aiockpt ls checkpoints --verify          read everything (slow on big checkpoints)
   aiockpt ls checkpoints --json | jq '.checkpoints[].step'
+  aiockpt ls checkpoints --remote /mnt/nfs/run-1   the tiers too
+
+Tiers: the memory tier that a run with [checkpoint.memory] keeps in /dev/shm (its
+location derived from DIR, or --memory-dir) is listed after DIR, with the steps it
+holds; so is the remote tier with --remote.
 
 exit status: 0, or 1 when a listed checkpoint is corrupt. 2 bad usage."""
 
@@ -165,10 +170,18 @@ Without a live writer, prune takes the directory's lock while it works and also 
 the leftovers of a writer that died (.tmp-*, .trash-*). Each checkpoint is renamed to
 .trash-* before it is deleted, so none is ever seen half-deleted.
 
+--memory frees the shared-memory tier of a run with [checkpoint.memory] instead: every
+checkpoint it holds in /dev/shm/aiockpt-<hash> (derived from DIR; --memory-dir for a
+configured one) and the derived directory. A run frees it itself when it closes after
+its last checkpoint reached DIR; one that crashed leaves it for the next run to resume
+from. Refused while a writer holds it, or while it holds a step newer than DIR's newest
+valid checkpoint (a restart would need it), unless --force.
+
 examples:
   aiockpt prune checkpoints --keep-last 3 --dry-run        show the plan, change nothing
   aiockpt prune checkpoints --keep-last 3 --keep-every 1000
   aiockpt prune checkpoints --keep-last 2 --force          a job is running; you are sure
+  aiockpt prune checkpoints --memory                       free the memory tier
 
 {_EXIT_CODES}"""
 
@@ -222,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ls.add_argument("directory", metavar="DIR", help="the checkpoint directory")
     ls.add_argument("--verify", action="store_true", help="check every checksum (reads all)")
+    ls.add_argument(
+        "--memory-dir",
+        metavar="DIR",
+        help="the memory tier's directory, when the config sets one (default: the one "
+        "derived from DIR, /dev/shm/aiockpt-<hash>)",
+    )
+    ls.add_argument("--remote", metavar="URL", help="also list the remote tier at URL")
     add_threads(ls)
     add_json(ls)
 
@@ -305,11 +325,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("directory", metavar="DIR", help="the checkpoint directory")
     prune.add_argument(
-        "--keep-last", type=nonnegative, required=True, metavar="N", help="keep the newest N"
+        "--keep-last",
+        type=nonnegative,
+        metavar="N",
+        help="keep the newest N (required, but with --memory)",
     )
     prune.add_argument(
         "--keep-every", type=int, metavar="M", help="also keep steps that are multiples of M"
     )
+    prune.add_argument(
+        "--memory",
+        action="store_true",
+        help="free DIR's shared-memory tier instead (/dev/shm/aiockpt-<hash>, or --memory-dir)",
+    )
+    prune.add_argument("--memory-dir", metavar="DIR", help="the memory tier's configured directory")
     prune.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     prune.add_argument(
         "--force", action="store_true", help="prune even while a live writer holds the directory"

@@ -19,18 +19,20 @@ Safety rules, in order:
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 from .._util.console import byte_progress, human_bytes, note, print_json, stdout_console
 from .._util.location import local_directory
+from .._util.shm import derived_memory_directory
 from ..errors import DirectoryLockedError, UsageError
 from ..storage import open_storage
 from ..storage.local import CheckpointInfo
 from .scan import Leftover, WriterState, committed_checkpoints, probe_writer, scan_leftovers
 from .verify import verify_checkpoints
 
-__all__ = ["prune", "run"]
+__all__ = ["free_memory_tier", "prune", "run"]
 
 
 def _rules(
@@ -186,6 +188,67 @@ def prune(
     }
 
 
+def free_memory_tier(
+    root: Path,
+    memory_dir: Path | None = None,
+    *,
+    dry_run: bool = False,
+    force: bool = False,
+    threads: int = 8,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Delete every checkpoint of ``root``'s memory tier (and the derived directory).
+
+    Refused (DirectoryLockedError) while a writer holds the tier, and (UsageError) while
+    it holds a step newer than the newest valid checkpoint of ``root``, unless ``force``.
+    """
+    derived = memory_dir is None
+    location = derived_memory_directory(root) if memory_dir is None else memory_dir
+    report: dict[str, Any] = {
+        "directory": str(root),
+        "memory_directory": str(location),
+        "derived": derived,
+        "dry_run": dry_run,
+        "removed": [],
+        "freed_bytes": 0,
+    }
+    if not location.is_dir():
+        return report
+    in_memory = committed_checkpoints(location)
+    report["steps"] = [info.step for info in in_memory]
+    writer = probe_writer(location)
+    if writer.live and not force:
+        raise DirectoryLockedError(
+            f"the memory tier {location} is held by a live training job ({writer.describe()})",
+            hint="it frees the tier itself when it closes after a checkpoint reached "
+            f"{root}; or stop it first",
+        )
+    on_disk = committed_checkpoints(root) if root.is_dir() else []
+    newest_kept, _ = _newest_valid(on_disk, threads, progress)
+    newer = [i.step for i in in_memory if newest_kept is None or i.step > newest_kept]
+    if newer and not force:
+        raise UsageError(
+            f"the memory tier {location} holds step(s) {newer}, newer than the newest valid "
+            f"checkpoint of {root} ({newest_kept}): a restart would resume from them",
+            hint="resume the run (its next checkpoint reaches the disk), or pass --force to "
+            "free the memory anyway",
+        )
+    report["freed_bytes"] = sum(info.nbytes for info in in_memory)
+    if dry_run:
+        return report
+    store = open_storage(location, durable=False)
+    if not writer.live:
+        store.open()
+    try:
+        gone = store.remove_all([info.path for info in in_memory], [])
+        report["removed"] = [info.step for info in in_memory if info.path in gone]
+    finally:
+        store.close()
+    if derived and not writer.live:
+        shutil.rmtree(location, ignore_errors=True)  # the derived directory is all ours
+    return report
+
+
 def render(report: dict[str, Any]) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -230,6 +293,29 @@ def render(report: dict[str, Any]) -> None:
 
 
 def run(args: Any) -> int:
+    if args.memory:
+        memory = free_memory_tier(
+            local_directory(args.directory),
+            None if args.memory_dir is None else local_directory(args.memory_dir),
+            dry_run=args.dry_run,
+            force=args.force,
+            threads=args.threads,
+            progress=not args.json,
+        )
+        if args.json:
+            print_json(memory)
+        else:
+            verb = "would free" if args.dry_run else "freed"
+            stdout_console().print(
+                f"memory tier {memory['memory_directory']}: {verb} "
+                f"{human_bytes(memory['freed_bytes'])} (steps {memory.get('steps', [])})"
+            )
+        return 0
+    if args.keep_last is None:
+        raise UsageError(
+            "prune needs --keep-last N (or --memory to free the memory tier)",
+            hint="e.g. aiockpt prune checkpoints --keep-last 3",
+        )
     report = prune(
         local_directory(args.directory),
         keep_last=args.keep_last,

@@ -50,6 +50,7 @@ from .bench_systems import (
     DcpSystem,
     NoCheckpoint,
     System,
+    TieredSystem,
     TorchSave,
     restore_timed,
     train_round,
@@ -138,6 +139,10 @@ def _systems(
                 systems.append(TorchSave(workload, root / "torch_save"))
             elif name == "dcp":
                 systems.append(DcpSystem(workload, root / "dcp", config.num_threads))
+            elif name == "tiered":
+                for staging in args.staging:
+                    path = root / f"aiockpt-{staging}-tiered"
+                    systems.append(TieredSystem(workload, path, staging, config))
             else:
                 for staging in args.staging:
                     systems.append(

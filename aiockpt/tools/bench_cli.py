@@ -14,6 +14,7 @@ from .presets import PRESETS
 
 __all__ = [
     "CONFIG_KEYS",
+    "DEFAULT_SYSTEMS",
     "DESCRIPTION",
     "EPILOG",
     "STAGINGS",
@@ -26,7 +27,9 @@ DESCRIPTION = (
     "aiockpt, torch.save and DCP side by side in a training run, against this machine's limits."
 )
 
-SYSTEMS = ("none", "torch.save", "dcp", "aiockpt")
+SYSTEMS = ("none", "torch.save", "dcp", "aiockpt", "tiered")
+# What runs without --systems: the tiered system is asked for by name.
+DEFAULT_SYSTEMS = SYSTEMS[:4]
 # The Config keys that bench takes as flags. Not directory (the bench writes into a
 # scratch directory of its own) nor staging (--staging names the aiockpt systems to run).
 CONFIG_KEYS = (
@@ -72,9 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_group = parser.add_argument_group("how to measure")
     run_group.add_argument(
         "--systems",
-        default=",".join(SYSTEMS),
+        default=",".join(DEFAULT_SYSTEMS),
         metavar="LIST",
-        help=f"comma-separated, of {', '.join(SYSTEMS)}",
+        help=f"comma-separated, of {', '.join(SYSTEMS)} (default: all but tiered, aiockpt "
+        "with a shared-memory tier)",
     )
     run_group.add_argument(
         "--steps", type=int, metavar="N", help="training steps per system and round"

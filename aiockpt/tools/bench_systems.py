@@ -11,6 +11,9 @@ documentation recommends:
   next one, as its docs show; two directories take turns, so no deletion runs on the
   training thread;
 - ``aiockpt-<staging>``: a SyncCheckpointer with ``keep_last = 1``.
+- ``aiockpt-<staging>-tiered`` (``--systems tiered``): the same with a shared-memory tier:
+  every checkpoint is written to /dev/shm and every ``TIERED_PRIMARY_EVERY``-th is copied
+  on to the disk, so its restore reads RAM.
 
 The stall of a checkpoint is the time the training thread spent in it: the whole save for
 torch.save, the wait on the previous save plus ``async_save`` for DCP, ``checkpoint()``
@@ -45,6 +48,7 @@ __all__ = [
     "DcpSystem",
     "NoCheckpoint",
     "System",
+    "TieredSystem",
     "TorchSave",
     "drop_page_cache",
     "restore_timed",
@@ -342,6 +346,31 @@ class AiockptSystem(System):
 
     def close(self) -> None:
         self.ckpt.close()
+
+
+# A tiered system copies every this many checkpoints on from memory to the disk.
+TIERED_PRIMARY_EVERY = 5
+
+
+class TieredSystem(AiockptSystem):
+    def __init__(self, workload: Workload, directory: Path, staging: str, config: Config) -> None:
+        tiered = config.replace(memory={"keep_last": 1}, interval_steps=TIERED_PRIMARY_EVERY)
+        super().__init__(workload, directory, staging, tiered)
+        self.name += "-tiered"
+        self.memory = Path(self.ckpt.stats.tiers["memory"].location)
+
+    def discard(self) -> None:
+        super().discard()
+        for info in list_checkpoints(self.memory):
+            shutil.rmtree(info.path, ignore_errors=True)
+
+    def files(self) -> list[Path]:
+        in_memory = [p for info in list_checkpoints(self.memory) for p in info.path.iterdir()]
+        return super().files() + in_memory
+
+    def close(self) -> None:
+        super().close()
+        shutil.rmtree(self.memory, ignore_errors=True)  # the bench's own: nothing to resume
 
 
 def drop_page_cache(paths: Iterable[Path]) -> None:

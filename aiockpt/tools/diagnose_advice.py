@@ -633,6 +633,46 @@ def _memory(m: Measurements, th: Thresholds, h: HostPool) -> list[Finding]:
     return found
 
 
+def _memory_tier(m: Measurements) -> list[Finding]:
+    """Does the memory tier fit in RAM? It holds up to keep_last + in-flight copies of the
+    state in tmpfs pages, which compete with the host pool and training for RAM."""
+    config, mem = m.setup.config, m.memory
+    if config.memory is None or mem.memory_tier_directory is None:
+        return []
+    # keep_last, those in flight, and those still to be copied on to the primary.
+    copies = config.memory.keep_last + 2 * config.max_async
+    need = copies * m.setup.state_bytes
+    numbers: dict[str, Number] = {
+        "memory_tier_bytes": need,
+        "memory_tier_copies": copies,
+        "memory_tier_free_bytes": mem.memory_tier_free_bytes,
+        "available_bytes": mem.available_bytes,
+    }
+    where = mem.memory_tier_directory
+    limits = [
+        (mem.memory_tier_free_bytes, f"free on the tmpfs of {where}"),
+        (None if mem.available_bytes is None else mem.available_bytes - mem.pool_bytes,
+         "of host memory available beside the staging pool"),
+    ]  # fmt: skip
+    held = (
+        f"the memory tier holds up to {copies} checkpoints (keep_last = "
+        f"{config.memory.keep_last} + {2 * config.max_async} in flight or being copied on) "
+        f"x {_size(m.setup.state_bytes)} = {_size(need)}"
+    )
+    for room, what in limits:
+        if room is not None and need > room:
+            fits = max(room // max(m.setup.state_bytes, 1) - 2 * config.max_async, 0)
+            change = (
+                f"memory.keep_last = {fits}"
+                if fits >= 1
+                else "leave out [checkpoint.memory], or give it a directory on a larger tmpfs"
+            )
+            message = f"{held}, more than the {_size(room)} {what}"
+            return [Finding("memory", "memory_tier", message, numbers, change)]
+    message = f"{held}: fits in RAM"
+    return [Finding("memory", "memory_tier_ok", message, numbers)]
+
+
 def analyze(m: Measurements, thresholds: Thresholds | None = None) -> Analysis:
     """Every finding, in the order: frequency, queueing, copy, memory."""
     th = thresholds or Thresholds.for_config(m.setup.config)
@@ -647,5 +687,6 @@ def analyze(m: Measurements, thresholds: Thresholds | None = None) -> Analysis:
             *_queueing(m, th, q, f.backlog or over),
             *_copy(m, th, c, over),
             *_memory(m, th, h),
+            *_memory_tier(m),
         ],
     )

@@ -119,6 +119,9 @@ class Memory:
     gpu_headroom_fraction: float | None = None
     gpu_staging_bytes: int | None = None  # the GPU staging buffer gpu staging needs
     auto_staging: str | None = None  # what staging = "auto" picks on this GPU
+    # The memory tier: where it is, and the space its tmpfs has free (None: no tier).
+    memory_tier_directory: str | None = None
+    memory_tier_free_bytes: int | None = None
 
 
 @dataclass

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import shutil
 import statistics
 import tempfile
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from .._engine.staging import GPU_HEADROOM_FRACTION, choose_staging
+from .._util.shm import derived_memory_directory
 from .._util.stats import median, p99
 from ..checkpointer import SyncCheckpointer, SyncCheckpointHandle
 from ..config import Config
@@ -309,6 +311,9 @@ def measure(
             ckpt.close()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        if config.memory is not None and config.memory.directory is None:
+            # The scratch run's own memory tier, derived from the scratch directory.
+            shutil.rmtree(derived_memory_directory(scratch / "checkpoints"), ignore_errors=True)
         if created:
             with contextlib.suppress(OSError):  # someone else put something there
                 root.rmdir()
@@ -338,6 +343,16 @@ def measure(
     return Measurements(setup, timings, disk, run, memory)
 
 
+def _free_bytes(directory: Path) -> int | None:
+    """Bytes free on the filesystem that holds ``directory`` (its tmpfs, for the memory
+    tier); None when it cannot be looked at."""
+    try:
+        info = os.statvfs(directory)
+    except OSError:
+        return None
+    return info.f_bavail * info.f_frsize
+
+
 def _layout_facts(
     ckpt: SyncCheckpointer,
     workload: Workload,
@@ -363,6 +378,10 @@ def _layout_facts(
         interval_source=source,
     )
     memory = Memory(available_bytes=None, pool_bytes=staging.host_pool_bytes, pinned=staging.pinned)
+    tier = ckpt.stats.tiers.get("memory")
+    if tier is not None:
+        memory.memory_tier_directory = tier.location
+        memory.memory_tier_free_bytes = _free_bytes(Path(tier.location))
     if gpu is not None:
         free, total = gpu
         need = sum(n for d, n in layout.device_bytes.items() if torch.device(d).type == "cuda")

@@ -514,7 +514,8 @@ class AnyOf(BasePolicy):
 
 
 def policy_from_config(config: Any) -> BasePolicy:
-    """The policy that a Config's interval_steps / interval_seconds / max_overhead ask for.
+    """The policy that a Config's interval_steps / interval_seconds / max_overhead ask for,
+    and the memory tier's ``memory.interval_steps``.
 
     Several set: checkpoint when any says so. None set: :class:`Never` (checkpoint
     explicitly with ``trainer.checkpoint()`` or ``enable_checkpoint=True``).
@@ -533,6 +534,11 @@ def policy_from_config(config: Any) -> BasePolicy:
         policies.append(EveryNSeconds(config.interval_seconds))
     if getattr(config, "max_overhead", None) is not None:
         policies.append(AdaptiveOverhead(config.max_overhead))
+    memory = getattr(config, "memory", None)
+    if getattr(memory, "interval_steps", None) is not None:
+        # The memory tier's interval: those checkpoints stay in RAM unless a slower tier
+        # is due at the same step.
+        policies.append(EveryNSteps(memory.interval_steps))  # type: ignore[union-attr]
     if not policies:
         return Never()
     policy = policies[0] if len(policies) == 1 else AnyOf(*policies)

@@ -442,3 +442,22 @@ def test_every_system_on_the_gpu(tmp_path: Path):
     # gradients that zero_grad(set_to_none=True) frees at its end shift it by up to a
     # quarter of the state (parameters' size): a loose bound, not an exact one.
     assert systems["aiockpt-gpu"]["gpu_held_bytes"] >= report["model"]["state_bytes"] // 2
+
+
+def test_tiered_system_restores_from_memory_and_leaves_no_shm(user_module: str, tmp_path: Path):
+    output = tmp_path / "r.json"
+    before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    argv = [
+        "--model", f"{user_module}:build", "--cpu", "--systems", "none,tiered",
+        "--steps", "4", "--checkpoint-interval", "2", "--rounds", "1",
+        "--directory", str(tmp_path / "run"), "--output", str(output), "--json",
+    ]  # fmt: skip
+    assert bench.main(argv) == 0
+    report = json.loads(output.read_text())
+    assert list(report["systems"]) == ["none", "aiockpt-cpu-tiered"]
+    tiered = report["systems"]["aiockpt-cpu-tiered"]
+    assert tiered["summary"]["checkpoints_taken"] == 2
+    memory = report["settings"]["per_system"]["aiockpt-cpu-tiered"]["memory"]
+    assert memory == {"directory": None, "interval_steps": None, "keep_last": 1}
+    if os.path.isdir("/dev/shm"):
+        assert set(os.listdir("/dev/shm")) == before

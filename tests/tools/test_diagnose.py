@@ -429,3 +429,37 @@ def test_help_explains_the_sections(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     for word in ("frequency", "queueing", "copy", "memory", "examples:", "--checkpoint-interval"):
         assert word in out
+
+
+def test_memory_tier_that_fits_in_ram_is_fine() -> None:
+    m = healthy(
+        memory={"keep_last": 2},
+        memory__memory_tier_directory="/dev/shm/aiockpt-x",
+        memory__memory_tier_free_bytes=100_000_000_000,
+    )
+    lines = {f.code: f.line() for f in analyze(m).findings}
+    assert lines["memory_tier_ok"] == (
+        "the memory tier holds up to 6 checkpoints (keep_last = 2 + 4 in flight or being "
+        "copied on) x 4.46 GB = 26.8 GB: fits in RAM"
+    )
+
+
+def test_memory_tier_larger_than_its_tmpfs_is_advice() -> None:
+    m = healthy(
+        memory={"keep_last": 4},
+        memory__memory_tier_directory="/dev/shm/aiockpt-x",
+        memory__memory_tier_free_bytes=30_000_000_000,
+    )
+    finding = advice_of(m)["memory_tier"]
+    assert "8 checkpoints" in finding.message and "35.7 GB" in finding.message
+    assert "free on the tmpfs of /dev/shm/aiockpt-x" in finding.message
+    assert finding.change == "memory.keep_last = 2"  # 30 GB holds 6 states: 4 are in flight
+    tight = healthy(
+        memory={"keep_last": 1},
+        memory__memory_tier_directory="/dev/shm/aiockpt-x",
+        memory__memory_tier_free_bytes=100_000_000_000,
+        memory__available_bytes=20_000_000_000,
+    )
+    finding = advice_of(tight)["memory_tier"]
+    assert "of host memory available beside the staging pool" in finding.message
+    assert finding.change is not None and "leave out [checkpoint.memory]" in finding.change

@@ -79,6 +79,9 @@ WRONG = {
     "durable": ["true", 1.0],
     "verbose": ["no", None],
     "rank_timeout_s": ["30", -1, float("inf"), 10**400],
+    # A tier's sub-keys are named as memory.<key>: tests/unit/test_tiers.py.
+    "memory": [5, "interval_steps=5", [2]],
+    "remote": [True, "/mnt/nfs/run-1"],
 }
 
 
