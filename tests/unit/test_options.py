@@ -169,29 +169,32 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "rank_timeout_s": ("60", 60.0),
 }
 BOOLS = ("use_monitor", "durable", "verbose")
+# Tiers are tables of their own keys: TOML sub-tables or dicts, never one flag's value.
+TABLES = ("memory", "remote")
+FLAG_KEYS = [key for key in _KEYS if key not in TABLES]
 
 
 def all_flags() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t")
-    add_config_arguments(parser, _KEYS)
+    add_config_arguments(parser, FLAG_KEYS)
     return parser
 
 
 def test_every_key_has_a_flag_of_its_type() -> None:
-    assert set(SAMPLES) | set(BOOLS) == set(_KEYS)
+    assert set(SAMPLES) | set(BOOLS) | set(TABLES) == set(_KEYS)
     for key, (text, value) in SAMPLES.items():
         if key == "chunk_size_mb":
             continue  # exclusive with chunk_count, checked below
         args = all_flags().parse_args(["--" + key.replace("_", "-"), text])
-        config = config_from_arguments(args, _KEYS)
+        config = config_from_arguments(args, FLAG_KEYS)
         assert getattr(config, key) == value, key
     for key in BOOLS:
         flag = "--" + key.replace("_", "-")
         for argv, value in (([flag], True), (["--no-" + flag[2:]], False)):
-            config = config_from_arguments(all_flags().parse_args(argv), _KEYS)
+            config = config_from_arguments(all_flags().parse_args(argv), FLAG_KEYS)
             assert getattr(config, key) is value, key
     args = all_flags().parse_args(["--chunk-size-mb", "64"])
-    assert config_from_arguments(args, _KEYS).chunk_size_mb == 64.0
+    assert config_from_arguments(args, FLAG_KEYS).chunk_size_mb == 64.0
 
 
 @pytest.mark.parametrize(
@@ -220,7 +223,7 @@ def test_flag_help_comes_from_the_key(capsys: pytest.CaptureFixture[str]) -> Non
         all_flags().parse_args(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     defaults = Config.from_env(environ={})
-    for key in _KEYS:
+    for key in FLAG_KEYS:
         assert f"Config key {key};" in out, key
     assert (
         f"--max-async N checkpoints in flight at once (Config key max_async; default "
