@@ -22,13 +22,14 @@ from .errors import (
     MissingStateError,
     NoCheckpointError,
     RestoreError,
+    StorageAccessError,
     UnsupportedStateError,
     UsageError,
     WorldSizeError,
 )
 from .metrics import CheckpointMetrics, ChunkSpan, LayoutSummary, StagingSummary
 from .stateful import RNGState, Stateful
-from .storage.local import CheckpointInfo, list_checkpoints
+from .storage import CheckpointInfo, list_checkpoints
 from .training.policy import (
     AdaptiveOverhead,
     AnyOf,
@@ -71,6 +72,7 @@ __all__ = [
     "RNGState",
     "Replicated",
     "RestoreError",
+    "StorageAccessError",
     "ResumableSampler",
     "StagingSummary",
     "Stateful",

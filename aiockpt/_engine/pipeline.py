@@ -25,12 +25,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .._format.manifest import Manifest, manifest_from_layout
+from .._util.location import Location
 from ..config import Config
 from ..distributed.group import RankGroup
 from ..errors import CheckpointError
@@ -169,19 +169,19 @@ class Pipeline:
         return self._write_slots
 
     # -- one checkpoint -------------------------------------------------------------------
-    def start(self, job: Job) -> asyncio.Task[Path | None]:
+    def start(self, job: Job) -> asyncio.Task[Location | None]:
         task = asyncio.get_running_loop().create_task(self._persist(job))
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
         return task
 
-    async def _persist(self, job: Job) -> Path | None:
+    async def _persist(self, job: Job) -> Location | None:
         if self.ranks is not None:
             return await self._persist_ranked(job, self.ranks)
         snapshot, metrics = job.snapshot, job.metrics
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        temporary: Path | None = None
+        temporary: Location | None = None
         try:
             temporary = await self._begin(job)
             manifest = await self._write_chunks(job, temporary)
@@ -207,7 +207,7 @@ class Pipeline:
                 await loop.run_in_executor(self.writers, self.store.abort, temporary)
             await self._finish(job)
 
-    async def _begin(self, job: Job) -> Path:
+    async def _begin(self, job: Job) -> Location:
         snapshot = job.snapshot
         for chunk in snapshot.layout.chunks:
             if chunk.index not in snapshot.admission.host:
@@ -221,7 +221,7 @@ class Pipeline:
             await self.memory.give_back(snapshot.admission.host.values())
             raise
 
-    async def _write_chunks(self, job: Job, temporary: Path) -> Manifest:
+    async def _write_chunks(self, job: Job, temporary: Location) -> Manifest:
         """Copy and write every chunk of ``job``; the manifest of what this process wrote."""
         snapshot, metrics = job.snapshot, job.metrics
         slots = self._semaphore(len(snapshot.layout.chunks))
@@ -262,7 +262,7 @@ class Pipeline:
             layers=job.layers,
         )
 
-    async def _retain(self, final: Path) -> None:
+    async def _retain(self, final: Location) -> None:
         try:
             # On the loop's default executor, where the commit's aiofiles calls run too:
             # deleting old checkpoints must not take writer threads from the next one's
@@ -285,7 +285,7 @@ class Pipeline:
         await self.memory.give_back(gpu=leftover_gpu, finished=True)
 
     # -- many ranks -------------------------------------------------------------------------
-    async def _persist_ranked(self, job: Job, ranks: RankGroup) -> Path | None:
+    async def _persist_ranked(self, job: Job, ranks: RankGroup) -> Location | None:
         """Write this rank's part, then agree with the other ranks; rank 0 commits.
 
         Whatever happens to this rank's part (written, failed, cancelled), it still takes
@@ -295,7 +295,7 @@ class Pipeline:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         part = RankPart(ranks.rank, snapshot.step, FAILED)
-        temporary: Path | None = None
+        temporary: Location | None = None
         error: BaseException | None = None
         try:
             temporary = await self._begin(job)
@@ -318,7 +318,7 @@ class Pipeline:
                 await self._retain(final)
         return final
 
-    async def _vote(self, job: Job, part: RankPart, temporary: Path | None) -> Path | None:
+    async def _vote(self, job: Job, part: RankPart, temporary: Location | None) -> Location | None:
         """Every rank's vote for one checkpoint; its directory once committed, None when a
         rank skipped it. The vote runs to its end even if this task is cancelled."""
         if job.previous_commit is not None:
@@ -343,7 +343,7 @@ class Pipeline:
         self,
         ballot: _Ballot,
         part: RankPart,
-        temporary: Path | None,
+        temporary: Location | None,
         loop: asyncio.AbstractEventLoop,
     ) -> tuple[str, Any]:
         """On the coordinator thread: gather the votes; rank 0 commits (on ``loop``) or
@@ -358,7 +358,7 @@ class Pipeline:
         self,
         ballot: _Ballot,
         parts: list[RankPart],
-        temporary: Path | None,
+        temporary: Location | None,
         loop: asyncio.AbstractEventLoop,
     ) -> tuple[str, Any]:
         failed = [f"rank {p.rank}: {p.error}" for p in parts if p.status == FAILED]
@@ -417,7 +417,7 @@ class Pipeline:
         self,
         job: Job,
         chunk: Chunk,
-        directory: Path,
+        directory: Location,
         slots: asyncio.Semaphore,
         spans: list[ChunkSpan],
     ) -> dict[tuple[int, int], int]:

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .._format.manifest import MAX_STEP
 from .._util.bridge import Bridge
+from .._util.location import Location
 from .._version import __version__
 from ..config import Config
 from ..distributed.group import RankGroup, is_rank_zero
@@ -296,5 +296,5 @@ async def _skip(
     return metrics
 
 
-async def _start(pipeline: Pipeline, job: Job) -> Path | None:
+async def _start(pipeline: Pipeline, job: Job) -> Location | None:
     return await pipeline.start(job)

@@ -7,7 +7,6 @@ parses and passes its own checksum, and every data file has the size the manifes
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from .._engine.reader import read_manifest, validate_checkpoint
@@ -20,11 +19,17 @@ from .._util.console import (
     print_json,
     stdout_console,
 )
-from .._util.location import local_directory
+from .._util.location import Location, storage_location
 from ..errors import AiockptError
 from ..storage import open_storage
 from ..storage.local import CheckpointInfo
-from .scan import WriterState, committed_checkpoints, probe_writer, scan_leftovers
+from .scan import (
+    WriterState,
+    checkpoint_exists,
+    committed_checkpoints,
+    probe_writer,
+    scan_leftovers,
+)
 from .verify import verify_checkpoints
 
 __all__ = ["list_directory", "run"]
@@ -45,7 +50,7 @@ def _quick_check(info: CheckpointInfo) -> tuple[Manifest | None, list[str]]:
 
 
 def list_directory(
-    root: Path, *, verify: bool = False, threads: int = 8, progress: bool = False
+    root: Location, *, verify: bool = False, threads: int = 8, progress: bool = False
 ) -> dict[str, Any]:
     """The ``ls`` report as a JSON-ready dict."""
     committed = committed_checkpoints(root)
@@ -56,7 +61,7 @@ def list_directory(
     for info in committed:
         manifest, problems = _quick_check(info)
         # Renamed away by a live writer's retention while we looked: gone, not corrupt.
-        vanished = bool(problems) and not info.path.exists()
+        vanished = bool(problems) and not checkpoint_exists(info.path)
         rows.append(
             {
                 "step": info.step,
@@ -175,7 +180,7 @@ def render(report: dict[str, Any]) -> None:
 
 def run(args: Any) -> int:
     report = list_directory(
-        local_directory(args.directory),
+        storage_location(args.directory),
         verify=args.verify,
         threads=args.threads,
         progress=not args.json,

@@ -19,11 +19,10 @@ Safety rules, in order:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from .._util.console import byte_progress, human_bytes, note, print_json, stdout_console
-from .._util.location import local_directory
+from .._util.location import Location, storage_location
 from ..errors import DirectoryLockedError, UsageError
 from ..storage import open_storage
 from ..storage.local import CheckpointInfo
@@ -74,7 +73,7 @@ def _leftover_action(left: Leftover, writer: WriterState, committed_steps: set[i
 
 
 def prune(
-    root: Path,
+    root: Location,
     *,
     keep_last: int,
     keep_every: int | None = None,
@@ -231,7 +230,7 @@ def render(report: dict[str, Any]) -> None:
 
 def run(args: Any) -> int:
     report = prune(
-        local_directory(args.directory),
+        storage_location(args.directory),
         keep_last=args.keep_last,
         keep_every=args.keep_every,
         dry_run=args.dry_run,

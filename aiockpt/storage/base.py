@@ -48,8 +48,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import PurePath
 from typing import Protocol, runtime_checkable
+
+from .._util.location import Location
 
 __all__ = ["CheckpointInfo", "CheckpointStorage", "DataFile", "WriterState"]
 
@@ -60,13 +62,14 @@ class CheckpointInfo:
 
     Attributes:
         step: the step it saves.
-        path: where it is, ``<directory>/step-<N>``.
+        path: where it is, ``<directory>/step-<N>`` (a Path, or an ObjectPath for an
+            object store, written as its URL).
         nbytes: the size of its files, in bytes.
         mtime: its modification time (seconds since the epoch).
     """
 
     step: int
-    path: Path
+    path: Location
     nbytes: int
     mtime: float
 
@@ -91,9 +94,11 @@ class WriterState:
 class CheckpointStorage(Protocol):
     """Where one writer's checkpoints live; see the module docstring for the contract."""
 
-    # Local: the checkpoint directory. A checkpoint and a temporary are named by paths
-    # under it, which other backends treat as keys (prefixes) under their location.
-    root: Path
+    # Local: the checkpoint directory (a Path). A checkpoint and a temporary are named by
+    # paths under it, which an object store treats as key prefixes (an ObjectPath).
+    @property
+    def root(self) -> Location: ...
+
     durable: bool
 
     # -- the writer lock -------------------------------------------------------------------
@@ -109,17 +114,17 @@ class CheckpointStorage(Protocol):
         ...
 
     # -- writing one checkpoint ------------------------------------------------------------
-    async def begin(self, step: int, shared: str | None = None) -> Path:
+    async def begin(self, step: int, shared: str | None = None) -> Location:
         """A fresh temporary checkpoint for ``step`` (``shared``: the one all ranks use)."""
         ...
 
-    def shared_temporary(self, step: int, shared: str) -> Path:
+    def shared_temporary(self, step: int, shared: str) -> Location:
         """The temporary that ``begin(step, shared)`` makes, named alike on every rank."""
         ...
 
     def write_chunk(
         self,
-        temporary: Path,
+        temporary: PurePath,
         name: str,
         data: memoryview,
         ranges: Sequence[tuple[int, int]],
@@ -131,14 +136,14 @@ class CheckpointStorage(Protocol):
         up to the next block (direct I/O from pinned memory)."""
         ...
 
-    def make_durable(self, temporary: Path) -> None:
+    def make_durable(self, temporary: PurePath) -> None:
         """Make every file this process wrote into ``temporary`` survive a crash."""
 
-    async def commit(self, temporary: Path, step: int, manifest: bytes) -> Path:
+    async def commit(self, temporary: PurePath, step: int, manifest: bytes) -> Location:
         """Write ``manifest`` last and make ``temporary`` the committed ``step``."""
         ...
 
-    def abort(self, temporary: Path) -> None:
+    def abort(self, temporary: PurePath) -> None:
         """Delete a temporary that will not be committed."""
 
     def resumed_from(self, step: int) -> None:
@@ -150,7 +155,7 @@ class CheckpointStorage(Protocol):
         """Committed checkpoints, oldest first."""
         ...
 
-    def open_file(self, checkpoint: Path, name: str) -> DataFile:
+    def open_file(self, checkpoint: PurePath, name: str) -> DataFile:
         """File ``name`` of ``checkpoint`` (its manifest or a data file), for ranged reads.
 
         Raises FileNotFoundError when it is missing, and another OSError when it is not a
@@ -158,14 +163,14 @@ class CheckpointStorage(Protocol):
         ...
 
     # -- retention and the ``latest`` hint ---------------------------------------------------
-    def retain(self, keep_last: int | None) -> list[Path]:
+    def retain(self, keep_last: int | None) -> list[PurePath]:
         """Delete all but the newest ``keep_last`` committed checkpoints; what went."""
         ...
 
-    def remove(self, checkpoint: Path) -> None:
+    def remove(self, checkpoint: PurePath) -> None:
         """Hide ``checkpoint`` in one step, then delete its data."""
 
-    def remove_all(self, doomed: list[Path], survivors: list[CheckpointInfo]) -> list[Path]:
+    def remove_all(self, doomed: list[PurePath], survivors: list[CheckpointInfo]) -> list[PurePath]:
         """Remove ``doomed`` (those already gone are skipped), first pointing ``latest`` at
         the newest of ``survivors`` or removing it; what was removed."""
         ...

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .._util.console import CliError
+from .._util.location import local_directory
 from ..checkpointer import SyncCheckpointer, SyncCheckpointHandle
 from ..config import Config
 from ..storage.local import list_checkpoints
@@ -328,7 +329,9 @@ class AiockptSystem(System):
             shutil.rmtree(info.path, ignore_errors=True)
 
     def files(self) -> list[Path]:
-        return [p for info in list_checkpoints(self.directory) for p in info.path.iterdir()]
+        # The bench writes to a local directory: every path listed is local.
+        listed = list_checkpoints(self.directory)
+        return [p for info in listed for p in local_directory(info.path).iterdir()]
 
     def restore(self) -> None:
         if self.ckpt.restore() is None:
