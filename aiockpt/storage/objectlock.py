@@ -10,7 +10,9 @@ exactly that stale version (If-Match again), so two successors cannot both win. 
 whose renewal is refused has lost the lock and commits nothing more.
 
 The lease is judged by the store's own clock (the object's last-modified time against a
-fresh write's), so clock skew between machines does not matter.
+fresh write's), so clock skew between machines does not matter. A holder that ran on this
+machine (same boot, same pid namespace) and whose process is gone is taken over at once,
+as a local flock would be released when its process died.
 """
 
 from __future__ import annotations
@@ -44,16 +46,17 @@ logger = logging.getLogger(__name__)
 class LeaseLock:
     """The lock object ``key`` in ``store``, held by this process while ``held``."""
 
-    def __init__(self, store: S3Store, key: str, where: str, lease_s: float = DEFAULT_LEASE_S):
+    def __init__(self, store: S3Store, key: str, where: str, lease_s: float | None = None):
         self.store = store
         self.key = key
         self.where = where
-        self.lease_s = lease_s
+        self.lease_s = DEFAULT_LEASE_S if lease_s is None else lease_s
         self.identity = {
             "host": socket.gethostname(),
+            "machine": _machine(),
             "pid": os.getpid(),
             "token": secrets.token_hex(8),
-            "lease_s": lease_s,
+            "lease_s": self.lease_s,
         }
         self._etag: str | None = None
         self._stop = threading.Event()
@@ -85,7 +88,10 @@ class LeaseLock:
         import obstore
 
         holder, etag, age = self._read()
-        if holder is not None and age is not None and age < self.lease_s:
+        fresh = holder is not None and age is not None and age < self.lease_s
+        if fresh and holder is not None and self._died_here(holder):
+            fresh = False  # its process is gone: no need to wait for the lease to run out
+        if fresh and holder is not None:
             raise DirectoryLockedError(
                 f"{self.where} is being written by another process ({_describe(holder)}, "
                 f"lease renewed {age:.0f} s ago); give each run its own location, or stop "
@@ -102,6 +108,22 @@ class LeaseLock:
                 ) from exc
             raise
         logger.warning("%s: took over the lock of a dead writer (%s)", self.where, holder)
+
+    def _died_here(self, holder: dict[str, Any]) -> bool:
+        """Was the holder a process of this machine (and pid namespace) that is gone?"""
+        pid = holder.get("pid")
+        here = self.identity["machine"]
+        if not here or holder.get("machine") != here or not isinstance(pid, int):
+            return False
+        if pid == os.getpid():
+            return False  # this process holds it (another checkpointer of ours)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False  # alive, under another user
+        return False
 
     def release(self) -> None:
         """Stop renewing and delete the lock object, if it is still this writer's."""
@@ -198,6 +220,18 @@ class LeaseLock:
             return WriterState(False)
         pid = holder.get("pid")
         return WriterState(True, pid if isinstance(pid, int) else None)
+
+
+def _machine() -> str:
+    """This boot of this machine and this pid namespace: a pid means the same process only
+    where all three match (a host name alone repeats across containers)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as file:
+            boot = file.read().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return ""  # not Linux: no takeover before the lease runs out
+    return f"{boot}/{namespace}"
 
 
 def _describe(holder: dict[str, Any]) -> str:

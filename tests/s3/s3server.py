@@ -92,6 +92,19 @@ def s3_client(endpoint: str, **credentials: str):  # type: ignore[no-untyped-def
     )
 
 
+def iam_client(endpoint: str):  # type: ignore[no-untyped-def]
+    """A botocore IAM client of the test server (to make users and keys)."""
+    import botocore.session
+
+    return botocore.session.get_session().create_client(
+        "iam",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=TEST_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=TEST_ENV["AWS_SECRET_ACCESS_KEY"],
+    )
+
+
 def keys(client, bucket: str, prefix: str = "") -> list[str]:  # type: ignore[no-untyped-def]
     """Every key in ``bucket`` under ``prefix``, sorted."""
     found: list[str] = []
