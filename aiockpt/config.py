@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from aiockpt._util.location import Location, storage_location
+from aiockpt._util.location import Location, ObjectPath, storage_location
 from aiockpt._util.text import shown
 from aiockpt.errors import ConfigError
 
@@ -118,9 +118,11 @@ def _check(key: str, value: object) -> Any:
             return None
         raise ConfigError(f"{key} = None is not allowed: expected {spec.expected}")
     if spec.kind is Path:
+        if isinstance(value, ObjectPath):
+            return value  # parsed and checked already (its os.fspath refuses on purpose)
         text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
         if isinstance(text, str) and text and "\0" not in text:
-            return storage_location(value if isinstance(value, (str, Location)) else text)
+            return storage_location(value if isinstance(value, (str, Path)) else text)
         problem = (
             "is empty"
             if text == ""
