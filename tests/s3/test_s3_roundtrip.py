@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -53,3 +56,90 @@ def test_checkpoint_restore_load_and_list(s3_url, bucket, s3_client_):
         assert torch.equal(state["model"][name], value)
     with pytest.raises(aiockpt.NoCheckpointError):
         aiockpt.load(f"{s3_url}/step-1")
+
+
+def test_partial_restore_reads_only_what_is_asked(s3_url):
+    model, extra = _model(0), torch.nn.Linear(4, 4)
+    config = aiockpt.Config(directory=s3_url)
+    with aiockpt.SyncCheckpointer(config, model=model, extra=extra) as ckpt:
+        ckpt.checkpoint(5).wait()
+    fresh, fresh_extra = _model(1), torch.nn.Linear(4, 4)
+    untouched = fresh_extra.weight.detach().clone()
+    with aiockpt.SyncCheckpointer(config, model=fresh, extra=fresh_extra) as ckpt:
+        assert ckpt.restore(only=["model"]) == 5
+    assert _equal(fresh, model)
+    assert torch.equal(fresh_extra.weight, untouched)
+    layer = aiockpt.load(f"{s3_url}/step-5", layers=r"^model/0$")
+    assert set(layer["model"]) == {"0.weight", "0.bias"}
+
+
+def test_trainer_resumes_from_s3(s3_url):
+    def loss_fn(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        return model(batch).square().mean()
+
+    config = aiockpt.Config(directory=s3_url, interval_steps=2, keep_last=2)
+    batches = [torch.randn(4, 16, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    model = _model(0)
+    with aiockpt.SyncTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn,
+                             config=config) as trainer:  # fmt: skip
+        assert trainer.resume() == 0
+        for batch in batches[:4]:
+            trainer.train_step(batch)
+    resumed = _model(1)
+    with aiockpt.SyncTrainer(resumed, torch.optim.SGD(resumed.parameters(), lr=0.1), loss_fn,
+                             config=config) as trainer:  # fmt: skip
+        assert trainer.resume() == 4
+    assert _equal(resumed, model)
+
+
+def test_saving_a_step_again_replaces_it_whole(s3_url, bucket, s3_client_):
+    model = _model(0)
+    config = aiockpt.Config(directory=s3_url)
+    with aiockpt.SyncCheckpointer(config, model=model) as ckpt:
+        ckpt.checkpoint(3).wait()
+        first = [k for k in keys(s3_client_, bucket, "run-1/step-3/") if ".data-" in k]
+        model[0].weight.data += 1
+        ckpt.checkpoint(3).wait()
+    second = [k for k in keys(s3_client_, bucket, "run-1/step-3/") if ".data-" in k]
+    assert first and second and not set(first) & set(second)  # the old attempt's data went
+    state = aiockpt.load(f"{s3_url}/step-3")
+    assert torch.equal(state["model"]["0.weight"], model[0].weight)
+
+
+def test_a_resumed_run_drops_the_steps_it_abandoned(s3_url):
+    model = _model(0)
+    config = aiockpt.Config(directory=s3_url, keep_last=None)
+    with aiockpt.SyncCheckpointer(config, model=model) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.checkpoint(step).wait()
+    with aiockpt.SyncCheckpointer(config, model=model) as ckpt:
+        assert ckpt.restore(step=1) == 1
+        ckpt.checkpoint(2).wait()  # the run goes on from step 1: its old 2 and 3 are gone
+    assert [i.step for i in aiockpt.list_checkpoints(s3_url)] == [1, 2]
+
+
+def test_bad_object_store_urls_are_config_errors():
+    for url, problem in [
+        ("s3://Bad_Bucket/x", "not a bucket name"),
+        ("s3://bucket-1/a/../b", "'..' part"),
+        ("s3://bucket-1/x?versionId=3", "no query"),
+        ("gs://bucket-1/x", "no storage backend serves gs://"),
+    ]:
+        with pytest.raises(aiockpt.ConfigError, match=problem):
+            aiockpt.Config(directory=url)
+
+
+def test_without_the_s3_extra_an_s3_directory_says_what_to_install():
+    # A real interpreter in which obstore cannot be imported (as without the extra).
+    script = (
+        "import sys; sys.modules['obstore'] = None\n"
+        "import aiockpt\n"
+        "try:\n"
+        "    aiockpt.Config(directory='s3://bucket-1/run')\n"
+        "except aiockpt.ConfigError as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert "pip install 'aiockpt[s3]'" in done.stdout
