@@ -53,7 +53,13 @@ from typing import Protocol, runtime_checkable
 
 from .._util.location import Location
 
-__all__ = ["CheckpointInfo", "CheckpointStorage", "DataFile", "WriterState"]
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointStorage",
+    "DataFile",
+    "WriterState",
+    "retention_split",
+]
 
 
 @dataclass(frozen=True)
@@ -196,3 +202,18 @@ class DataFile(Protocol):
         EOFError. Called from several reader threads at once."""
 
     def close(self) -> None: ...
+
+
+def retention_split(
+    committed: list[CheckpointInfo], keep_last: int, last_committed: int | None
+) -> tuple[list[CheckpointInfo], list[CheckpointInfo]]:
+    """(doomed, survivors) of retention over ``committed`` (oldest first), for every backend.
+
+    Only steps up to the writer's last commit count: it is the newest in commit order, so
+    it is never doomed, nor is anything above it (steps this writer did not resume from:
+    nothing newer in commit order may go while they stay). Of those, all but the newest
+    ``keep_last`` are doomed.
+    """
+    mine = [i for i in committed if last_committed is None or i.step <= last_committed]
+    doomed = mine[: max(len(mine) - keep_last, 0)]
+    return doomed, [i for i in committed if i not in doomed]

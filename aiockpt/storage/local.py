@@ -37,7 +37,7 @@ import aiofiles.os
 from .._format.manifest import MANIFEST_NAME, MAX_STEP
 from .._util.location import local_directory
 from ..errors import CheckpointError, ConfigError, DirectoryLockedError
-from .base import CheckpointInfo, WriterState
+from .base import CheckpointInfo, WriterState, retention_split
 from .commitio import create_file, fsync_directory_async, replace_file_atomically
 from .fileio import (
     fsync_directory,
@@ -525,10 +525,7 @@ class CheckpointStore:
         if keep_last is None:
             return []
         committed = list_checkpoints(self.root)
-        last = self._last_committed
-        mine = [i for i in committed if last is None or i.step <= last]
-        doomed = mine[: max(len(mine) - keep_last, 0)]
-        survivors = [i for i in committed if i not in doomed]
+        doomed, survivors = retention_split(committed, keep_last, self._last_committed)
         removed = self.remove_all([info.path for info in doomed], survivors)
         if self._last_committed is not None:
             for entry in os.scandir(self.root):

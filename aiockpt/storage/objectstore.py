@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from .._format.manifest import MANIFEST_NAME
 from .._util.location import ObjectPath
 from ..errors import DirectoryLockedError, StorageAccessError
-from .base import CheckpointInfo, WriterState
+from .base import CheckpointInfo, WriterState, retention_split
 from .fileio import checksum
 from .local import LATEST_NAME, LOCK_NAME, parse_step_dir, step_dir_name
 from .objectlock import LeaseLock
@@ -327,7 +327,7 @@ class ObjectStoreStorage:
             directory = step_dir_name(step)
             size = sum(m["size"] for m in by_step.get(directory, []))
             found.append(
-                CheckpointInfo(step, self.root / directory, size, meta["last_modified"].timestamp())  # type: ignore[arg-type]
+                CheckpointInfo(step, self.root / directory, size, meta["last_modified"].timestamp())
             )
         return sorted(found, key=lambda info: info.step)
 
@@ -372,28 +372,19 @@ class ObjectStoreStorage:
         last commit (never that one, nor anything above it); what went."""
         if keep_last is None:
             return []
-        committed = self.list_committed()
-        last = self._last_committed
-        mine = [i for i in committed if last is None or i.step <= last]
-        doomed = mine[: max(len(mine) - keep_last, 0)]
-        survivors = [i for i in committed if i not in doomed]
+        doomed, survivors = retention_split(self.list_committed(), keep_last, self._last_committed)
         return self.remove_all([info.path for info in doomed], survivors)
 
-    def remove_all(self, doomed: list[Any], survivors: list[CheckpointInfo]) -> list[Any]:
+    def remove_all(self, doomed: list[PurePath], survivors: list[CheckpointInfo]) -> list[PurePath]:
+        """Remove ``doomed``, first pointing ``latest`` at the newest of ``survivors`` (or
+        removing it) unless it names one of them already."""
         if not doomed:
             return []
-        latest = self.latest_name()
-        gone = {path.name for path in doomed}
-        if latest is None or latest in gone:
+        if self.latest_name() not in {info.path.name for info in survivors}:
             self.point_latest(survivors[-1].path.name if survivors else None, force=True)
-        removed = []
         for path in doomed:
-            try:
-                self.remove(path)
-            except FileNotFoundError:
-                continue
-            removed.append(path)
-        return removed
+            self.remove(path)  # one already gone (a live writer's retention) is no error
+        return list(doomed)
 
     def remove(self, checkpoint: PurePath) -> None:
         """Delete the manifest (the checkpoint is gone), then every object under it."""

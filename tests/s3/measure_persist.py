@@ -25,6 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from conftest import Bag
+
 import aiockpt
 from aiockpt._util.location import storage_location
 from aiockpt.storage import objectstore
@@ -74,7 +76,7 @@ def main() -> None:
             directory=url, chunk_size_mb=args.chunk_mib, num_threads=args.threads, keep_last=1
         )
         persist, put = [], []
-        holder = _Holder(state)
+        holder = Bag(state)
         with aiockpt.SyncCheckpointer(config, model=holder) as ckpt:
             for round_ in range(args.rounds + 1):  # round 0 warms up both
                 handle = ckpt.checkpoint(round_)
@@ -91,17 +93,6 @@ def main() -> None:
         print(f"aiockpt persist: {gib / a * 1024:.0f} MiB/s (median of {args.rounds})")
         print(f"raw parallel put: {gib / b * 1024:.0f} MiB/s (median of {args.rounds})")
         print(f"ratio: {b / a:.2f}x")
-
-
-class _Holder:
-    def __init__(self, state: dict[str, torch.Tensor]) -> None:
-        self.state = state
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.state
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.state = state
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from conftest import Bag
 
 import aiockpt
 
@@ -18,17 +19,6 @@ from .faultproxy import FaultPlan, fault_proxy
 from .s3server import keys
 
 CHILD = Path(__file__).with_name("upload_child.py")
-
-
-class _Holder:
-    def __init__(self) -> None:
-        self.state: dict[str, torch.Tensor] = {}
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.state
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.state = state
 
 
 def _uploads(client, bucket: str) -> list[str]:  # type: ignore[no-untyped-def]
@@ -61,7 +51,7 @@ def test_sigkill_mid_upload_keeps_the_previous_checkpoint(s3_env, s3_url, bucket
     assert "run-1/step-2/manifest.json" not in stored
     assert [info.step for info in aiockpt.list_checkpoints(s3_url)] == [1]
 
-    holder = _Holder()
+    holder = Bag()
     config = aiockpt.Config(directory=s3_url, keep_last=None)
     with aiockpt.SyncCheckpointer(config, model=holder) as ckpt:
         # Opening as the next writer deleted the dead one's leftovers.

@@ -7,11 +7,15 @@ Usage: python upload_child.py URL  (endpoint and credentials from the AWS_* vari
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
 import aiockpt
 from aiockpt.storage import objectstore
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import Bag
 
 # Parts of 5 MiB (S3's smallest) so that each 12 MiB data file is a multipart upload.
 objectstore.PART_BYTES = 5 * 2**20
@@ -20,24 +24,12 @@ objectstore.PART_BYTES = 5 * 2**20
 def main(url: str) -> None:
     state = {"weight": torch.full((3 * 2**20,), 1.0)}  # 12 MiB of float32
     config = aiockpt.Config(directory=url, chunk_size_mb=12, keep_last=None)
-    holder = aiockpt.RNGState()
-    with aiockpt.SyncCheckpointer(config, model=_Holder(state), rng=holder) as ckpt:
+    with aiockpt.SyncCheckpointer(config, model=Bag(state)) as ckpt:
         ckpt.checkpoint(1).wait()
         print("committed 1", flush=True)
         state["weight"] = torch.full((6 * 2**20,), 2.0)  # two data files, both multipart
         ckpt.checkpoint(2).wait()
         print("committed 2", flush=True)  # the test kills us before this
-
-
-class _Holder:
-    def __init__(self, state: dict[str, torch.Tensor]) -> None:
-        self.state = state
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.state
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.state = state
 
 
 if __name__ == "__main__":
