@@ -42,12 +42,12 @@ from typing import TYPE_CHECKING, Any
 
 from .._format.manifest import MANIFEST_NAME
 from .._util.location import ObjectPath
-from ..errors import DirectoryLockedError, StorageAccessError
+from ..errors import DirectoryLockedError
 from .base import CheckpointInfo, WriterState, retention_split
 from .fileio import checksum
 from .local import LATEST_NAME, LOCK_NAME, parse_step_dir, step_dir_name
 from .objectlock import LeaseLock
-from .s3client import access_errors, connect, is_missing, is_refused_write
+from .s3client import access_errors, connect, is_missing, is_refused_write, missing_bucket
 
 if TYPE_CHECKING:
     from obstore.store import S3Store
@@ -145,16 +145,8 @@ class ObjectStoreStorage:
     def _list(self, prefix: str) -> list[dict[str, Any]]:
         """Every object under ``prefix`` (a bucket's root when empty)."""
         obstore = _obstore()
-        with access_errors(self.root):
-            try:
-                return list(obstore.list(self.store, prefix=prefix or None).collect())
-            except Exception as exc:
-                if is_missing(exc) or "NoSuchBucket" in str(exc):
-                    raise StorageAccessError(
-                        f"{self.root}: the bucket {self.root.bucket!r} does not exist; create "
-                        "it, or fix the bucket name (and AWS_ENDPOINT_URL)"
-                    ) from exc
-                raise
+        with access_errors(self.root):  # a missing bucket says NoSuchBucket: refused there
+            return list(obstore.list(self.store, prefix=prefix or None).collect())
 
     def _scan(self) -> tuple[dict[int, dict[str, Any]], dict[str, list[dict[str, Any]]]]:
         """(manifest object of each committed step, objects under each step-<N>/)."""
@@ -183,11 +175,8 @@ class ObjectStoreStorage:
             return
         try:
             self._lock.acquire()
-        except FileNotFoundError as exc:
-            raise StorageAccessError(
-                f"{self.root}: the bucket {self.root.bucket!r} does not exist; create it, "
-                "or fix the bucket name (and AWS_ENDPOINT_URL)"
-            ) from exc
+        except FileNotFoundError as exc:  # a PUT answered 404 without saying why
+            raise missing_bucket(self.root, exc) from exc
         try:
             self._recover()
         except BaseException:
@@ -290,17 +279,25 @@ class ObjectStoreStorage:
         attempt = temporary.name.removeprefix(DATA_PREFIX)
         attributes = {"Content-Type": "application/json", DATA_ATTRIBUTE: attempt}
         replaced: str | None = None
-        with access_errors(self.root):
-            try:
-                obstore.put(self.store, key, manifest, mode="create", attributes=attributes)
-            except Exception as exc:
-                if not is_refused_write(exc):
-                    raise
-                # Saving a step again: hide the old copy (its manifest) first, then
-                # create ours; a crash in between leaves the older steps to restore.
-                replaced = self._attempt_of(final)
-                obstore.delete(self.store, key)
-                obstore.put(self.store, key, manifest, mode="create", attributes=attributes)
+        try:
+            with access_errors(self.root):
+                try:
+                    obstore.put(self.store, key, manifest, mode="create", attributes=attributes)
+                except Exception as exc:
+                    if not is_refused_write(exc):
+                        raise
+                    # Saving a step again (or our own create, retried after its answer
+                    # was lost): hide the old copy first, then create ours; a crash in
+                    # between leaves the older steps to restore.
+                    replaced = self._attempt_of(final)
+                    obstore.delete(self.store, key)
+                    obstore.put(self.store, key, manifest, mode="create", attributes=attributes)
+        except BaseException:
+            # The create may have reached the store although its answer did not: the
+            # caller deletes this attempt's data, so a manifest naming it must go first,
+            # or a checkpoint reported as failed would be listed, and refused.
+            self._withdraw(final, attempt)
+            raise
         self._attempts[str(final)] = attempt
         if replaced is not None and replaced != attempt:
             self.abort(final / f"{DATA_PREFIX}{replaced}")
@@ -318,6 +315,15 @@ class ObjectStoreStorage:
                     logger.warning("%s is above the step this run resumed from; deleted", info.path)
                     self.remove(info.path)
         return final
+
+    def _withdraw(self, checkpoint: ObjectPath, attempt: str) -> None:
+        """Delete the manifest of ``checkpoint`` if it names ``attempt`` (best effort)."""
+        try:
+            if self._attempt_of(checkpoint) == attempt:
+                _obstore().delete(self.store, self._key(checkpoint, MANIFEST_NAME))
+        except Exception as exc:  # absent, or the store is unreachable: nothing to add
+            if not is_missing(exc):
+                logger.warning("could not withdraw %s: %s", checkpoint, exc)
 
     # -- reading ----------------------------------------------------------------------------
     def list_committed(self) -> list[CheckpointInfo]:

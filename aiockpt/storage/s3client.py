@@ -29,7 +29,7 @@ from ..errors import ConfigError, StorageAccessError
 if TYPE_CHECKING:
     from obstore.store import S3Store
 
-__all__ = ["access_errors", "connect", "is_missing", "is_refused_write"]
+__all__ = ["access_errors", "connect", "is_missing", "is_refused_write", "missing_bucket"]
 
 # Throttling (503 SlowDown, 429) and 5xx are retried by the client with exponential
 # backoff and jitter; a request still failing after this long is reported.
@@ -124,11 +124,16 @@ def _refusal(location: object, exc: BaseException) -> StorageAccessError | None:
             "session token needs renewing) and that they may read and write this bucket"
         )
     if "NoSuchBucket" in text:
-        return StorageAccessError(
-            f"{location}: the bucket does not exist ({_first_line(text)}); create it, or "
-            "fix the bucket name in the directory URL (and AWS_ENDPOINT_URL)"
-        )
+        return missing_bucket(location, exc)
     return None
+
+
+def missing_bucket(location: object, exc: BaseException) -> StorageAccessError:
+    """The error for a bucket that does not exist."""
+    return StorageAccessError(
+        f"{location}: the bucket does not exist ({_first_line(str(exc))}); create it, or "
+        "fix the bucket name in the directory URL (and AWS_ENDPOINT_URL)"
+    )
 
 
 _CODE = re.compile(r"<Code>([A-Za-z]{1,64})</Code>")

@@ -3,9 +3,10 @@
 Not a test module. Every request is forwarded to the real server unless the fault plan
 says otherwise: ``fail_every=n`` answers every n-th request with the next status of
 ``statuses`` (503 SlowDown, 429, 500 ... with S3's XML error body) without forwarding it,
-so the client must retry; ``delay_s`` holds each request that long first (a slow link,
-so that a process can be killed in the middle of an upload). It listens on 127.0.0.1
-only and stops with its context.
+so the client must retry; ``lose_answer_of`` forwards a PUT and then answers it with a
+failure anyway (the write happened, the answer was lost); ``delay_s`` holds each request
+that long first (a slow link, so that a process can be killed in the middle of an
+upload). It listens on 127.0.0.1 only and stops with its context.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 _REASONS = {
+    403: ("AccessDenied", "Access Denied"),
     429: ("SlowDown", "Please reduce your request rate."),
     500: ("InternalError", "We encountered an internal error. Please try again."),
     503: ("SlowDown", "Please reduce your request rate."),
@@ -34,6 +36,11 @@ class FaultPlan:
     fail_every: int = 0
     statuses: tuple[int, ...] = (503,)
     delay_s: float = 0.0
+    # PUTs whose path ends with this are forwarded, and then answered with
+    # ``lost_status`` instead of the server's answer: a request that reached the store
+    # although its answer never came back.
+    lose_answer_of: str | None = None
+    lost_status: int = 403
     # What happened, for the test to look at.
     requests: int = 0
     injected: list[int] = field(default_factory=list)
@@ -69,16 +76,7 @@ def _handler(upstream: str, plan: FaultPlan) -> type[BaseHTTPRequestHandler]:
                 time.sleep(plan.delay_s)
             status = plan.decide()
             if status is not None:
-                code, message = _REASONS.get(status, ("InternalError", "injected"))
-                payload = (
-                    f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
-                    f"<Message>{message}</Message></Error>"
-                ).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/xml")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                self._fail(status)
                 return
             connection = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
             try:
@@ -86,6 +84,12 @@ def _handler(upstream: str, plan: FaultPlan) -> type[BaseHTTPRequestHandler]:
                 connection.request(self.command, self.path, body=body, headers=headers)
                 response = connection.getresponse()
                 data = response.read()
+                lost = plan.lose_answer_of
+                if self.command == "PUT" and lost and self.path.split("?")[0].endswith(lost):
+                    with plan.lock:
+                        plan.injected.append(plan.lost_status)
+                    self._fail(plan.lost_status)
+                    return
                 self.send_response(response.status)
                 for name, value in response.getheaders():
                     if name.lower() not in _HOP:
@@ -100,6 +104,18 @@ def _handler(upstream: str, plan: FaultPlan) -> type[BaseHTTPRequestHandler]:
                     self.wfile.write(data)
             finally:
                 connection.close()
+
+        def _fail(self, status: int) -> None:
+            code, message = _REASONS.get(status, ("InternalError", "injected"))
+            payload = (
+                f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                f"<Message>{message}</Message></Error>"
+            ).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
 
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
 

@@ -95,3 +95,28 @@ def test_a_dead_writers_lease_runs_out_and_is_taken_over(s3_url, bucket, s3_clie
     with aiockpt.SyncCheckpointer(config, model=_state(0)) as ckpt:
         ckpt.checkpoint(1).wait()
     assert "run-1/step-1/manifest.json" in keys(s3_client_, bucket)
+
+
+def test_a_commit_whose_answer_is_lost_is_withdrawn(
+    s3_env, s3_url, bucket, s3_client_, monkeypatch
+):
+    # The manifest reaches the store, but the writer hears a refusal: it reports the
+    # checkpoint as failed and deletes its data, so the manifest must go too (a listed
+    # checkpoint without data would be one a reader refuses).
+    config = aiockpt.Config(directory=s3_url)
+    model = _state(0)
+    with aiockpt.SyncCheckpointer(config, model=model) as ckpt:
+        ckpt.checkpoint(1).wait()
+    plan = FaultPlan(lose_answer_of="/run-1/step-2/manifest.json")
+    with fault_proxy(s3_env, plan) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy)
+        with (
+            aiockpt.SyncCheckpointer(config, model=model) as ckpt,
+            pytest.raises(aiockpt.CheckpointError) as failure,
+        ):
+            ckpt.checkpoint(2).wait()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env)
+    assert isinstance(failure.value.__cause__, aiockpt.StorageAccessError)
+    assert plan.injected == [403]
+    assert [info.step for info in aiockpt.list_checkpoints(s3_url)] == [1]
+    assert not [k for k in keys(s3_client_, bucket) if k.startswith("run-1/step-2/")]
