@@ -148,7 +148,8 @@ def local_directory(location: str | os.PathLike[str]) -> Path:
     """
     if isinstance(location, ObjectPath) or is_object_location(location):
         raise ConfigError(
-            f"{location}: an object-store location, where this needs a local directory"
+            f"{location}: an object-store location, where a local directory is needed "
+            "(this measures or writes local files); give a local directory here"
         )
     scheme = url_scheme(location)
     if scheme is None:

@@ -97,3 +97,12 @@ def test_prune(capsys, saved, s3_url, bucket, s3_client_):
     remaining = keys(s3_client_, bucket, "run-1/")
     assert not [k for k in remaining if k.startswith(("run-1/step-1/", "run-1/step-2/"))]
     assert "run-1/.aiockpt.lock" not in remaining  # prune gave its lock back
+
+
+def test_bench_refuses_an_object_store_instead_of_making_a_local_folder(
+    capsys, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--directory", "s3://bucket-1/x", "--preset", "tiny"]) == 2
+    assert "local directory" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no folder named "s3:" appeared
