@@ -143,3 +143,13 @@ def test_without_the_s3_extra_an_s3_directory_says_what_to_install():
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True
     )
     assert "pip install 'aiockpt[s3]'" in done.stdout
+
+
+def test_toml_and_environment_take_s3_urls(tmp_path, monkeypatch):
+    toml = tmp_path / "aiockpt.toml"
+    toml.write_text('[checkpoint]\ndirectory = "s3://bucket-1/from-file"\n')
+    assert str(aiockpt.Config.from_toml(toml).directory) == "s3://bucket-1/from-file"
+    monkeypatch.setenv("AIOCKPT_DIRECTORY", "s3://bucket-1/from-env")
+    config = aiockpt.Config.from_toml(toml)
+    assert isinstance(config.directory, ObjectPath)
+    assert config.to_dict()["directory"] == "s3://bucket-1/from-env"
