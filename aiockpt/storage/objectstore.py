@@ -25,8 +25,9 @@ promise (FORMAT.md section 10) by naming instead::
   is dead (the lock says so).
 
 Uploads run on the writer threads, one data file per call, each a multipart upload of
-parts sent concurrently; the client releases the GIL for the whole transfer. Reads are
-ranged GETs of bounded windows straight into the caller's buffers.
+parts sent concurrently straight from the staging buffer; the client releases the GIL for
+the whole transfer. Reads are ranged GETs of bounded windows, each copied into the
+caller's buffer as it arrives.
 """
 
 from __future__ import annotations
