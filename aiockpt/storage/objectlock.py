@@ -88,10 +88,11 @@ class LeaseLock:
         import obstore
 
         holder, etag, age = self._read()
-        fresh = holder is not None and age is not None and age < self.lease_s
+        # Judged by its age alone: a lock object we cannot parse is refused while fresh too.
+        fresh = age is not None and age < self.lease_s
         if fresh and holder is not None and self._died_here(holder):
             fresh = False  # its process is gone: no need to wait for the lease to run out
-        if fresh and holder is not None:
+        if fresh:
             raise DirectoryLockedError(
                 f"{self.where} is being written by another process ({_describe(holder)}, "
                 f"lease renewed {age:.0f} s ago); give each run its own location, or stop "
@@ -157,12 +158,26 @@ class LeaseLock:
                 mode: Any = {"e_tag": self._etag}
                 self._etag = obstore.put(self.store, self.key, self._payload(), mode=mode)["e_tag"]
             except Exception as exc:
+                if is_refused_write(exc) and self._renewed_anyway():
+                    continue  # our own renewal landed, its answer was lost: retried, refused
                 if is_refused_write(exc) or is_missing(exc):
                     self._lost = True
                     logger.error("%s: the writer lock was taken over: %s", self.where, exc)
                     return
                 # A passing network failure: the lease holds until it runs out.
                 logger.warning("%s: could not renew the writer lock: %s", self.where, exc)
+
+    def _renewed_anyway(self) -> bool:
+        """Is the lock object still ours (our token), only of a version we did not hear
+        of? Then that version is ours to renew next."""
+        try:
+            holder, etag, _ = self._read(store_clock=False)
+        except Exception:
+            return False
+        if holder is None or holder.get("token") != self.identity["token"] or etag is None:
+            return False
+        self._etag = etag
+        return True
 
     def _payload(self) -> bytes:
         return json.dumps(self.identity, sort_keys=True).encode()
@@ -234,5 +249,7 @@ def _machine() -> str:
     return f"{boot}/{namespace}"
 
 
-def _describe(holder: dict[str, Any]) -> str:
+def _describe(holder: dict[str, Any] | None) -> str:
+    if holder is None:
+        return "a lock object aiockpt cannot read"
     return f"pid {holder.get('pid')} on {holder.get('host')}"

@@ -120,3 +120,34 @@ def test_a_commit_whose_answer_is_lost_is_withdrawn(
     assert plan.injected == [403]
     assert [info.step for info in aiockpt.list_checkpoints(s3_url)] == [1]
     assert not [k for k in keys(s3_client_, bucket) if k.startswith("run-1/step-2/")]
+
+
+def test_a_writer_whose_lock_was_taken_over_commits_nothing_more(
+    s3_url, bucket, s3_client_, monkeypatch
+):
+    monkeypatch.setattr(objectlock, "DEFAULT_LEASE_S", 0.4)  # renewed every 0.1 s
+    config = aiockpt.Config(directory=s3_url, keep_last=None)
+    with aiockpt.SyncCheckpointer(config, model=_state(0)) as ckpt:
+        ckpt.checkpoint(1).wait()
+        # Another writer replaces the lock object (as a successor would after a lease ran
+        # out): the next renewal is refused, and from then on nothing commits.
+        s3_client_.put_object(
+            Bucket=bucket, Key="run-1/.aiockpt.lock", Body=b'{"pid": 1, "token": "other"}'
+        )
+        deadline = time.monotonic() + 60
+        refused = None
+        for step in range(2, 10_000):
+            assert time.monotonic() < deadline, "the lost lock was never noticed"
+            try:
+                ckpt.checkpoint(step).wait()
+            except aiockpt.CheckpointError as exc:
+                refused = step, exc
+                break
+    assert refused is not None
+    step, exc = refused
+    assert isinstance(exc.__cause__, aiockpt.DirectoryLockedError)
+    assert "lost its lock" in str(exc.__cause__)
+    assert step not in [info.step for info in aiockpt.list_checkpoints(s3_url)]
+    # The successor's lock object stays: the writer that lost it does not delete it.
+    body = s3_client_.get_object(Bucket=bucket, Key="run-1/.aiockpt.lock")["Body"].read()
+    assert b'"other"' in body
