@@ -97,7 +97,7 @@ def list_directory(
             row["problems"] = [p.describe() for p in verdict.problems]
     leftovers = [
         {
-            "name": left.path.name,
+            "name": left.name_under(root),
             "path": str(left.path),
             "kind": left.kind,
             "step": left.step,

@@ -172,7 +172,7 @@ def prune(
         "removed": removed,
         "leftovers": [
             {
-                "name": left.path.name,
+                "name": left.name_under(root),
                 "kind": left.kind,
                 "nbytes": left.nbytes,
                 "action": action,

@@ -91,10 +91,15 @@ def not_a_directory(path: Location) -> UsageError:
 class Leftover:
     """A directory entry that is not a committed checkpoint (FORMAT.md section 1)."""
 
-    path: Path
+    path: Location
     kind: str  # "tmp" | "trash" | "trash-replace" | "superseded" | "no-manifest" | "latest.tmp"
     step: int | None
     nbytes: int
+
+    def name_under(self, root: Location) -> str:
+        """Its name below ``root`` (``.tmp-step-3-1a2b``; ``step-3/.data-<token>`` in an
+        object store, where an attempt's data sit under the step)."""
+        return str(self.path)[len(str(root)) + 1 :]
 
     def explain(self, writer: WriterState) -> str:
         live = writer.live
@@ -122,9 +127,13 @@ class Leftover:
 
 def scan_leftovers(root: Location) -> list[Leftover]:
     if isinstance(root, ObjectPath):
-        # An object store's leftovers are data objects that no manifest names: no reader
-        # can see them, and the next writer deletes them (objectstore.py).
-        return []
+        # An object store's leftovers are attempts whose data no manifest names: no
+        # reader sees them, and the next writer deletes them.
+        from ..storage.objectstore import ObjectStoreStorage
+
+        storage = open_storage(root, durable=False)
+        assert isinstance(storage, ObjectStoreStorage)
+        return [Leftover(path, "tmp", step, size) for path, step, size in storage.leftovers()]
     found = []
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)

@@ -231,7 +231,7 @@ class LeaseLock:
             return WriterState(False)
         lease = holder.get("lease_s", self.lease_s)
         lease = lease if isinstance(lease, (int, float)) else self.lease_s
-        if age >= lease:
+        if age >= lease or self._died_here(holder):
             return WriterState(False)
         pid = holder.get("pid")
         return WriterState(True, pid if isinstance(pid, int) else None)

@@ -191,22 +191,34 @@ class ObjectStoreStorage:
         return self._lock.probe()
 
     def _recover(self) -> None:
-        manifests, by_step = self._scan()
-        doomed = []
-        for directory, objects in by_step.items():
-            step = parse_step_dir(directory)
-            attempt = self._attempt_of(self.root / directory) if step in manifests else None
-            kept = f"{self._prefix}{directory}/{DATA_PREFIX}{attempt}/" if attempt else None
-            manifest = f"{self._prefix}{directory}/{MANIFEST_NAME}"
-            doomed += [
-                meta["path"]
-                for meta in objects
-                if meta["path"] != manifest and (kept is None or not meta["path"].startswith(kept))
-            ]
+        doomed = [meta["path"] for metas in self._unnamed().values() for meta in metas]
         if doomed:
             logger.info("%s: deleting %d objects of unfinished checkpoints", self.root, len(doomed))
         self._delete(doomed)
         self._abort_unfinished_uploads()
+
+    def _unnamed(self) -> dict[str, list[dict[str, Any]]]:
+        """The objects under ``step-<N>/`` that no manifest names, by the part of their key
+        below the prefix that groups an attempt (``step-<N>/.data-<token>``)."""
+        manifests, by_step = self._scan()
+        found: dict[str, list[dict[str, Any]]] = {}
+        for directory, objects in by_step.items():
+            step = parse_step_dir(directory)
+            attempt = self._attempt_of(self.root / directory) if step in manifests else None
+            for meta in objects:
+                parts = meta["path"][len(self._prefix) :].split("/")
+                if parts[1:] == [MANIFEST_NAME] or (attempt and parts[1] == DATA_PREFIX + attempt):
+                    continue
+                found.setdefault("/".join(parts[:2]), []).append(meta)
+        return found
+
+    def leftovers(self) -> list[tuple[ObjectPath, int | None, int]]:
+        """(where, step, bytes) of each attempt that no manifest names: being written by
+        a live writer, or left by a dead one (its next ``open`` deletes them)."""
+        return [
+            (self.root / group, parse_step_dir(group.split("/")[0]), sum(m["size"] for m in metas))
+            for group, metas in sorted(self._unnamed().items())
+        ]
 
     def _abort_unfinished_uploads(self) -> None:
         """Abort the multipart uploads a dead writer left under this prefix (invisible,

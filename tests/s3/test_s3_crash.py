@@ -3,6 +3,7 @@ checkpoint stays the newest, and the next writer deletes what the dead one left.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import torch
 from conftest import Bag
 
 import aiockpt
+from aiockpt.cli.main import main
 
 from .faultproxy import FaultPlan, fault_proxy
 from .s3server import keys
@@ -25,7 +27,9 @@ def _uploads(client, bucket: str) -> list[str]:  # type: ignore[no-untyped-def]
     return [u["Key"] for u in client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])]
 
 
-def test_sigkill_mid_upload_keeps_the_previous_checkpoint(s3_env, s3_url, bucket, s3_client_):
+def test_sigkill_mid_upload_keeps_the_previous_checkpoint(
+    s3_env, s3_url, bucket, s3_client_, capsys
+):
     # A slow link, so that the child is surely in the middle of step 2's upload.
     plan = FaultPlan(delay_s=0.2)
     with fault_proxy(s3_env, plan) as proxy:
@@ -37,8 +41,9 @@ def test_sigkill_mid_upload_keeps_the_previous_checkpoint(s3_env, s3_url, bucket
             assert child.stdout is not None
             assert child.stdout.readline().strip() == "committed 1"
             deadline = time.monotonic() + 120
-            # Killed once step 2's parts are on their way: an upload begun, none complete.
-            while not _uploads(s3_client_, bucket):
+            # Killed with step 2 half there: one data object complete, multipart uploads
+            # of the others begun and unfinished.
+            while not (keys(s3_client_, bucket, "run-1/step-2/") and _uploads(s3_client_, bucket)):
                 assert child.poll() is None, "the child finished before it could be killed"
                 assert time.monotonic() < deadline, "step 2's upload never started"
                 time.sleep(0.05)
@@ -50,6 +55,12 @@ def test_sigkill_mid_upload_keeps_the_previous_checkpoint(s3_env, s3_url, bucket
     stored = keys(s3_client_, bucket)
     assert "run-1/step-2/manifest.json" not in stored
     assert [info.step for info in aiockpt.list_checkpoints(s3_url)] == [1]
+    # Tools see what the dead writer left, and that it is dead (its process is gone).
+    assert main(["ls", "--json", s3_url]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["writer"]["live"] is False
+    assert [(left["kind"], left["step"]) for left in report["leftovers"]] == [("tmp", 2)]
+    assert report["leftovers"][0]["name"].startswith("step-2/.data-")
 
     holder = Bag()
     config = aiockpt.Config(directory=s3_url, keep_last=None)

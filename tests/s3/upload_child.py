@@ -27,7 +27,9 @@ def main(url: str) -> None:
     with aiockpt.SyncCheckpointer(config, model=Bag(state)) as ckpt:
         ckpt.checkpoint(1).wait()
         print("committed 1", flush=True)
-        state["weight"] = torch.full((6 * 2**20,), 2.0)  # two data files, both multipart
+        # 25 MiB: data files of 12, 12 and 1 MiB, the first two multipart uploads, the
+        # last a single PUT that completes first.
+        state["weight"] = torch.full((6 * 2**20 + 2**18,), 2.0)
         ckpt.checkpoint(2).wait()
         print("committed 2", flush=True)  # the test kills us before this
 
