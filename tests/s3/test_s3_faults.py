@@ -82,16 +82,16 @@ def test_second_writer_is_refused_until_the_first_one_closes(s3_url):
 
 def test_a_dead_writers_lease_runs_out_and_is_taken_over(s3_url, bucket, s3_client_, monkeypatch):
     # A writer that died without removing its lock object: its lease is not renewed.
-    monkeypatch.setattr(objectlock, "DEFAULT_LEASE_S", 3.0)
+    monkeypatch.setattr(objectlock, "DEFAULT_LEASE_S", 5.0)
     s3_client_.put_object(
         Bucket=bucket,
         Key="run-1/.aiockpt.lock",
-        Body=b'{"host": "gone", "lease_s": 3.0, "pid": 4242, "token": "0"}',
+        Body=b'{"host": "gone", "lease_s": 5.0, "pid": 4242, "token": "0"}',
     )
     config = aiockpt.Config(directory=s3_url)
     with pytest.raises(aiockpt.DirectoryLockedError, match="pid 4242"):
         aiockpt.SyncCheckpointer(config, model=_state(0))
-    time.sleep(3.5)  # the dead writer's lease runs out; nothing is timed or asserted on it
+    time.sleep(5.5)  # the dead writer's lease runs out; nothing is timed or asserted on it
     with aiockpt.SyncCheckpointer(config, model=_state(0)) as ckpt:
         ckpt.checkpoint(1).wait()
     assert "run-1/step-1/manifest.json" in keys(s3_client_, bucket)
