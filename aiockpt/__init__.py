@@ -23,13 +23,14 @@ from .errors import (
     NoCheckpointError,
     RestoreError,
     StateMismatchError,
+    StorageAccessError,
     UnsupportedStateError,
     UsageError,
     WorldSizeError,
 )
 from .metrics import CheckpointMetrics, ChunkSpan, LayoutSummary, StagingSummary, TierStats
 from .stateful import RNGState, Stateful
-from .storage.local import CheckpointInfo, list_checkpoints
+from .storage import CheckpointInfo, list_checkpoints
 from .training.policy import (
     AdaptiveOverhead,
     AnyOf,
@@ -74,6 +75,7 @@ __all__ = [
     "RemoteTier",
     "Replicated",
     "RestoreError",
+    "StorageAccessError",
     "ResumableSampler",
     "StagingSummary",
     "StateMismatchError",

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from aiockpt._util.location import local_directory
+from aiockpt._util.location import Location, ObjectPath, storage_location
 from aiockpt._util.text import shown
 from aiockpt.errors import ConfigError
 
@@ -210,7 +210,9 @@ def _tier_from(kind: type[_Tier], table: str, value: object) -> _Tier:
 
 
 _KEYS: dict[str, _Key] = {
-    "directory": _Key(Path, "a non-empty path (str or os.PathLike) or a file:// URL"),
+    "directory": _Key(
+        Path, "a non-empty path (str or os.PathLike), a file:// URL or an s3://bucket/prefix URL"
+    ),
     "interval_steps": _int(1, optional=True),
     "interval_seconds": _float(None, optional=True),
     "max_overhead": _float(1, below=True, optional=True),
@@ -244,9 +246,11 @@ def _check(key: str, value: object, spec: _Key | None = None) -> Any:
     if spec.kind in (MemoryTier, RemoteTier):
         return _tier_from(spec.kind, key, value)
     if spec.kind is Path:
+        if isinstance(value, ObjectPath):
+            return value  # parsed and checked already (its os.fspath refuses on purpose)
         text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
         if isinstance(text, str) and text and "\0" not in text:
-            return local_directory(value if isinstance(value, str) else text)
+            return storage_location(value if isinstance(value, (str, Path)) else text)
         problem = (
             "is empty"
             if text == ""
@@ -439,7 +443,9 @@ class Config:
     variables (and the file) below it.
 
     Attributes:
-        directory: where checkpoints go; a relative path is taken against the CWD.
+        directory: where checkpoints go; a relative path is taken against the CWD. An
+            ``s3://bucket/prefix`` URL puts them in an object store (the ``s3`` extra;
+            endpoint and credentials from the standard ``AWS_*`` variables).
         interval_steps: the Trainer's policy: checkpoint every N optimizer steps.
         interval_seconds: the Trainer's policy: checkpoint every T seconds.
         max_overhead: the Trainer's policy: checkpoint as often as keeps the cost of
@@ -476,7 +482,7 @@ class Config:
             ``chunk_size_mb`` and ``chunk_count``.
     """
 
-    directory: Path = Path("checkpoints")
+    directory: Location = Path("checkpoints")
     interval_steps: int | None = None
     interval_seconds: float | None = None
     max_overhead: float | None = None

@@ -22,7 +22,9 @@
      │    └── WorldSizeError          state saved per rank has nothing for this rank
      ├── UnsupportedStateError     a state_dict holds a value aiockpt cannot store safely
      ├── ConversionError           an import or export was refused (``hint`` says what to do)
-     └── EventLoopError            a call from a thread or event loop the checkpointer can't serve
+     ├── EventLoopError            a call from a thread or event loop the checkpointer can't serve
+     └── StorageAccessError        the storage refused access: wrong or expired credentials,
+                                   a missing bucket, no permission
 
 Every message names what was wrong and what to do about it; ``hint``, where set, is the
 what-to-do on its own (the command line prints it on a line of its own). The command line
@@ -49,6 +51,7 @@ __all__ = [
     "UsageError",
     "WorldSizeError",
     "EventLoopError",
+    "StorageAccessError",
 ]
 
 
@@ -156,3 +159,9 @@ class ConversionError(AiockptError):
 
 class EventLoopError(AiockptError, RuntimeError):
     """A call from a thread or event loop that this checkpointer cannot serve from."""
+
+
+class StorageAccessError(AiockptError):
+    """The storage refused a request: wrong or expired credentials, a bucket that does not
+    exist, or no permission on it. Nothing was committed or deleted by the failed request;
+    fix the access and try again."""

@@ -12,8 +12,8 @@ import concurrent.futures
 import logging
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
+from .._util.location import Location
 from ..distributed.group import is_rank_zero
 from ..errors import BackgroundError, CheckpointInProgressError
 from ..metrics import CheckpointerStats, CheckpointMetrics
@@ -22,7 +22,7 @@ __all__ = ["AnyFuture", "Failure", "FailureLog"]
 
 logger = logging.getLogger(__name__)
 
-AnyFuture = concurrent.futures.Future[Path | None] | asyncio.Future[Path | None]
+AnyFuture = concurrent.futures.Future[Location | None] | asyncio.Future[Location | None]
 
 
 @dataclass

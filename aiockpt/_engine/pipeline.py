@@ -25,13 +25,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .._format.manifest import manifest_from_layout
 from .._format.writer import ManifestWriter
+from .._util.location import Location
 from ..config import Config
 from ..distributed.group import RankGroup
 from ..errors import CheckpointError
@@ -172,19 +172,19 @@ class Pipeline:
         return self._write_slots
 
     # -- one checkpoint -------------------------------------------------------------------
-    def start(self, job: Job) -> asyncio.Task[Path | None]:
+    def start(self, job: Job) -> asyncio.Task[Location | None]:
         task = asyncio.get_running_loop().create_task(self._persist(job))
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
         return task
 
-    async def _persist(self, job: Job) -> Path | None:
+    async def _persist(self, job: Job) -> Location | None:
         if self.ranks is not None:
             return await self._persist_ranked(job, self.ranks)
         snapshot, metrics = job.snapshot, job.metrics
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
-        temporary: Path | None = None
+        temporary: Location | None = None
         try:
             temporary = await self._begin(job)
             checksums = await self._write_chunks(job, temporary)
@@ -210,7 +210,7 @@ class Pipeline:
                 await loop.run_in_executor(self.writers, self.store.abort, temporary)
             await self._finish(job)
 
-    async def _begin(self, job: Job) -> Path:
+    async def _begin(self, job: Job) -> Location:
         snapshot = job.snapshot
         for chunk in snapshot.layout.chunks:
             if chunk.index not in snapshot.admission.host:
@@ -224,7 +224,7 @@ class Pipeline:
             await self.memory.give_back(snapshot.admission.host.values())
             raise
 
-    async def _write_chunks(self, job: Job, temporary: Path) -> dict[tuple[int, int], int]:
+    async def _write_chunks(self, job: Job, temporary: Location) -> dict[tuple[int, int], int]:
         """Copy and write every chunk of ``job``; the checksum of each (tensor index, piece
         number) this process wrote."""
         snapshot, metrics = job.snapshot, job.metrics
@@ -271,7 +271,7 @@ class Pipeline:
             "layers": job.layers,
         }
 
-    async def _retain(self, final: Path) -> None:
+    async def _retain(self, final: Location) -> None:
         try:
             # On the loop's default executor, where the commit's aiofiles calls run too:
             # deleting old checkpoints must not take writer threads from the next one's
@@ -294,7 +294,7 @@ class Pipeline:
         await self.memory.give_back(gpu=leftover_gpu, finished=True)
 
     # -- many ranks -------------------------------------------------------------------------
-    async def _persist_ranked(self, job: Job, ranks: RankGroup) -> Path | None:
+    async def _persist_ranked(self, job: Job, ranks: RankGroup) -> Location | None:
         """Write this rank's part, then agree with the other ranks; rank 0 commits.
 
         Whatever happens to this rank's part (written, failed, cancelled), it still takes
@@ -304,7 +304,7 @@ class Pipeline:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         part = RankPart(ranks.rank, snapshot.step, FAILED)
-        temporary: Path | None = None
+        temporary: Location | None = None
         error: BaseException | None = None
         try:
             temporary = await self._begin(job)
@@ -329,7 +329,7 @@ class Pipeline:
                 await self._retain(final)
         return final
 
-    async def _vote(self, job: Job, part: RankPart, temporary: Path | None) -> Path | None:
+    async def _vote(self, job: Job, part: RankPart, temporary: Location | None) -> Location | None:
         """Every rank's vote for one checkpoint; its directory once committed, None when a
         rank skipped it. The vote runs to its end even if this task is cancelled."""
         if job.previous_commit is not None:
@@ -354,7 +354,7 @@ class Pipeline:
         self,
         ballot: _Ballot,
         part: RankPart,
-        temporary: Path | None,
+        temporary: Location | None,
         loop: asyncio.AbstractEventLoop,
     ) -> tuple[str, Any]:
         """On the coordinator thread: gather the votes; rank 0 commits (on ``loop``) or
@@ -369,7 +369,7 @@ class Pipeline:
         self,
         ballot: _Ballot,
         parts: list[RankPart],
-        temporary: Path | None,
+        temporary: Location | None,
         loop: asyncio.AbstractEventLoop,
     ) -> tuple[str, Any]:
         failed = [f"rank {p.rank}: {p.error}" for p in parts if p.status == FAILED]
@@ -428,7 +428,7 @@ class Pipeline:
         self,
         job: Job,
         chunk: Chunk,
-        directory: Path,
+        directory: Location,
         slots: asyncio.Semaphore,
         spans: list[ChunkSpan],
     ) -> dict[tuple[int, int], int]:

@@ -28,6 +28,7 @@ from .._format.manifest import (
     TensorRecord,
 )
 from .._format.skeleton import SavedShards, unflatten_state
+from .._util.location import Location, storage_location
 from ..errors import AiockptError, CorruptCheckpointError, MissingStateError, NoCheckpointError
 from ..storage import open_storage
 from ..storage.base import CheckpointStorage, DataFile
@@ -64,7 +65,7 @@ TensorFilter = Callable[[TensorRecord], bool]
 Placement = Callable[[TensorRecord], str | torch.device]
 
 
-def _unopenable(path: Path, exc: OSError) -> CorruptCheckpointError:
+def _unopenable(path: Location, exc: OSError) -> CorruptCheckpointError:
     if isinstance(exc, FileNotFoundError):
         return CorruptCheckpointError(f"{path}: file is missing")
     if isinstance(exc, NotRegularFileError):
@@ -72,13 +73,13 @@ def _unopenable(path: Path, exc: OSError) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"{path}: cannot be opened safely ({exc.strerror})")
 
 
-def _storage_of(checkpoint: Path) -> CheckpointStorage:
+def _storage_of(checkpoint: Location) -> CheckpointStorage:
     # Reading takes no lock and writes nothing: the backend is only asked for files.
     return open_storage(checkpoint.parent, durable=False)
 
 
 def open_checkpoint_file(
-    checkpoint: Path, name: str, storage: CheckpointStorage | None = None
+    checkpoint: Location, name: str, storage: CheckpointStorage | None = None
 ) -> DataFile:
     """File ``name`` of ``checkpoint``, opened by its backend (locally: read-only, never
     following a link or blocking on a FIFO). Whatever stands in the way makes the
@@ -89,7 +90,9 @@ def open_checkpoint_file(
         raise _unopenable(checkpoint / name, exc) from exc
 
 
-def _check_directory(directory: Path) -> None:
+def _check_directory(directory: Location) -> None:
+    if not isinstance(directory, Path):
+        return  # an object store has no directories: its manifest decides (read_manifest)
     try:
         info = os.lstat(directory)
     except FileNotFoundError as exc:
@@ -110,10 +113,18 @@ def read_manifest(
 ) -> Manifest:
     """The parsed manifest of a checkpoint directory (every file it names unchecked: see
     ``validate_checkpoint``)."""
-    checkpoint = Path(directory)
+    checkpoint = storage_location(directory)
     path = checkpoint / MANIFEST_NAME
     _check_directory(checkpoint)
-    file = open_checkpoint_file(checkpoint, MANIFEST_NAME, storage)
+    try:
+        file = (storage or _storage_of(checkpoint)).open_file(checkpoint, MANIFEST_NAME)
+    except FileNotFoundError as exc:
+        if isinstance(checkpoint, Path):
+            raise _unopenable(path, exc) from exc
+        # Object stores: a checkpoint exists exactly when its manifest does.
+        raise NoCheckpointError(f"{checkpoint}: no committed checkpoint there") from exc
+    except OSError as exc:
+        raise _unopenable(path, exc) from exc
     try:
         if file.size > MAX_MANIFEST_BYTES:
             raise CorruptCheckpointError(
@@ -135,7 +146,7 @@ class OpenCheckpoint:
     """A checkpoint that passed every check short of reading tensor bytes, with its data
     files open (checked on the open descriptors, so nothing can be swapped in after)."""
 
-    path: Path
+    path: Location
     manifest: Manifest
     files: dict[str, DataFile]
 
@@ -159,7 +170,7 @@ def open_checkpoint(directory: str | os.PathLike[str]) -> OpenCheckpoint:
     equals the manifest's ``nbytes``, checked before anything is read or allocated.
     Any failure is a CorruptCheckpointError (NoCheckpointError when nothing is there).
     """
-    path = Path(directory)
+    path = storage_location(directory)
     storage = _storage_of(path)
     manifest = read_manifest(path, storage)
     check_step(path, manifest)
@@ -173,7 +184,7 @@ def open_checkpoint(directory: str | os.PathLike[str]) -> OpenCheckpoint:
     return opened
 
 
-def check_step(path: Path, manifest: Manifest) -> None:
+def check_step(path: Location, manifest: Manifest) -> None:
     """A checkpoint's manifest must hold the step its ``step-<N>`` directory names."""
     named_step = parse_step_dir(path.name)
     if named_step is not None and named_step != manifest.step:
@@ -183,7 +194,7 @@ def check_step(path: Path, manifest: Manifest) -> None:
 
 
 def open_data_file(
-    path: Path, record: FileRecord, storage: CheckpointStorage | None = None
+    path: Location, record: FileRecord, storage: CheckpointStorage | None = None
 ) -> DataFile:
     """One data file, opened safely and of exactly the size the manifest lists."""
     file = open_checkpoint_file(path, record.name, storage)
@@ -195,7 +206,7 @@ def open_data_file(
     return file
 
 
-def check_data_size(path: Path, record: FileRecord, size: int) -> None:
+def check_data_size(path: Location, record: FileRecord, size: int) -> None:
     if size != record.nbytes:
         raise CorruptCheckpointError(
             f"{path / record.name}: file holds {size} bytes, the manifest says "
@@ -214,7 +225,7 @@ class LoadedCheckpoint:
     """Tensors read and verified from one checkpoint, and how many bytes that took."""
 
     manifest: Manifest
-    path: Path
+    path: Location
     tensors: dict[int, torch.Tensor]
     bytes_read: int = 0
     placed: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)

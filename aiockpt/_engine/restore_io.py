@@ -24,7 +24,7 @@ import queue
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import PurePath
 from typing import Protocol
 
 import torch
@@ -246,7 +246,7 @@ class SegmentReader:
     After a failure the remaining segments are skipped.
     """
 
-    path: Path
+    path: PurePath
     records: Sequence[TensorRecord]
     files: Mapping[str, DataFile]
     destinations: Mapping[int, torch.Tensor]  # tensor index -> its bytes (uint8, 1-D)

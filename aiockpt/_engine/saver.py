@@ -11,13 +11,13 @@ import logging
 import math
 import time
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from .._format.manifest import MAX_STEP
 from .._util.bridge import Bridge
+from .._util.location import Location
 from .._version import __version__
 from ..config import Config
 from ..distributed.group import RankGroup, is_rank_zero
@@ -239,7 +239,7 @@ def _aligned_total(flat: FlatState) -> int:
 
 
 # Wraps the pipeline's persist coroutine of one checkpoint (the tiers: then copy it on).
-Persist = Callable[[Coroutine[Any, Any, Path | None]], Coroutine[Any, Any, Path | None]]
+Persist = Callable[[Coroutine[Any, Any, Location | None]], Coroutine[Any, Any, Location | None]]
 
 
 async def checkpoint(
@@ -302,5 +302,5 @@ async def _skip(
     return metrics
 
 
-async def _start(pipeline: Pipeline, job: Job) -> Path | None:
+async def _start(pipeline: Pipeline, job: Job) -> Location | None:
     return await pipeline.start(job)

@@ -40,6 +40,7 @@ from typing import Any
 
 from .._format.manifest import FileRecord
 from .._util.bridge import Bridge
+from .._util.location import Location
 from .._util.shm import derived_memory_directory
 from ..config import Config
 from ..errors import ConfigError, CorruptCheckpointError, NoCheckpointError
@@ -334,7 +335,9 @@ class TierSet:
             self._outstanding -= 1
 
     # -- after the entry commit (the loop) -------------------------------------------------
-    async def follow(self, plan: Plan, entry: Coroutine[Any, Any, Path | None]) -> Path | None:
+    async def follow(
+        self, plan: Plan, entry: Coroutine[Any, Any, Location | None]
+    ) -> Location | None:
         """Persist to the entry tier, then promote tier by tier; the primary's checkpoint
         (or the last tier's, when the primary is not due)."""
         loop = asyncio.get_running_loop()
@@ -379,11 +382,11 @@ class TierSet:
     async def _copy(
         self,
         source: Tier,
-        checkpoint: Path,
+        checkpoint: Location,
         target: Tier,
         step: int,
         loop: asyncio.AbstractEventLoop,
-    ) -> Path:
+    ) -> Location:
         """Copy committed ``checkpoint`` of ``source`` to ``target`` through the seam."""
         manifest = await loop.run_in_executor(
             self._copiers, read_manifest, checkpoint, source.store
@@ -420,10 +423,10 @@ class TierSet:
     def _copy_file(
         self,
         source: Tier,
-        checkpoint: Path,
+        checkpoint: Location,
         record: FileRecord,
         target: Tier,
-        temporary: Path,
+        temporary: Location,
         pieces: list[tuple[int, int, int]],
     ) -> None:
         """One data file: read whole, written whole, every piece's checksum compared with
@@ -585,7 +588,9 @@ async def checkpoint_tiers(
     saver.check_can_checkpoint(step)  # before a place in any queue is taken
     plan = await tiers.plan(step, bridge)
 
-    def persist(entry: Coroutine[Any, Any, Path | None]) -> Coroutine[Any, Any, Path | None]:
+    def persist(
+        entry: Coroutine[Any, Any, Location | None],
+    ) -> Coroutine[Any, Any, Location | None]:
         plan.consumed = True  # from here on, follow() releases what the plan holds
         return tiers.follow(plan, entry)
 

@@ -30,13 +30,13 @@ from .._format.manifest import Manifest, TensorRecord
 from .._format.skeleton import tensor_paths
 from .._format.tags import dtype_name
 from .._util.console import note
-from .._util.location import local_directory
+from .._util.location import Location, storage_location
 from ..errors import AiockptError, ConversionError, UnsupportedStateError, UsageError
 from ..storage import open_storage
 from ..storage.local import CheckpointInfo, step_dir_name
 from .foreign import read_safetensors, read_torch, refused_global, tied_keys_left_out
 from .foreign_dcp import read_dcp
-from .scan import resolve_checkpoint
+from .scan import checkpoint_exists, resolve_checkpoint
 
 __all__ = ["FORMATS", "export_checkpoint", "import_checkpoint", "run_export", "run_import"]
 
@@ -256,7 +256,7 @@ def _export_dcp(state: dict[str, Any], out: Path, threads: int) -> dict[str, Any
 
 
 def export_checkpoint(
-    path: Path,
+    path: Location,
     to: str,
     out: Path,
     *,
@@ -392,7 +392,7 @@ def import_checkpoint(
     source: Path,
     fmt: str,
     step: int,
-    directory: Path,
+    directory: Location,
     *,
     key: str | None = None,
     force: bool = False,
@@ -408,7 +408,7 @@ def import_checkpoint(
     if not os.path.lexists(source):
         raise UsageError(f"{source}: no such file or directory", hint="check the path")
     target = directory / step_dir_name(step)
-    if target.exists() and not force:
+    if checkpoint_exists(target) and not force:
         raise UsageError(
             f"{target} already exists",
             hint="pick another --step, or pass --force to replace it",
@@ -439,7 +439,7 @@ def import_checkpoint(
 
 
 def _write_imported(
-    groups: dict[str, Any], source: Path, step: int, directory: Path, threads: int
+    groups: dict[str, Any], source: Path, step: int, directory: Location, threads: int
 ) -> CheckpointInfo | None:
     """Save ``groups`` as checkpoint ``step`` with the writer training uses."""
     from ..checkpointer import SyncCheckpointer
@@ -462,7 +462,7 @@ def _write_imported(
         ) from exc
 
 
-def _verify_written(path: Path) -> None:
+def _verify_written(path: Location) -> None:
     """Read back what an import wrote the way ``aiockpt.load`` does; withdraw it if refused.
 
     An import must not report success for a checkpoint that restore would then refuse (or
@@ -478,7 +478,7 @@ def _verify_written(path: Path) -> None:
         ) from exc
 
 
-def _withdraw(path: Path) -> None:
+def _withdraw(path: Location) -> None:
     """Delete checkpoint ``path`` under its directory's lock, and point ``latest`` at the
     newest one left (or remove it), so that nothing names what is gone."""
     store = open_storage(path.parent, durable=True)
@@ -495,7 +495,7 @@ def _withdraw(path: Path) -> None:
 def run_export(args: Any) -> int:
     from .._util.console import human_bytes, print_json
 
-    given = local_directory(args.path)
+    given = storage_location(args.path)
     path = resolve_checkpoint(given, args.step)
     if args.step is None and path != given:
         # Said on stderr so that --json output stays one document.
@@ -529,7 +529,7 @@ def run_import(args: Any) -> int:
         Path(args.source),
         args.format,
         args.step,
-        local_directory(args.directory),
+        storage_location(args.directory),
         key=args.key,
         force=args.force,
         threads=args.threads,

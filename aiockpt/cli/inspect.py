@@ -11,7 +11,6 @@ import difflib
 import json
 import math
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ from .._util.console import (
     print_json,
     stdout_console,
 )
-from .._util.location import local_directory
+from .._util.location import Location, storage_location
 from ..errors import UsageError
 from ..storage.fileio import checksum
 from .scan import resolve_checkpoint
@@ -94,7 +93,7 @@ def _value_leaves(node: Any, path: str, out: dict[str, Any]) -> None:
     out[path] = node
 
 
-def describe(path: Path) -> dict[str, Any]:
+def describe(path: Location) -> dict[str, Any]:
     """The ``inspect`` report: manifest summary, tensors by group, non-tensor values.
 
     The checkpoint passes the checks restore makes before reading tensor bytes, so what
@@ -256,7 +255,7 @@ def _number(value: torch.Tensor) -> float | int | bool:
     return item if isinstance(item, (bool, int)) else float(item)
 
 
-def tensor_stats(path: Path, name: str, *, threads: int = 8) -> dict[str, Any]:
+def tensor_stats(path: Location, name: str, *, threads: int = 8) -> dict[str, Any]:
     """Statistics of one tensor, reading only its bytes; checksums checked, not raised."""
     manifest = validate_checkpoint(path)
     index, record = _find(manifest, name)
@@ -387,7 +386,7 @@ def render_stats(report: dict[str, Any]) -> None:
 
 
 def run(args: Any) -> int:
-    given = local_directory(args.path)
+    given = storage_location(args.path)
     path = resolve_checkpoint(given, args.step)
     if args.step is None and path != given:
         # Said on stderr so that --json output stays one document.

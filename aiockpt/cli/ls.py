@@ -20,12 +20,18 @@ from .._util.console import (
     print_json,
     stdout_console,
 )
-from .._util.location import local_directory
+from .._util.location import Location, local_directory, storage_location
 from .._util.shm import derived_memory_directory
 from ..errors import AiockptError
 from ..storage import open_storage
 from ..storage.local import CheckpointInfo
-from .scan import WriterState, committed_checkpoints, probe_writer, scan_leftovers
+from .scan import (
+    WriterState,
+    checkpoint_exists,
+    committed_checkpoints,
+    probe_writer,
+    scan_leftovers,
+)
 from .verify import verify_checkpoints
 
 __all__ = ["list_directory", "list_tiers", "run"]
@@ -46,7 +52,7 @@ def _quick_check(info: CheckpointInfo) -> tuple[Manifest | None, list[str]]:
 
 
 def list_directory(
-    root: Path, *, verify: bool = False, threads: int = 8, progress: bool = False
+    root: Location, *, verify: bool = False, threads: int = 8, progress: bool = False
 ) -> dict[str, Any]:
     """The ``ls`` report as a JSON-ready dict."""
     committed = committed_checkpoints(root)
@@ -57,7 +63,7 @@ def list_directory(
     for info in committed:
         manifest, problems = _quick_check(info)
         # Renamed away by a live writer's retention while we looked: gone, not corrupt.
-        vanished = bool(problems) and not info.path.exists()
+        vanished = bool(problems) and not checkpoint_exists(info.path)
         rows.append(
             {
                 "step": info.step,
@@ -93,7 +99,7 @@ def list_directory(
             row["problems"] = [p.describe() for p in verdict.problems]
     leftovers = [
         {
-            "name": left.path.name,
+            "name": left.name_under(root),
             "path": str(left.path),
             "kind": left.kind,
             "step": left.step,
@@ -114,10 +120,10 @@ def list_directory(
 
 
 def list_tiers(
-    root: Path,
+    root: Location,
     *,
     memory_dir: Path | None = None,
-    remote: Path | None = None,
+    remote: Location | None = None,
     verify: bool = False,
     threads: int = 8,
     progress: bool = False,
@@ -127,12 +133,13 @@ def list_tiers(
     remote tier when given, each a report of its own plus the steps it holds."""
     report = list_directory(root, verify=verify, threads=threads, progress=progress)
     memory = memory_dir if memory_dir is not None else derived_memory_directory(root)
-    tiers = [("memory", memory, memory_dir is None)]
+    tiers: list[tuple[str, Location, bool]] = [("memory", memory, memory_dir is None)]
     if remote is not None:
         tiers.append(("remote", remote, False))
     report["tiers"] = []
     for name, location, derived in tiers:
-        if not location.is_dir():
+        # An object-store prefix has no directory to look for: its listing says.
+        if isinstance(location, Path) and not location.is_dir():
             report["tiers"].append(
                 {
                     "tier": name,
@@ -227,9 +234,9 @@ def render(report: dict[str, Any]) -> None:
 
 def run(args: Any) -> int:
     report = list_tiers(
-        local_directory(args.directory),
+        storage_location(args.directory),
         memory_dir=None if args.memory_dir is None else local_directory(args.memory_dir),
-        remote=None if args.remote is None else local_directory(args.remote),
+        remote=None if args.remote is None else storage_location(args.remote),
         verify=args.verify,
         threads=args.threads,
         progress=not args.json,

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .._util.console import byte_progress, human_bytes, note, print_json, stdout_console
-from .._util.location import local_directory
+from .._util.location import Location, local_directory, storage_location
 from .._util.shm import derived_memory_directory
 from ..errors import DirectoryLockedError, UsageError
 from ..storage import open_storage
@@ -76,7 +76,7 @@ def _leftover_action(left: Leftover, writer: WriterState, committed_steps: set[i
 
 
 def prune(
-    root: Path,
+    root: Location,
     *,
     keep_last: int,
     keep_every: int | None = None,
@@ -175,7 +175,7 @@ def prune(
         "removed": removed,
         "leftovers": [
             {
-                "name": left.path.name,
+                "name": left.name_under(root),
                 "kind": left.kind,
                 "nbytes": left.nbytes,
                 "action": action,
@@ -189,7 +189,7 @@ def prune(
 
 
 def free_memory_tier(
-    root: Path,
+    root: Location,
     memory_dir: Path | None = None,
     *,
     dry_run: bool = False,
@@ -223,7 +223,7 @@ def free_memory_tier(
             hint="it frees the tier itself when it closes after a checkpoint reached "
             f"{root}; or stop it first",
         )
-    on_disk = committed_checkpoints(root) if root.is_dir() else []
+    on_disk = committed_checkpoints(root) if not isinstance(root, Path) or root.is_dir() else []
     newest_kept, _ = _newest_valid(on_disk, threads, progress)
     newer = [i.step for i in in_memory if newest_kept is None or i.step > newest_kept]
     if newer and not force:
@@ -295,7 +295,7 @@ def render(report: dict[str, Any]) -> None:
 def run(args: Any) -> int:
     if args.memory:
         memory = free_memory_tier(
-            local_directory(args.directory),
+            storage_location(args.directory),
             None if args.memory_dir is None else local_directory(args.memory_dir),
             dry_run=args.dry_run,
             force=args.force,
@@ -317,7 +317,7 @@ def run(args: Any) -> int:
             hint="e.g. aiockpt prune checkpoints --keep-last 3",
         )
     report = prune(
-        local_directory(args.directory),
+        storage_location(args.directory),
         keep_last=args.keep_last,
         keep_every=args.keep_every,
         dry_run=args.dry_run,

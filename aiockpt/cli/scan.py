@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._format.manifest import MANIFEST_NAME
+from .._util.location import Location, ObjectPath
 from ..errors import NoCheckpointError, UsageError
 from ..storage import open_storage
 from ..storage.base import WriterState
@@ -28,7 +29,9 @@ from ..storage.local import (
 __all__ = [
     "Leftover",
     "WriterState",
+    "checkpoint_exists",
     "committed_checkpoints",
+    "is_checkpoint",
     "not_a_directory",
     "probe_writer",
     "resolve_checkpoint",
@@ -36,13 +39,16 @@ __all__ = [
 ]
 
 
-def probe_writer(root: Path) -> WriterState:
+def probe_writer(root: Location) -> WriterState:
     """Is ``root`` being written by a live writer? Never blocks, never holds its lock."""
     return open_storage(root, durable=False).probe_writer()
 
 
-def committed_checkpoints(root: Path) -> list[CheckpointInfo]:
+def committed_checkpoints(root: Location) -> list[CheckpointInfo]:
     """``list_checkpoints`` that survives a live writer's retention deleting under it."""
+    if isinstance(root, ObjectPath):
+        # Listed by manifests in one pass: nothing is renamed away mid-listing there.
+        return open_storage(root, durable=False).list_committed()
     if root.is_file():
         raise not_a_directory(root)
     if not root.is_dir():
@@ -59,7 +65,20 @@ def committed_checkpoints(root: Path) -> list[CheckpointInfo]:
     return storage.list_committed()
 
 
-def not_a_directory(path: Path) -> UsageError:
+def checkpoint_exists(path: Location) -> bool:
+    """Is the checkpoint ``path`` still there (not deleted by a live writer's retention)?
+
+    Locally its directory exists; in an object store its manifest does."""
+    if isinstance(path, Path):
+        return path.exists()
+    try:
+        open_storage(path.parent, durable=False).open_file(path, MANIFEST_NAME).close()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def not_a_directory(path: Location) -> UsageError:
     """The error for a regular file given where a checkpoint (directory) is expected."""
     return UsageError(
         f"{path} is a file, not a checkpoint directory",
@@ -72,10 +91,15 @@ def not_a_directory(path: Path) -> UsageError:
 class Leftover:
     """A directory entry that is not a committed checkpoint (FORMAT.md section 1)."""
 
-    path: Path
+    path: Location
     kind: str  # "tmp" | "trash" | "trash-replace" | "superseded" | "no-manifest" | "latest.tmp"
     step: int | None
     nbytes: int
+
+    def name_under(self, root: Location) -> str:
+        """Its name below ``root`` (``.tmp-step-3-1a2b``; ``step-3/.data-<token>`` in an
+        object store, where an attempt's data sit under the step)."""
+        return str(self.path)[len(str(root)) + 1 :]
 
     def explain(self, writer: WriterState) -> str:
         live = writer.live
@@ -101,7 +125,15 @@ class Leftover:
         return "half-written `latest` pointer" + ("" if live else " of a dead writer")
 
 
-def scan_leftovers(root: Path) -> list[Leftover]:
+def scan_leftovers(root: Location) -> list[Leftover]:
+    if isinstance(root, ObjectPath):
+        # An object store's leftovers are attempts whose data no manifest names: no
+        # reader sees them, and the next writer deletes them.
+        from ..storage.objectstore import ObjectStoreStorage
+
+        storage = open_storage(root, durable=False)
+        assert isinstance(storage, ObjectStoreStorage)
+        return [Leftover(path, "tmp", step, size) for path, step, size in storage.leftovers()]
     found = []
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
@@ -140,7 +172,7 @@ def scan_leftovers(root: Path) -> list[Leftover]:
     return found
 
 
-def resolve_checkpoint(path: Path, step: int | None = None) -> Path:
+def resolve_checkpoint(path: Location, step: int | None = None) -> Location:
     """The checkpoint directory a user means by ``path`` (and ``--step``).
 
     ``path`` may be a checkpoint (``checkpoints/step-100``) or the directory holding them,
@@ -149,23 +181,23 @@ def resolve_checkpoint(path: Path, step: int | None = None) -> Path:
     """
     if step is not None:
         candidate = path / f"step-{step}"
-        if (candidate / MANIFEST_NAME).exists():
+        if is_checkpoint(candidate):
             return candidate
         steps = [info.step for info in committed_checkpoints(path)]
         raise NoCheckpointError(
             f"{path}: no committed checkpoint of step {step}",
             hint=f"committed steps: {steps or 'none'}; `aiockpt ls {path}` lists them",
         )
-    if (path / MANIFEST_NAME).exists():
+    if is_checkpoint(path):
         return path
-    if path.is_file():
+    if isinstance(path, Path) and path.is_file():
         raise not_a_directory(path)
-    if not path.exists():
+    if isinstance(path, Path) and not path.exists():
         raise UsageError(
             f"{path}: no such file or directory",
             hint="pass a checkpoint such as checkpoints/step-100, or the directory holding them",
         )
-    committed = committed_checkpoints(path) if path.is_dir() else []
+    committed = committed_checkpoints(path) if not isinstance(path, Path) or path.is_dir() else []
     if not committed:
         raise NoCheckpointError(
             f"{path}: not a checkpoint (no {MANIFEST_NAME}) and holds no committed step-N "
@@ -173,3 +205,10 @@ def resolve_checkpoint(path: Path, step: int | None = None) -> Path:
             hint="pass a checkpoint such as checkpoints/step-100; `aiockpt ls DIR` lists them",
         )
     return committed[-1].path
+
+
+def is_checkpoint(path: Location) -> bool:
+    """Does ``path`` name a checkpoint itself (a manifest there), not a directory of them?"""
+    if isinstance(path, Path):
+        return (path / MANIFEST_NAME).exists()
+    return parse_step_dir(path.name) is not None and checkpoint_exists(path)

@@ -21,7 +21,7 @@ import crc32c
 
 from .._engine.reader import check_data_size, check_step, open_checkpoint_file, read_manifest
 from .._format.manifest import MANIFEST_NAME, FileRecord
-from .._util.location import local_directory
+from .._util.location import Location, storage_location
 from ..errors import AiockptError
 from ..storage.base import DataFile
 
@@ -62,7 +62,7 @@ class Problem:
 
 @dataclass
 class CheckpointVerdict:
-    path: Path
+    path: Location
     step: int | None = None
     files: int = 0
     pieces: int = 0
@@ -107,13 +107,13 @@ class _Piece:
 @dataclass(frozen=True)
 class _FileJob:
     verdict: CheckpointVerdict
-    path: Path
+    path: Location
     record: FileRecord
     pieces: tuple[_Piece, ...]
 
 
 def verify_checkpoints(
-    paths: Sequence[Path],
+    paths: Sequence[Location],
     *,
     threads: int = 8,
     on_bytes: Callable[[int], None] | None = None,
@@ -141,7 +141,7 @@ def verify_checkpoints(
             job.verdict.bytes_read += nread
     for verdict in verdicts:
         verdict.problems.sort(key=lambda p: (p.file or "", p.start or 0))
-        if verdict.problems and not verdict.path.exists():
+        if verdict.problems and not _still_there(verdict.path):
             # A live writer's retention renamed it away mid-read: that is not corruption.
             verdict.vanished = True
             verdict.problems.clear()
@@ -153,7 +153,7 @@ def _plan(verdict: CheckpointVerdict) -> list[_FileJob]:
     try:
         manifest = read_manifest(path)
     except AiockptError as exc:
-        if not path.exists():
+        if not _still_there(path):
             verdict.vanished = True
         else:
             verdict.problems.append(Problem(str(exc), file=MANIFEST_NAME))
@@ -231,7 +231,7 @@ def _check_file(job: _FileJob, count: Callable[[int], None]) -> tuple[list[Probl
         file.close()
 
 
-def _without_path(error: Exception, path: Path) -> str:
+def _without_path(error: Exception, path: Location) -> str:
     return str(error).removeprefix(f"{path}: ")
 
 
@@ -269,15 +269,21 @@ def _stream(
 # -- the command ------------------------------------------------------------------------------
 
 
-def _targets(path: Path) -> list[Path]:
-    from ..errors import NoCheckpointError, UsageError
-    from .scan import committed_checkpoints, not_a_directory
+def _still_there(path: Location) -> bool:
+    from .scan import checkpoint_exists
 
-    if (path / MANIFEST_NAME).exists():
+    return checkpoint_exists(path)
+
+
+def _targets(path: Location) -> list[Location]:
+    from ..errors import NoCheckpointError, UsageError
+    from .scan import committed_checkpoints, is_checkpoint, not_a_directory
+
+    if is_checkpoint(path):
         return [path]
-    if path.is_file():
+    if isinstance(path, Path) and path.is_file():
         raise not_a_directory(path)
-    if not path.exists():
+    if isinstance(path, Path) and not path.exists():
         raise UsageError(f"{path}: no such file or directory", hint="check the path")
     committed = committed_checkpoints(path)
     if not committed:
@@ -328,9 +334,9 @@ def run(args: Any) -> int:
 
     from .._util.console import byte_progress, print_json
 
-    targets: list[Path] = []
+    targets: list[Location] = []
     for given in args.paths:
-        targets.extend(_targets(local_directory(given)))
+        targets.extend(_targets(storage_location(given)))
     started = time.perf_counter()
     with byte_progress(0, "verifying", enabled=not args.json) as count:
         verdicts = verify_checkpoints(

@@ -40,6 +40,7 @@ except ImportError as exc:  # the extra is optional: say which one
     ) from exc
 
 import aiockpt
+from aiockpt._util.location import Location
 from aiockpt.cli.convert import export_checkpoint
 from aiockpt.cli.verify import verify_checkpoints
 from aiockpt.config import resolve_config
@@ -369,7 +370,7 @@ def _warn_about_unused_settings(args: TrainingArguments, config: aiockpt.Config)
 
 
 def _write_resume_directory(
-    output_dir: Path, checkpoint: Path, saved: dict[str, Any], threads: int
+    output_dir: Path, checkpoint: Location, saved: dict[str, Any], threads: int
 ) -> Path:
     """Write what the Trainer reads on resume as ``output_dir/aiockpt-resume``, whole or
     not at all: it is built beside the target and renamed into place."""

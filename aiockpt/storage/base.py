@@ -48,10 +48,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import PurePath
 from typing import Protocol, runtime_checkable
 
-__all__ = ["CheckpointInfo", "CheckpointStorage", "DataFile", "WriterState"]
+from .._util.location import Location
+
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointStorage",
+    "DataFile",
+    "WriterState",
+    "retention_split",
+]
 
 
 @dataclass(frozen=True)
@@ -60,13 +68,14 @@ class CheckpointInfo:
 
     Attributes:
         step: the step it saves.
-        path: where it is, ``<directory>/step-<N>``.
+        path: where it is, ``<directory>/step-<N>`` (a Path, or an ObjectPath for an
+            object store, written as its URL).
         nbytes: the size of its files, in bytes.
         mtime: its modification time (seconds since the epoch).
     """
 
     step: int
-    path: Path
+    path: Location
     nbytes: int
     mtime: float
 
@@ -91,9 +100,11 @@ class WriterState:
 class CheckpointStorage(Protocol):
     """Where one writer's checkpoints live; see the module docstring for the contract."""
 
-    # Local: the checkpoint directory. A checkpoint and a temporary are named by paths
-    # under it, which other backends treat as keys (prefixes) under their location.
-    root: Path
+    # Local: the checkpoint directory (a Path). A checkpoint and a temporary are named by
+    # paths under it, which an object store treats as key prefixes (an ObjectPath).
+    @property
+    def root(self) -> Location: ...
+
     durable: bool
 
     # -- the writer lock -------------------------------------------------------------------
@@ -109,17 +120,17 @@ class CheckpointStorage(Protocol):
         ...
 
     # -- writing one checkpoint ------------------------------------------------------------
-    async def begin(self, step: int, shared: str | None = None) -> Path:
+    async def begin(self, step: int, shared: str | None = None) -> Location:
         """A fresh temporary checkpoint for ``step`` (``shared``: the one all ranks use)."""
         ...
 
-    def shared_temporary(self, step: int, shared: str) -> Path:
+    def shared_temporary(self, step: int, shared: str) -> Location:
         """The temporary that ``begin(step, shared)`` makes, named alike on every rank."""
         ...
 
     def write_chunk(
         self,
-        temporary: Path,
+        temporary: PurePath,
         name: str,
         data: memoryview,
         ranges: Sequence[tuple[int, int]],
@@ -131,14 +142,14 @@ class CheckpointStorage(Protocol):
         up to the next block (direct I/O from pinned memory)."""
         ...
 
-    def make_durable(self, temporary: Path) -> None:
+    def make_durable(self, temporary: PurePath) -> None:
         """Make every file this process wrote into ``temporary`` survive a crash."""
 
-    async def commit(self, temporary: Path, step: int, manifest: bytes) -> Path:
+    async def commit(self, temporary: PurePath, step: int, manifest: bytes) -> Location:
         """Write ``manifest`` last and make ``temporary`` the committed ``step``."""
         ...
 
-    def abort(self, temporary: Path) -> None:
+    def abort(self, temporary: PurePath) -> None:
         """Delete a temporary that will not be committed."""
 
     def resumed_from(self, step: int) -> None:
@@ -150,7 +161,7 @@ class CheckpointStorage(Protocol):
         """Committed checkpoints, oldest first."""
         ...
 
-    def open_file(self, checkpoint: Path, name: str) -> DataFile:
+    def open_file(self, checkpoint: PurePath, name: str) -> DataFile:
         """File ``name`` of ``checkpoint`` (its manifest or a data file), for ranged reads.
 
         Raises FileNotFoundError when it is missing, and another OSError when it is not a
@@ -158,14 +169,14 @@ class CheckpointStorage(Protocol):
         ...
 
     # -- retention and the ``latest`` hint ---------------------------------------------------
-    def retain(self, keep_last: int | None) -> list[Path]:
+    def retain(self, keep_last: int | None) -> list[PurePath]:
         """Delete all but the newest ``keep_last`` committed checkpoints; what went."""
         ...
 
-    def remove(self, checkpoint: Path) -> None:
+    def remove(self, checkpoint: PurePath) -> None:
         """Hide ``checkpoint`` in one step, then delete its data."""
 
-    def remove_all(self, doomed: list[Path], survivors: list[CheckpointInfo]) -> list[Path]:
+    def remove_all(self, doomed: list[PurePath], survivors: list[CheckpointInfo]) -> list[PurePath]:
         """Remove ``doomed`` (those already gone are skipped), first pointing ``latest`` at
         the newest of ``survivors`` or removing it; what was removed."""
         ...
@@ -191,3 +202,18 @@ class DataFile(Protocol):
         EOFError. Called from several reader threads at once."""
 
     def close(self) -> None: ...
+
+
+def retention_split(
+    committed: list[CheckpointInfo], keep_last: int, last_committed: int | None
+) -> tuple[list[CheckpointInfo], list[CheckpointInfo]]:
+    """(doomed, survivors) of retention over ``committed`` (oldest first), for every backend.
+
+    Only steps up to the writer's last commit count: it is the newest in commit order, so
+    it is never doomed, nor is anything above it (steps this writer did not resume from:
+    nothing newer in commit order may go while they stay). Of those, all but the newest
+    ``keep_last`` are doomed.
+    """
+    mine = [i for i in committed if last_committed is None or i.step <= last_committed]
+    doomed = mine[: max(len(mine) - keep_last, 0)]
+    return doomed, [i for i in committed if i not in doomed]

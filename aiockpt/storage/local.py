@@ -29,7 +29,7 @@ import stat
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, TypeVar
 
 import aiofiles.os
@@ -37,7 +37,7 @@ import aiofiles.os
 from .._format.manifest import MANIFEST_NAME, MAX_STEP
 from .._util.location import local_directory
 from ..errors import CheckpointError, ConfigError, DirectoryLockedError
-from .base import CheckpointInfo, WriterState
+from .base import CheckpointInfo, WriterState, retention_split
 from .commitio import create_file, fsync_directory_async, replace_file_atomically
 from .fileio import (
     fsync_directory,
@@ -354,7 +354,7 @@ class CheckpointStore:
 
     def write_chunk(
         self,
-        temporary: Path,
+        temporary: PurePath,
         name: str,
         data: memoryview,
         ranges: Sequence[tuple[int, int]],
@@ -364,19 +364,19 @@ class CheckpointStore:
         # buffer (buffered pwrite where the filesystem has no O_DIRECT); fsync'd if durable.
         return write_pieces(str(temporary / name), data, ranges, durable=self.durable, room=room)
 
-    def make_durable(self, temporary: Path) -> None:
+    def make_durable(self, temporary: PurePath) -> None:
         # Data files are fsync'd as they are written; what is left is their names.
         if self.durable:
             fsync_directory(str(temporary))
 
-    def abort(self, temporary: Path) -> None:
+    def abort(self, temporary: PurePath) -> None:
         shutil.rmtree(temporary, ignore_errors=True)
 
     def resumed_from(self, step: int) -> None:
         """This writer's state was just restored from ``step`` (restore, or its fallback)."""
         self._resumed_from = step
 
-    async def commit(self, temporary: Path, step: int, manifest: bytes) -> Path:
+    async def commit(self, temporary: PurePath, step: int, manifest: bytes) -> Path:
         """Write the manifest last, then make the checkpoint visible with one rename.
 
         Runs on the event loop; every file and directory operation is awaited through
@@ -446,7 +446,7 @@ class CheckpointStore:
         if above and self.durable:
             await fsync_directory_async(self.root)
 
-    async def _unpublish(self, final: Path, temporary: Path, replaced: Path | None) -> None:
+    async def _unpublish(self, final: Path, temporary: PurePath, replaced: Path | None) -> None:
         try:
             await aiofiles.os.rename(final, temporary)
             if replaced is not None:
@@ -506,14 +506,14 @@ class CheckpointStore:
     def list_committed(self) -> list[CheckpointInfo]:
         return list_checkpoints(self.root)
 
-    def open_file(self, checkpoint: Path, name: str) -> LocalFile:
+    def open_file(self, checkpoint: PurePath, name: str) -> LocalFile:
         # Never through a link, never blocking on a FIFO; the type is checked on the
         # open descriptor, so nothing can be swapped in between the check and the reads.
         fd, info = open_regular(checkpoint / name)
         return LocalFile(fd, info.st_size)
 
     # -- retention ----------------------------------------------------------------------
-    def retain(self, keep_last: int | None) -> list[Path]:
+    def retain(self, keep_last: int | None) -> list[PurePath]:
         """Delete all but the newest ``keep_last`` committed checkpoints; returns what went.
 
         Only steps up to this writer's last commit count: it is the newest in commit
@@ -525,10 +525,7 @@ class CheckpointStore:
         if keep_last is None:
             return []
         committed = list_checkpoints(self.root)
-        last = self._last_committed
-        mine = [i for i in committed if last is None or i.step <= last]
-        doomed = mine[: max(len(mine) - keep_last, 0)]
-        survivors = [i for i in committed if i not in doomed]
+        doomed, survivors = retention_split(committed, keep_last, self._last_committed)
         removed = self.remove_all([info.path for info in doomed], survivors)
         if self._last_committed is not None:
             for entry in os.scandir(self.root):
@@ -538,7 +535,7 @@ class CheckpointStore:
                     removed.append(Path(entry.path))
         return removed
 
-    def remove_all(self, doomed: list[Path], survivors: list[CheckpointInfo]) -> list[Path]:
+    def remove_all(self, doomed: list[PurePath], survivors: list[CheckpointInfo]) -> list[PurePath]:
         """Remove ``doomed``, first pointing ``latest`` at the newest of ``survivors`` (or
         removing it), so that a crash at any point leaves it naming an existing checkpoint
         or absent."""
@@ -557,7 +554,7 @@ class CheckpointStore:
             removed.append(path)
         return removed
 
-    def remove(self, path: Path) -> None:
+    def remove(self, path: PurePath) -> None:
         # Rename first: a directory half-deleted under its step name would look torn.
         trash = self.root / f".trash-{path.name}-{secrets.token_hex(4)}"
         os.rename(path, trash)

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from .._util.console import CliError, TaskProgress, iso_time, task_progress
+from .._util.location import local_directory
 from .._version import __version__
 from ..config import Config, config_from_arguments
 from ..errors import ConfigError
@@ -210,7 +211,8 @@ def _settings(args: argparse.Namespace, config: Config, systems: list[System]) -
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     _resolve(args, device)
-    config = build_config(args, Path(args.directory))  # bad settings fail before any work
+    # Bad settings fail before any work; the bench measures a local disk (never a URL).
+    config = build_config(args, local_directory(args.directory))
     phases = _Phases(args)
     with phases("build"):
         torch.manual_seed(0)
@@ -223,7 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         state_bytes = workload.state_bytes()
     parameters = sum(p.numel() for p in workload.model.parameters())
     _log(args, f"{workload.name}: {parameters:,} parameters, {state_bytes / 1e6:,.1f} MB of state")
-    base = Path(args.directory)
+    base = local_directory(args.directory)
     created = not base.exists()
     base.mkdir(parents=True, exist_ok=True)
     # A directory of its own inside the one given: the bench deletes only what it made.

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._util.location import local_directory
 from .._util.stats import median, p99
 from ..checkpointer import SyncCheckpointer
 from ..config import Config, add_config_arguments, config_from_arguments
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace, config: Config) -> dict[str, Any] | None:
         step()
     sync(device)
     local_bytes = sum(t.numel() * t.element_size() for t in _local_state(model, optimizer))
-    root = Path(args.directory)
+    root = local_directory(args.directory)
     if rank == 0:
         shutil.rmtree(root, ignore_errors=True)
     dist.barrier()
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         # Every rank checks the settings before any of them joins the process group.
-        config = build_config(args, Path(args.directory))
+        config = build_config(args, local_directory(args.directory))
     except ConfigError as exc:
         parser.error(str(exc))
     report = run(args, config)

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from .._util.console import CliError
+from .._util.location import local_directory
 from ..checkpointer import SyncCheckpointer, SyncCheckpointHandle
 from ..config import Config
 from ..storage.local import list_checkpoints
@@ -332,7 +333,9 @@ class AiockptSystem(System):
             shutil.rmtree(info.path, ignore_errors=True)
 
     def files(self) -> list[Path]:
-        return [p for info in list_checkpoints(self.directory) for p in info.path.iterdir()]
+        # The bench writes to a local directory: every path listed is local.
+        listed = list_checkpoints(self.directory)
+        return [p for info in listed for p in local_directory(info.path).iterdir()]
 
     def restore(self) -> None:
         if self.ckpt.restore() is None:
@@ -365,7 +368,10 @@ class TieredSystem(AiockptSystem):
             shutil.rmtree(info.path, ignore_errors=True)
 
     def files(self) -> list[Path]:
-        in_memory = [p for info in list_checkpoints(self.memory) for p in info.path.iterdir()]
+        # The memory tier is a local directory: its checkpoints are local paths.
+        in_memory = [
+            p for info in list_checkpoints(self.memory) for p in Path(str(info.path)).iterdir()
+        ]
         return super().files() + in_memory
 
     def close(self) -> None:

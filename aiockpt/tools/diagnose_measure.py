@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .._engine.staging import GPU_HEADROOM_FRACTION, choose_staging
+from .._util.location import local_directory
 from .._util.shm import derived_memory_directory
 from .._util.stats import median, p99
 from ..checkpointer import SyncCheckpointer, SyncCheckpointHandle
@@ -278,7 +279,7 @@ def measure(
     gpu = _gpu_memory(device)
     # Asked before the checkpointer allocates its own GPU buffer, as at its first checkpoint.
     auto = choose_staging("auto", device, workload.state_bytes()) if gpu is not None else None
-    root = Path(config.directory)
+    root = local_directory(config.directory)  # it measures a local disk
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".diagnose-", dir=root))
