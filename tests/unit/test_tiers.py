@@ -115,7 +115,7 @@ def test_python_dicts_and_dataclasses_are_the_same(tmp_path: Path):
         ({"memory": {"directory": ""}}, "memory.directory = '' is empty"),
         ({"memory": 5}, "memory = 5 has the wrong type"),
         ({"remote": {"interval_steps": 5}}, "remote.url is missing"),
-        ({"remote": {"url": "s3://bucket/run"}}, "remote.url: directory 's3://bucket/run'"),
+        ({"remote": {"url": "gs://bucket/run"}}, "remote.url: directory 'gs://bucket/run'"),
         ({"remote": {"url": "/r", "on_backpressure": "wait"}}, "remote.on_backpressure"),
         ({"remote": {"url": "/r", "max_pending": 0}}, "remote.max_pending = 0 is out of range"),
         ({"remote": {"url": "/r", "keep_last": True}}, "remote.keep_last = True has the wrong"),
