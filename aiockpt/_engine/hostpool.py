@@ -6,7 +6,11 @@ held a training step for the whole 2.7 s it took. Here each buffer is an anonymo
 of its own, advised to use huge pages where the kernel gives them, its pages faulted in by
 the kernel and then registered with the driver (``cudaHostRegister``), which pins it without
 that lock. One background thread does this one buffer at a time, pausing between buffers so
-that the training thread's own driver calls get through.
+that the training thread's own driver calls get through. Measured on an H200 host (torch
+2.11, huge pages granted): mapping and faulting in 256 MiB took ~60 ms and registering it
+~12 ms, both with the GIL released, so a 4.25 GB pool is ready about 1.2 s after the
+Checkpointer is made; copies from the GPU into it ran at 46 GB/s (55 GB/s into memory
+torch pinned, 5.4 GB/s pageable).
 
 A buffer is exactly one registration, so no copy ever spans two of them (a range spanning
 two registrations is not promised to be treated as page-locked). Without GPU state the
@@ -31,9 +35,6 @@ __all__ = ["MappedMemory", "PAGE_BYTES", "PoolFiller", "map_host_memory", "page_
 logger = logging.getLogger(__name__)
 
 PAGE_BYTES = mmap.PAGESIZE
-# madvise(MADV_POPULATE_WRITE), Linux 5.14 and later: fault every page in with one call.
-# Python's mmap module does not name it; older kernels refuse it and the pages are touched.
-_MADV_POPULATE_WRITE = 23
 # cudaHostRegisterPortable: page-locked for every device's context, not only the current one.
 _REGISTER_PORTABLE = 1
 # Between two buffers the filler sleeps this long: the training thread's driver calls (a
@@ -76,10 +77,10 @@ def map_host_memory(nbytes: int, *, pin: bool) -> MappedMemory:
     with suppress(AttributeError, OSError):
         mapping.madvise(mmap.MADV_HUGEPAGE)
     data = torch.frombuffer(mapping, dtype=torch.uint8)
-    try:
-        mapping.madvise(_MADV_POPULATE_WRITE)
-    except OSError:
-        data[::PAGE_BYTES].fill_(0)  # one write per page faults it in
+    # One write per page faults it all in, through torch, which releases the GIL while it
+    # runs: madvise(MADV_POPULATE_WRITE) was as fast on an H200 host (~50 ms per 256 MiB)
+    # but Python's mmap.madvise holds the GIL, which slowed another thread tenfold.
+    data[::PAGE_BYTES].fill_(0)
     pinned = False
     if pin:
         status = torch.cuda.cudart().cudaHostRegister(data.data_ptr(), size, _REGISTER_PORTABLE)
