@@ -14,6 +14,12 @@ One captured snapshot moves through these states::
 The write semaphore has max_async x chunks-per-checkpoint slots, so no chunk of any
 in-flight checkpoint ever queues behind another chunk; the writer threads (num_threads)
 are the only bound on concurrent I/O.
+
+Copy tasks take host buffers in the order they ask, so a pool smaller than the state
+(``pinned_ratio`` < 1) is a ring: chunks stream from the GPU staging buffer through it as
+writes free its buffers. Chunks captured straight to host memory that the pool cannot
+hold at once arrive late (``Job.late_indices``): the pipeline starts before the capture
+ends, writes the first ones, and each later one comes through ``deliver``.
 """
 
 from __future__ import annotations
