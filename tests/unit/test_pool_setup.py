@@ -160,15 +160,17 @@ def test_a_module_given_to_the_constructor_starts_the_pool_before_any_checkpoint
 # -- a pool smaller than the state ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("use_monitor", [True, False])
+@pytest.mark.parametrize(
+    ("use_monitor", "ratio"), [(True, 0.1), (False, 0.1), (True, 0.01), (False, 0.01)]
+)
 def test_a_small_pool_captures_cpu_state_in_pieces_without_deadlock(
-    tmp_path: Path, use_monitor: bool, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, use_monitor: bool, ratio: float, caplog: pytest.LogCaptureFixture
 ) -> None:
     state = uneven_state(count=30, seed=1)
     config = make_config(
         tmp_path,
         chunk_size_mb=0.25,
-        pinned_ratio=0.1,
+        pinned_ratio=ratio,  # 0.01: a single buffer for every chunk of two checkpoints
         max_async=2,
         keep_last=5,
         use_monitor=use_monitor,
@@ -245,3 +247,21 @@ def test_copy_tasks_take_buffers_in_the_order_they_asked() -> None:
         return order
 
     assert run(scenario()) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("use_monitor", [True, False])
+def test_a_checkpoint_right_after_construction_waits_for_its_buffers_and_is_exact(
+    tmp_path: Path, use_monitor: bool
+) -> None:
+    torch.manual_seed(3)
+    model = torch.nn.Linear(2048, 4096)  # 32 MiB: mapped on the filler thread
+    expected = clone_state(model.state_dict())
+    config = make_config(tmp_path, chunk_size_mb=4, use_monitor=use_monitor)
+    with aiockpt.SyncCheckpointer(config, model=model) as ckpt:
+        handle = ckpt.checkpoint(1)  # CPU state: the capture copies into the pool
+        with torch.no_grad():
+            model.weight.add_(1.0)  # after the capture: not in the checkpoint
+        assert handle.wait() is not None
+        staging = ckpt.staging
+        assert staging is not None and staging.host_pool_ready_bytes == staging.host_pool_bytes
+    assert_state_equal(aiockpt.load(config.directory / "step-1")["model"], expected)
