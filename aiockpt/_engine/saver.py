@@ -180,7 +180,7 @@ class Saver:
                 "captured to host memory (staging %s): each checkpoint() waits until all "
                 "but the last pool-full of it is written. Raise pinned_ratio to 1 for "
                 "captures in milliseconds (CheckpointMetrics.captured_in_pieces counts "
-                "the chunks that waited)",
+                "the chunks captured this way)",
                 self.config.pinned_ratio,
                 sum(sizes) / 2**20,
                 sum(host_captured) / 2**20,
