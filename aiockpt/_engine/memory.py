@@ -155,12 +155,6 @@ class StagingMemory:
     def _ready_nbytes(self) -> int:
         return sum(b.capacity for b in self._buffers)
 
-    @property
-    def buffer_bytes(self) -> int:
-        """The largest buffer's size, mapped or asked for."""
-        with self._lock:
-            return max([b.capacity for b in self._buffers] + list(self._pending), default=0)
-
     def plan_host(
         self,
         sizes: Iterable[int],
@@ -172,8 +166,9 @@ class StagingMemory:
         """Make the pool these buffer sizes, mapping what is missing in the background.
 
         Buffers of a wanted size are kept, the rest released; with nothing in flight (only
-        lent buffers may be out, and they are not touched). ``device``: where the state
-        lives, whose context pins the memory. ``chunk_bytes``: what each chunk needs.
+        lent buffers may be out: one not wanted is released when it comes back).
+        ``device``: where the state lives, whose context pins the memory.
+        ``chunk_bytes``: what each chunk needs.
         """
         wanted = Counter(page_rounded(size) for size in sizes)
         with self._lock:
@@ -189,8 +184,7 @@ class StagingMemory:
                 elif buffer in self._free:
                     self._free.remove(buffer)
                     _release(buffer)
-                else:
-                    keep.append(buffer)  # lent out: comes back, then is kept
+                # else lent out (to a restore's reads): released when it comes back
             self._buffers = keep
             self._pending = +room
             self._fill_error = None

@@ -165,14 +165,14 @@ class Saver:
         # buffers the pool already maps (from the guess at construction) are kept.
         sizes = pool_sizes([c.nbytes for c in layout.chunks], self.config.pinned_ratio)
         host_captured = [c.nbytes for c in layout.chunks if modes[c.device] != "gpu"]
-        in_pieces = not covers(sizes, host_captured)
+        at_once = _held_at_once(sizes, host_captured)
         self.memory.plan_host(
             sizes,
             pin=any(d.type == "cuda" for d in layout.devices),
             device=next((d for d in layout.devices if d.type == "cuda"), None),
             chunk_bytes={c.index: c.nbytes for c in layout.chunks},
         )
-        capturer = Capturer(layout, self.memory, modes, in_pieces=in_pieces)
+        capturer = Capturer(layout, self.memory, modes, host_at_once=at_once)
         if capturer.in_pieces and not self._said_in_pieces and is_rank_zero():
             self._said_in_pieces = True
             logger.warning(
@@ -269,6 +269,21 @@ class Saver:
         self.closed = True
         self.capturer = None  # its cached views would keep the buffers alive
         self.guard.remove()
+
+
+def _held_at_once(buffer_sizes: list[int], chunk_sizes: list[int]) -> int | None:
+    """How many of these chunks, from the first, a pool of these buffers holds at once;
+    None when it holds them all."""
+    if covers(buffer_sizes, chunk_sizes):
+        return None
+    low, high = 0, len(chunk_sizes)  # covers the first `low`, not the first `high`
+    while high - low > 1:
+        middle = (low + high) // 2
+        if covers(buffer_sizes, chunk_sizes[:middle]):
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 def _aligned_total(flat: FlatState) -> int:

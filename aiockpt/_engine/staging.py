@@ -119,7 +119,7 @@ class Capturer:
         memory: StagingMemory,
         modes: dict[torch.device, str],
         *,
-        in_pieces: bool = False,
+        host_at_once: int | None = None,
     ):
         self.layout = layout
         self.memory = memory
@@ -130,11 +130,13 @@ class Capturer:
         # What admission must reserve, the same for every checkpoint of this layout.
         self.gpu_devices = {d for d, mode in modes.items() if mode == "gpu"}
         host_captured = [c for c in layout.chunks if modes[c.device] != "gpu"]
-        # A host pool smaller than the chunks captured to host: capture takes buffers one
-        # chunk at a time (``capture_piece``), while the first chunks are being written.
-        self.in_pieces = in_pieces and bool(host_captured)
-        self.late_chunks = host_captured if self.in_pieces else []
-        self.host_captured_chunks = [] if self.in_pieces else [c.index for c in host_captured]
+        # A host pool smaller than the chunks captured to host holds the first
+        # ``host_at_once`` of them, taken at admission; capture takes buffers for the rest
+        # one chunk at a time (``capture_piece``) while the first ones are being written.
+        at_once = len(host_captured) if host_at_once is None else host_at_once
+        self.host_captured_chunks = [c.index for c in host_captured[:at_once]]
+        self.late_chunks = host_captured[at_once:]
+        self.in_pieces = bool(self.late_chunks)
         self.nbytes = layout.nbytes
 
     def copy_stream(self, device: torch.device) -> torch.cuda.Stream:
@@ -156,13 +158,11 @@ class Capturer:
             mode = self.modes[device]
             if mode == "gpu":
                 gpu_ready[device] = self._capture_to_gpu(device, tensors)
-            elif self.in_pieces:
-                continue  # captured chunk by chunk afterwards (capture_piece)
             elif mode == "host":
                 event = self._capture_to_host(device, tensors, admission.host, non_blocking=True)
-                assert event is not None
-                guard.add(event)
-                host_ready[device] = event
+                if event is not None:  # None: all of this device's chunks come later
+                    guard.add(event)
+                    host_ready[device] = event
             else:
                 self._capture_to_host(device, tensors, admission.host, non_blocking=False)
         return host_ready, gpu_ready
@@ -243,6 +243,8 @@ class Capturer:
             for view, index, start, length in copies.pieces:
                 destinations.append(view)
                 sources.append(_flat_bytes(tensors[index])[start : start + length])
+        if not destinations:
+            return None  # every chunk of this device is captured later, in pieces
         if not non_blocking:
             torch._foreach_copy_(destinations, sources)
             return None
