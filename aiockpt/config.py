@@ -457,6 +457,9 @@ class Config:
         chunk_count: the number of chunks instead.
         num_threads: writer threads.
         pinned_ratio: size of the host buffer pool as a multiple of the state size.
+            Below 1, chunks staged on the GPU stream through the pool; state captured
+            to host memory (host staging, CPU tensors) is then captured in pieces, and
+            ``checkpoint()`` waits while the first pieces are written.
         staging: where the snapshot is staged: ``"gpu"``, ``"host"`` or ``"auto"``.
         use_monitor: run the pipeline on a background thread with its own uvloop event
             loop; false runs it on the caller's running loop (SyncCheckpointer then blocks

@@ -77,6 +77,11 @@ class CheckpointMetrics:
         commit_ms: writing the manifest and renaming the directory into place.
         persist_seconds: from capture to durable commit.
         chunk_spans: when each chunk was copied, queued and written (``ChunkSpan``).
+        captured_in_pieces: chunks captured one at a time, each into a host buffer freed
+            by the write of an earlier one, because the host pool is smaller than the
+            state captured to host memory (``pinned_ratio`` < 1 with host staging or CPU
+            tensors); 0 normally. ``capture_ms`` then includes writing all but the last
+            pool-full of them.
     """
 
     step: int
@@ -93,6 +98,7 @@ class CheckpointMetrics:
     persist_seconds: float = 0.0  # from capture to durable commit
     # One per chunk this process wrote, by chunk index; empty until the chunks are written.
     chunk_spans: list[ChunkSpan] = field(default_factory=list, repr=False)
+    captured_in_pieces: int = 0
 
     @staticmethod
     def _rate(nbytes: int, seconds: float) -> float:
@@ -243,6 +249,9 @@ class StagingSummary:
         gpu_staging_bytes: bytes of the GPU staging buffer, by device name.
         modes: the staging chosen, by device name.
         in_flight: checkpoints holding an in-flight place now (at most ``max_async``).
+        host_pool_ready_bytes: of ``host_pool_bytes``, what is mapped (and pinned) so
+            far: the pool is set up in the background from the moment the Checkpointer
+            is made, and a copy that needs a buffer not ready yet waits for it.
     """
 
     host_pool_bytes: int
@@ -252,6 +261,7 @@ class StagingSummary:
     gpu_staging_bytes: dict[str, int]
     modes: dict[str, str]
     in_flight: int  # checkpoints holding an in-flight place now (at most max_async)
+    host_pool_ready_bytes: int = 0
 
 
 @dataclass(frozen=True)

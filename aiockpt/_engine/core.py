@@ -102,6 +102,7 @@ class Core:
             self.failures,
             self.stats,
         )
+        self.saver.plan_pool_early()  # pins in the background while the user sets up
         self.restorer = Restorer(
             config, self.objects, self.ranks, self.store, self.memory, self.pipeline, self.stats
         )

@@ -14,6 +14,12 @@ One captured snapshot moves through these states::
 The write semaphore has max_async x chunks-per-checkpoint slots, so no chunk of any
 in-flight checkpoint ever queues behind another chunk; the writer threads (num_threads)
 are the only bound on concurrent I/O.
+
+Copy tasks take host buffers in the order they ask, so a pool smaller than the state
+(``pinned_ratio`` < 1) is a ring: chunks stream from the GPU staging buffer through it as
+writes free its buffers. Chunks captured straight to host memory that the pool cannot
+hold at once arrive late (``Job.late_indices``): the pipeline starts before the capture
+ends, writes the first ones, and each later one comes through ``deliver``.
 """
 
 from __future__ import annotations
@@ -83,6 +89,20 @@ class Job:
     kinds: dict[str, str] = field(default_factory=dict)
     # perf_counter() when the capture began: chunk spans are measured from it.
     origin: float = 0.0
+    # Chunks captured in pieces after the pipeline started (the pool could not hold them
+    # all): each arrives through ``Pipeline.deliver`` with its buffer and its copy's event.
+    late_indices: frozenset[int] = frozenset()
+    late: dict[int, asyncio.Future[tuple[HostBuffer, torch.cuda.Event | None]]] = field(
+        default_factory=dict
+    )
+    ended: bool = False
+
+    def late_piece(self, index: int) -> asyncio.Future[tuple[HostBuffer, torch.cuda.Event | None]]:
+        """The future of a late chunk (on the loop; made by whichever side comes first)."""
+        future = self.late.get(index)
+        if future is None:
+            future = self.late[index] = asyncio.get_running_loop().create_future()
+        return future
 
 
 @dataclass(frozen=True)
@@ -152,6 +172,31 @@ class Pipeline:
             committed.set_result(None)
         await self.memory.give_back(admission.host.values(), admission.gpu_devices, finished=True)
 
+    async def deliver(
+        self, job: Job, index: int, buffer: HostBuffer, ready: torch.cuda.Event | None
+    ) -> None:
+        """Hand a chunk captured in pieces to its pipeline (on the loop)."""
+        if job.ended:  # it failed meanwhile: nothing will write this chunk
+            if ready is not None:
+                ready.synchronize()
+            await self.memory.give_back([buffer])
+            return
+        job.late_piece(index).set_result((buffer, ready))
+
+    async def fail_late(self, job: Job, task: asyncio.Task[Any], exc: BaseException) -> None:
+        """The capture in pieces of ``job`` failed: its pipeline (``task``) stops waiting,
+        fails and gives everything back; its error is the capture's, raised by the caller."""
+        if not job.ended:
+            for index in job.late_indices:
+                future = job.late_piece(index)
+                if not future.done():
+                    future.set_exception(
+                        CheckpointError(f"step {job.snapshot.step} was not captured: {exc}")
+                    )
+        await asyncio.wait([task])
+        if not task.cancelled():
+            task.exception()  # retrieved: reported once, as the capture's error
+
     async def drain(self, *, cancel: bool = False) -> None:
         """Wait until nothing is in flight (errors stay with their handles).
 
@@ -213,7 +258,7 @@ class Pipeline:
     async def _begin(self, job: Job) -> Location:
         snapshot = job.snapshot
         for chunk in snapshot.layout.chunks:
-            if chunk.index not in snapshot.admission.host:
+            if chunk.index not in snapshot.admission.host and chunk.index not in job.late_indices:
                 job.gpu_chunks_left[chunk.device] = job.gpu_chunks_left.get(chunk.device, 0) + 1
         try:
             return await self.store.begin(snapshot.step, job.shared_directory)
@@ -288,8 +333,16 @@ class Pipeline:
             logger.warning("%s is committed, but retention failed: %s", final, exc)
 
     async def _finish(self, job: Job) -> None:
+        job.ended = True
         if not job.committed.done():
             job.committed.set_result(None)
+        # Late chunks delivered but never taken (the job failed first) give their buffer back.
+        for future in job.late.values():
+            if future.done() and not future.cancelled() and future.exception() is None:
+                buffer, ready = future.result()
+                if ready is not None:
+                    ready.synchronize()
+                await self.memory.give_back([buffer])
         leftover_gpu = [d for d, n in job.gpu_chunks_left.items() if n > 0]
         await self.memory.give_back(gpu=leftover_gpu, finished=True)
 
@@ -438,13 +491,19 @@ class Pipeline:
         buffer = snapshot.admission.host.get(chunk.index)
         buffers_to_return: list[HostBuffer] = []
         try:
-            if buffer is not None:
+            if chunk.index in job.late_indices:
+                buffer, late_ready = await job.late_piece(chunk.index)
+                del job.late[chunk.index]  # taken: this task gives the buffer back
+                buffers_to_return.append(buffer)
+                if late_ready is not None:
+                    await wait_cuda_event(late_ready, self.event_waiter)
+            elif buffer is not None:
                 buffers_to_return.append(buffer)
                 ready = snapshot.host_ready.get(chunk.device)
                 if ready is not None:
                     await wait_cuda_event(ready, self.event_waiter)
             else:
-                buffer = await self.memory.take_host_buffer()
+                buffer = await self.memory.take_host_buffer(chunk.nbytes)
                 buffers_to_return.append(buffer)
                 copy_start = time.perf_counter()
                 event = job.capturer.copy_chunk_to_host(

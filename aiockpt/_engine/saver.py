@@ -7,8 +7,8 @@ the one body of both front-ends' ``checkpoint()``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -30,8 +30,9 @@ from .capture.limits import StateLimits, check_layout
 from .failures import AnyFuture, FailureLog
 from .layers import tensor_layers
 from .layout import ALIGNMENT, describe, layout_signature, plan_layout, plan_layout_for_count
-from .memory import StagingMemory
+from .memory import StagingMemory, covers, pool_sizes
 from .pipeline import Admitted, Job, Pipeline
+from .presize import estimate_chunk_sizes
 from .runtime import Runtime
 from .staging import CaptureGuard, Capturer, Snapshot, choose_staging
 
@@ -75,7 +76,24 @@ class Saver:
         # The FlatState.structure last found to match the layout: the same object again
         # means the same dtypes, shapes and devices, so the layout still fits.
         self._fitting_structure: object | None = None
+        self._said_in_pieces = False
         self.closed = False
+
+    def plan_pool_early(self) -> None:
+        """Start mapping (and pinning) the host pool now, from the state's likely size, so
+        that the first checkpoint finds it ready instead of pinning on the training thread.
+
+        One process only: with many ranks each writes a share the guess cannot know.
+        """
+        if self.ranks is not None:
+            return
+        chunks = estimate_chunk_sizes(self.objects, self.config.chunk_bytes)
+        devices = [torch.device(d) for d in chunks if d.startswith(("cpu", "cuda"))]
+        sizes = pool_sizes(
+            [size for d in devices for size in chunks[str(d)]], self.config.pinned_ratio
+        )
+        cuda = next((d for d in devices if d.type == "cuda"), None)
+        self.memory.plan_host(sizes, pin=cuda is not None, device=cuda)
 
     def check_can_checkpoint(self, step: int) -> None:
         if self.closed:
@@ -144,15 +162,31 @@ class Saver:
             start, end = layout.device_span(device)
             modes[device] = choose_staging(self.config.staging, device, end - start)
         self.memory.drop_gpu_buffers()
-        capturer = Capturer(layout, self.memory, modes)
-        largest = max((c.nbytes for c in layout.chunks), default=0)
-        buffer_bytes = max(-(-largest // 4096) * 4096, 4096)
-        # Whole chunks: pinned_ratio = 2 must hold two whole checkpoints, even when the
-        # last chunk is small.
-        wanted = math.ceil(self.config.pinned_ratio * len(layout.chunks))
-        floor = len(capturer.host_captured_chunks) + (1 if capturer.gpu_devices else 0)
-        pin = any(d.type == "cuda" for d in layout.devices)
-        self.memory.resize_host(buffer_bytes, max(wanted, floor, 1), pin=pin)
+        # One buffer per chunk and per whole unit of pinned_ratio, each the chunk's size:
+        # buffers the pool already maps (from the guess at construction) are kept.
+        sizes = pool_sizes([c.nbytes for c in layout.chunks], self.config.pinned_ratio)
+        host_captured = [c.nbytes for c in layout.chunks if modes[c.device] != "gpu"]
+        at_once = _held_at_once(sizes, host_captured)
+        self.memory.plan_host(
+            sizes,
+            pin=any(d.type == "cuda" for d in layout.devices),
+            device=next((d for d in layout.devices if d.type == "cuda"), None),
+            chunk_bytes={c.index: c.nbytes for c in layout.chunks},
+        )
+        capturer = Capturer(layout, self.memory, modes, host_at_once=at_once)
+        if capturer.in_pieces and not self._said_in_pieces and is_rank_zero():
+            self._said_in_pieces = True
+            logger.warning(
+                "the host pool (pinned_ratio = %s: %.1f MiB) cannot hold the %.1f MiB "
+                "captured to host memory (staging %s): each checkpoint() waits until all "
+                "but the last pool-full of it is written. Raise pinned_ratio to 1 for "
+                "captures in milliseconds (CheckpointMetrics.captured_in_pieces counts "
+                "the chunks captured this way)",
+                self.config.pinned_ratio,
+                sum(sizes) / 2**20,
+                sum(host_captured) / 2**20,
+                {str(d): m for d, m in modes.items()},
+            )
         if any(mode == "host" for mode in modes.values()):
             self.guard.install(self.objects.values())
         self.capturer = capturer
@@ -197,20 +231,24 @@ class Saver:
             share=share or {},
             kinds=self.kinds,
             origin=origin,
+            late_indices=frozenset(c.index for c in self.capturer.late_chunks),
         )
 
     # -- what the last layout set up, published read-only -----------------------------------
     def staging_summary(self) -> StagingSummary | None:
-        if self.capturer is None:
-            return None
         memory = self.memory
+        if self.capturer is None and (self.closed or not memory.host_buffer_count):
+            return None  # nothing set up yet (the pool starts at construction if it can)
         return StagingSummary(
             host_pool_bytes=memory.host_nbytes,
             host_buffers=memory.host_buffer_count,
             host_buffers_free=memory.free_host_buffer_count,
             pinned=memory.pinned,
+            host_pool_ready_bytes=memory.host_ready_nbytes,
             gpu_staging_bytes={str(d): n for d, n in memory.gpu_nbytes().items()},
-            modes={str(d): mode for d, mode in self.capturer.modes.items()},
+            modes={}
+            if self.capturer is None
+            else {str(d): m for d, m in self.capturer.modes.items()},
             in_flight=memory.in_flight,
         )
 
@@ -234,6 +272,21 @@ class Saver:
         self.guard.remove()
 
 
+def _held_at_once(buffer_sizes: list[int], chunk_sizes: list[int]) -> int | None:
+    """How many of these chunks, from the first, a pool of these buffers holds at once;
+    None when it holds them all."""
+    if covers(buffer_sizes, chunk_sizes):
+        return None
+    low, high = 0, len(chunk_sizes)  # covers the first `low`, not the first `high`
+    while high - low > 1:
+        middle = (low + high) // 2
+        if covers(buffer_sizes, chunk_sizes[:middle]):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
 def _aligned_total(flat: FlatState) -> int:
     return sum(-(-t.numel() * t.element_size() // ALIGNMENT) * ALIGNMENT for t in flat.tensors)
 
@@ -255,7 +308,7 @@ async def checkpoint(
     if not block and saver.capturer is not None:
         # A request that will be skipped must not pay for state_dict() and flattening.
         capturer = saver.capturer
-        if not saver.memory.would_admit(capturer.gpu_devices, len(capturer.host_captured_chunks)):
+        if not saver.memory.would_admit(capturer.gpu_devices, capturer.host_captured_chunks):
             return await _skip(saver, metrics, shared_directory, bridge), None
     full = saver.flatten()
     flat, share = saver.share(full)
@@ -274,18 +327,53 @@ async def checkpoint(
     if admitted is None:
         return await _skip(saver, metrics, shared_directory, bridge), None
     share_fields = None if share is None else share.fields(full.names)
+    task: asyncio.Task[Location | None] | None = None
     try:
         job = saver.capture(step, flat, admitted, metrics, started, share_fields, shared_directory)
-    except BaseException:
-        # Nothing will persist this admission: give it back, or later checkpoints would
-        # wait for its memory and its commit forever.
-        saver.runtime.submit(saver.pipeline.abandon(admitted))
+        if job.late_indices:
+            # The pool cannot hold it all: the first chunks must be written (and their
+            # buffers freed) while the capture takes the next ones. The task runs on the
+            # loop whenever the loop runs (with no monitor thread: inside each bridge call).
+            task = await bridge(_launch(saver.pipeline, job))
+            await _capture_in_pieces(saver, flat, job, bridge)
+    except BaseException as exc:
+        if task is None:
+            # Nothing will persist this admission: give it back, or later checkpoints
+            # would wait for its memory and its commit forever.
+            saver.runtime.submit(saver.pipeline.abandon(admitted))
+        else:
+            # Its pipeline gives everything back as it fails; the error is this one.
+            await bridge(saver.pipeline.fail_late(job, task, exc))
         raise
     metrics.capture_ms = (time.perf_counter() - started) * 1e3
-    background = _start(saver.pipeline, job)
+    background = _start(saver.pipeline, job) if task is None else _finished(task)
     future = saver.runtime.submit(background if persist is None else persist(background))
     saver.failures.started(step, metrics, future)
     return metrics, future
+
+
+async def _capture_in_pieces(saver: Saver, flat: FlatState, job: Job, bridge: Bridge) -> None:
+    """Capture the chunks that wait for host buffers, one at a time, in order."""
+    memory, capturer = saver.memory, job.capturer
+    for chunk in capturer.late_chunks:
+        buffer = memory.take_host_buffer_now(chunk.nbytes)
+        if buffer is None:
+            buffer = await bridge(memory.take_host_buffer(chunk.nbytes))
+        try:
+            ready = capturer.capture_piece(chunk, flat.tensors, buffer, saver.guard)
+        except BaseException:
+            await bridge(memory.give_back([buffer]))
+            raise
+        await bridge(saver.pipeline.deliver(job, chunk.index, buffer, ready))
+    job.metrics.captured_in_pieces = len(capturer.late_chunks)
+
+
+async def _launch(pipeline: Pipeline, job: Job) -> asyncio.Task[Location | None]:
+    return pipeline.start(job)
+
+
+async def _finished(task: asyncio.Task[Location | None]) -> Location | None:
+    return await task
 
 
 async def _skip(

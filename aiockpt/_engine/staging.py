@@ -113,7 +113,14 @@ class Capturer:
     reads) is prepared once, so a capture issues its copies with no per-tensor Python work.
     """
 
-    def __init__(self, layout: Layout, memory: StagingMemory, modes: dict[torch.device, str]):
+    def __init__(
+        self,
+        layout: Layout,
+        memory: StagingMemory,
+        modes: dict[torch.device, str],
+        *,
+        host_at_once: int | None = None,
+    ):
         self.layout = layout
         self.memory = memory
         self.modes = modes
@@ -122,7 +129,14 @@ class Capturer:
         self._host_copies: dict[tuple[int, int], _HostCopies] = {}
         # What admission must reserve, the same for every checkpoint of this layout.
         self.gpu_devices = {d for d, mode in modes.items() if mode == "gpu"}
-        self.host_captured_chunks = [c.index for c in layout.chunks if modes[c.device] != "gpu"]
+        host_captured = [c for c in layout.chunks if modes[c.device] != "gpu"]
+        # A host pool smaller than the chunks captured to host holds the first
+        # ``host_at_once`` of them, taken at admission; capture takes buffers for the rest
+        # one chunk at a time (``capture_piece``) while the first ones are being written.
+        at_once = len(host_captured) if host_at_once is None else host_at_once
+        self.host_captured_chunks = [c.index for c in host_captured[:at_once]]
+        self.late_chunks = host_captured[at_once:]
+        self.in_pieces = bool(self.late_chunks)
         self.nbytes = layout.nbytes
 
     def copy_stream(self, device: torch.device) -> torch.cuda.Stream:
@@ -146,9 +160,9 @@ class Capturer:
                 gpu_ready[device] = self._capture_to_gpu(device, tensors)
             elif mode == "host":
                 event = self._capture_to_host(device, tensors, admission.host, non_blocking=True)
-                assert event is not None
-                guard.add(event)
-                host_ready[device] = event
+                if event is not None:  # None: all of this device's chunks come later
+                    guard.add(event)
+                    host_ready[device] = event
             else:
                 self._capture_to_host(device, tensors, admission.host, non_blocking=False)
         return host_ready, gpu_ready
@@ -221,14 +235,16 @@ class Capturer:
         destinations: list[torch.Tensor] = []
         sources: list[torch.Tensor] = []
         for chunk in self.layout.chunks:
-            if chunk.device != device:
-                continue
+            if chunk.device != device or chunk.index not in buffers:
+                continue  # another device's, or captured later in pieces
             copies = self._host_destinations(chunk, buffers[chunk.index])
             destinations += copies.views
             sources += copies.pick(tensors)
             for view, index, start, length in copies.pieces:
                 destinations.append(view)
                 sources.append(_flat_bytes(tensors[index])[start : start + length])
+        if not destinations:
+            return None  # every chunk of this device is captured later, in pieces
         if not non_blocking:
             torch._foreach_copy_(destinations, sources)
             return None
@@ -239,6 +255,23 @@ class Capturer:
                 torch._foreach_copy_(destinations, sources, non_blocking=True)
                 event = _blocking_event()
                 event.record(side)
+        return event
+
+    def capture_piece(
+        self, chunk: Chunk, tensors: list[torch.Tensor], buffer: HostBuffer, guard: CaptureGuard
+    ) -> torch.cuda.Event | None:
+        """Capture one chunk straight to ``buffer`` (a capture in pieces); the event its
+        bytes are in host memory after (None: there already)."""
+        if len(self._host_copies) > 4 * len(self.layout.chunks):
+            # Pieces land in whichever buffer is free: keep the cache of views bounded.
+            self._host_copies.clear()
+        buffers = {chunk.index: buffer}
+        if self.modes[chunk.device] == "cpu":
+            self._capture_to_host(chunk.device, tensors, buffers, non_blocking=False)
+            return None
+        event = self._capture_to_host(chunk.device, tensors, buffers, non_blocking=True)
+        assert event is not None
+        guard.add(event)
         return event
 
     # -- copy tasks: GPU staging buffer -> host buffer --------------------------------

@@ -53,6 +53,7 @@ from .bench_systems import (
     System,
     TieredSystem,
     TorchSave,
+    cold_starts,
     restore_timed,
     train_round,
     warm_up,
@@ -128,27 +129,34 @@ def build_config(args: argparse.Namespace, root: Path) -> Config:
         raise CliError(str(exc), code=2) from None
 
 
-def _systems(
+def _factories(
     args: argparse.Namespace, workload: Workload, root: Path, config: Config
-) -> list[System]:
+) -> list[Callable[[], System]]:
+    """One maker per system to measure, in the order asked."""
+    makers: list[Callable[[], System]] = []
+    for name in args.systems:
+        if name == "none":
+            makers.append(partial(NoCheckpoint, workload, root / "none"))
+        elif name == "torch.save":
+            makers.append(partial(TorchSave, workload, root / "torch_save"))
+        elif name == "dcp":
+            makers.append(partial(DcpSystem, workload, root / "dcp", config.num_threads))
+        elif name == "tiered":
+            for staging in args.staging:
+                directory = root / f"aiockpt-{staging}-tiered"
+                makers.append(partial(TieredSystem, workload, directory, staging, config))
+        else:
+            for staging in args.staging:
+                directory = root / f"aiockpt-{staging}"
+                makers.append(partial(AiockptSystem, workload, directory, staging, config))
+    return makers
+
+
+def _systems(makers: list[Callable[[], System]]) -> list[System]:
     systems: list[System] = []
     try:
-        for name in args.systems:
-            if name == "none":
-                systems.append(NoCheckpoint(workload, root / "none"))
-            elif name == "torch.save":
-                systems.append(TorchSave(workload, root / "torch_save"))
-            elif name == "dcp":
-                systems.append(DcpSystem(workload, root / "dcp", config.num_threads))
-            elif name == "tiered":
-                for staging in args.staging:
-                    path = root / f"aiockpt-{staging}-tiered"
-                    systems.append(TieredSystem(workload, path, staging, config))
-            else:
-                for staging in args.staging:
-                    systems.append(
-                        AiockptSystem(workload, root / f"aiockpt-{staging}", staging, config)
-                    )
+        for make in makers:
+            systems.append(make())
     except BaseException:
         for system in systems:
             system.close()
@@ -235,8 +243,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with phases("limits"):
             limits = measure_limits(root / "limits", state_bytes, config.num_threads).to_dict()
         _log(args, "limits: " + _limits_line(limits))
-        systems = _systems(args, workload, root, config)
+        makers = _factories(args, workload, root, config)
+        cold: dict[str, Any] = {}
+        if args.cold_start:
+            with phases("cold start"):
+                cold = cold_starts(
+                    makers,
+                    workload,
+                    steps=args.steps,
+                    interval=args.checkpoint_interval,
+                    device=device,
+                    log=partial(_log, args),
+                )
+        systems = _systems(makers)
         report = _report(args, config, workload, device, parameters, state_bytes, limits, systems)
+        report["cold_start"] = cold
         restores = sum(s.checkpoints for s in systems)
         units = (1 + args.rounds) * len(systems) + restores
         with task_progress(units, enabled=not args.json) as progress:

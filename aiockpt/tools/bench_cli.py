@@ -95,6 +95,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument(
         "--directory", default="bench-checkpoints", metavar="DIR", help="where files go"
     )
+    run_group.add_argument(
+        "--no-cold-start",
+        dest="cold_start",
+        action="store_false",
+        help="skip the time to reach --steps steps from a fresh system (set-up included)",
+    )
     knobs = parser.add_argument_group(
         "aiockpt settings (override AIOCKPT_* variables and --config)"
     )

@@ -94,8 +94,10 @@ def _main_table(systems: dict[str, Any]) -> list[str]:
         interval = _num(s["achieved_interval"], ".1f")
         if s["checkpoints_skipped"]:
             interval += f" ({s['checkpoints_skipped']} skipped)"
+        noise = s.get("throughput_vs_none")
+        against = _x(vs_none) if noise is None else _against(noise)
         lines.append(
-            f"| {name} | {_num(s['samples_per_second'], '.1f')} ({_x(vs_none)}) "
+            f"| {name} | {_num(s['samples_per_second'], '.1f')} ({against}) "
             f"| {_pair(s['stall_ms_median'], s['stall_ms_p99'], '.2f')} "
             f"| {_pair(s['step_inflation_ms_median'], s['step_inflation_ms_p99'])} "
             f"| {_with_ratio(_num(s['persist_gbps']), limits['persist_vs_fsync_write'])} "
@@ -104,6 +106,36 @@ def _main_table(systems: dict[str, Any]) -> list[str]:
             f"| {_gb(s['host_memory_bytes'])} | {staging} |"
         )
     return lines
+
+
+def _against(noise: dict[str, Any]) -> str:
+    """A ratio with the range the rounds allow: "within noise" when that range holds 1."""
+    span = f"{noise['low']:.2f}x-{noise['high']:.2f}x"
+    if noise["within_noise"]:
+        return f"{noise['ratio']:.2f}x, within noise: {span}"
+    return f"{noise['ratio']:.2f}x, {span}"
+
+
+def _time_to_step_lines(systems: dict[str, Any]) -> list[str]:
+    figures = {n: s["summary"].get("time_to_step") for n, s in systems.items()}
+    figures = {n: f for n, f in figures.items() if f}
+    if not figures:
+        return []
+    steps = next(iter(figures.values()))["steps"]
+    parts = []
+    for name, f in figures.items():
+        text = f"{name} {f['seconds']:.2f} s"
+        if "drift_s" in f:
+            text += f" (drift {f['drift_s']:.2f} s between its two runs)"
+        if "vs_none_s" in f:
+            verdict = {True: ", within noise", False: "", None: ", noise unknown"}
+            text += f" ({f['vs_none_s']:+.2f} s{verdict[f['within_noise']]})"
+        parts.append(text)
+    return [
+        f"Time to reach step {steps} from making the system (set-up included): "
+        + "; ".join(parts)
+        + "."
+    ]
 
 
 def _ratio_table(systems: dict[str, Any]) -> list[str]:
@@ -151,6 +183,9 @@ def _aiockpt_table(systems: dict[str, Any]) -> list[str]:
 def markdown(report: dict[str, Any]) -> str:
     systems = report["systems"]
     parts = [*_header(report), "", *_main_table(systems)]
+    cold = _time_to_step_lines(systems)
+    if cold:
+        parts += ["", *cold]
     ratios = _ratio_table(systems)
     if ratios:
         parts += ["", "Ratios (this system / the baseline; below 1 is less):", "", *ratios]

@@ -7,10 +7,12 @@ limits measured in the same run. Missing figures are None (JSON null), never NaN
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from .._util.stats import median, p99
 from .limits import capture_bound_seconds, restore_bound_seconds
+from .noise import compare
 
 __all__ = ["BASELINES", "COMPARED", "median", "p99", "summarise"]
 
@@ -118,12 +120,46 @@ def _first(warm: dict[str, Any], key: str, scale: float = 1e3) -> float | None:
     return first[key] * scale if first else None
 
 
+def _throughput_vs_none(raw: dict[str, Any], none: dict[str, Any]) -> dict[str, Any] | None:
+    """samples/s per round against none's: the ratio of medians, its range, and whether
+    that range holds 1 (within noise: the rounds do not show a difference)."""
+    found = compare(
+        [r["samples_per_second"] for r in raw["rounds"]],
+        [r["samples_per_second"] for r in none["rounds"]],
+    )
+    return None if found is None else found.to_dict()
+
+
+def _time_to_step(cold: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """Seconds from making the system to reaching the cold start's step count, against
+    none; within noise when the difference is no larger than none's own drift."""
+    seconds = (cold.get("seconds") or {}).get(name)
+    if not seconds:
+        return None
+    figure: dict[str, Any] = {"steps": cold["steps"], "seconds": median(seconds)}
+    none = (cold.get("seconds") or {}).get("none")
+    if none and name != "none":
+        drift = max(none) - min(none) if len(none) > 1 else None
+        extra = statistics.median(seconds) - statistics.median(none)
+        figure.update(
+            vs_none_s=extra,
+            none_drift_s=drift,
+            within_noise=None if drift is None else abs(extra) <= drift,
+        )
+    elif name == "none" and len(seconds) > 1:
+        figure["drift_s"] = max(seconds) - min(seconds)
+    return figure
+
+
 def summarise(report: dict[str, Any]) -> None:
     """Add ``summary`` (with ``vs`` ratios to each baseline) to every system of ``report``."""
     state_bytes = report["model"]["state_bytes"]
     systems = report["systems"]
-    for raw in systems.values():
+    for name, raw in systems.items():
         raw["summary"] = _system(raw, state_bytes, report["limits"])
+        raw["summary"]["time_to_step"] = _time_to_step(report.get("cold_start") or {}, name)
+        if "none" in systems and name != "none":
+            raw["summary"]["throughput_vs_none"] = _throughput_vs_none(raw, systems["none"])
     for name, raw in systems.items():
         raw["summary"]["vs"] = {
             base: {

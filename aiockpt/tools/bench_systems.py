@@ -27,7 +27,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -461,3 +461,55 @@ def restore_timed(system: System, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
+
+
+def cold_starts(
+    makers: list[Callable[[], System]],
+    workload: Workload,
+    *,
+    steps: int,
+    interval: int,
+    device: torch.device,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Seconds from making each system to reaching ``steps`` steps, its set-up included.
+
+    What a run loses to checkpointing from its first moment: making the system (aiockpt
+    starts pinning its pool there), a first checkpoint right away, then one every
+    ``interval`` steps. No checkpoint is waited for at the end: training would go on.
+    "none" (when measured) runs first and last, so that its two times show how much the
+    machine drifts over the phase: a difference from it smaller than that drift is noise.
+    """
+    names = [_system_name(make) for make in makers]
+    order = list(range(len(makers)))
+    if "none" in names:
+        first = names.index("none")
+        order = [first, *(i for i in order if i != first), first]
+    times: dict[str, list[float]] = {}
+    failed: dict[str, str] = {}
+    for index in order:
+        sync(device)
+        start = time.perf_counter()
+        system: System | None = None
+        try:
+            system = makers[index]()
+            result = train_round(system, workload, steps=steps, interval=interval, device=device)
+            seconds = time.perf_counter() - start - result["drain_s"]
+            system.discard()
+        except Exception as exc:
+            # Left out of this figure only: the rounds try the system again and report
+            # its failure with the traceback.
+            failed[names[index] if system is None else system.name] = f"{type(exc).__name__}: {exc}"
+            continue
+        finally:
+            if system is not None:
+                system.close()
+        times.setdefault(system.name, []).append(seconds)
+        log(f"cold start {system.name}: {steps} steps in {seconds:.2f} s")
+    return {"steps": steps, "interval": interval, "seconds": times, "failed": failed}
+
+
+def _system_name(make: Callable[[], System]) -> str:
+    # The makers are partials of a System class: "none" is the only name needed ahead.
+    func = getattr(make, "func", None)
+    return "none" if func is NoCheckpoint else getattr(func, "__name__", "?")

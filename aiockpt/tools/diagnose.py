@@ -219,12 +219,17 @@ def render(label: str, measurements: Measurements, analysis: Analysis) -> None:
         for finding in analysis.findings:
             if finding.section == section:
                 mark = "[yellow]![/yellow]" if finding.is_advice else "[green]ok[/green]"
-                console.print(f"  {mark} {escape(finding.message)}")
+                if finding.uncertain:
+                    mark = "[magenta]?[/magenta]"
+                console.print(
+                    f"  {mark} {escape(finding.line() if finding.uncertain else finding.message)}"
+                )
     console.print("\n[bold]Advice[/bold]")
     if not analysis.advice:
         console.print("  no changes needed")
     for finding in analysis.advice:
-        console.print(f"  - {escape(finding.change or '')}  [dim]({finding.code})[/dim]")
+        doubt = " (uncertain: see above)" if finding.uncertain else ""
+        console.print(f"  - {escape(finding.change or '')}{doubt}  [dim]({finding.code})[/dim]")
 
 
 def run(args: argparse.Namespace) -> int:

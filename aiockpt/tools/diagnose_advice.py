@@ -301,9 +301,10 @@ def _overhead(m: Measurements, th: Thresholds, f: Frequency) -> Finding:
         overhead_target=th.overhead_target,
         measured_overhead_ms_per_step=m.run.overhead_ms_per_step,
     )
+    unsure = overhead_uncertainty(m, th, f)
     if f.overhead_fraction <= th.overhead_target:
         message += f": within the {th.overhead_target:.0%} target"
-        return Finding("frequency", "overhead_ok", message, numbers)
+        return Finding("frequency", "overhead_ok", message, numbers, uncertain=unsure)
     target = f.target_interval_steps
     change = (
         f"checkpoint every >= {target} steps: {_ms(f.settled_cost_ms)} x {100 / target:.3g} = "
@@ -311,7 +312,36 @@ def _overhead(m: Measurements, th: Thresholds, f: Frequency) -> Finding:
         f"({f.settled_cost_ms / (target * m.timings.step_ms):.1%}, target "
         f"{th.overhead_target:.0%})"
     )
-    return Finding("frequency", "overhead", message, numbers, change)
+    return Finding("frequency", "overhead", message, numbers, change, uncertain=unsure)
+
+
+def overhead_uncertainty(m: Measurements, th: Thresholds, f: Frequency) -> str | None:
+    """Why the overhead verdict cannot be trusted, or None when it can.
+
+    Two ways: training's own steps vary (interquartile range of the plain steps) by more
+    than the checkpoint's cost being judged, so that cost cannot be told from the noise;
+    or the median stall's interval reaches both sides of the budget per checkpoint that
+    the target allows, so another run could give the opposite advice.
+    """
+    t = m.timings
+    spread = t.plain_step_ms_spread
+    if spread is not None and spread > f.cost_ms:
+        return (
+            f"training steps vary by {_ms(spread)} (interquartile range, no checkpoint), "
+            f"more than the {_ms(f.cost_ms)} a checkpoint costs: measure a larger or "
+            "steadier workload, or more checkpoints (--rounds)"
+        )
+    if t.stall_ms_low is None or t.stall_ms_high is None:
+        return None
+    budget = th.overhead_target * f.effective_interval_steps * t.step_ms
+    other = f.cost_ms - f.stall_ms
+    if t.stall_ms_low + other <= budget <= t.stall_ms_high + other:
+        return (
+            f"the stall is {_ms(t.stall_ms_low)}-{_ms(t.stall_ms_high)} (95% interval of "
+            f"its median over {t.isolated_checkpoints} checkpoints), on both sides of the "
+            f"{_ms(budget)} per checkpoint the {th.overhead_target:.0%} target allows"
+        )
+    return None
 
 
 @dataclass

@@ -83,6 +83,13 @@ class Timings:
     chunk_write_ms: float | None = None  # one chunk: checksum, write, fsync
     chunk_wait_ms: float | None = None  # a chunk waiting for a writer thread
     chunk_wait_ms_max: float | None = None
+    # How sure the figures are: the interval (>= 95% where the count allows) of the median
+    # stall, the interquartile range of the plain steps (how much training varies with no
+    # checkpoint at all), and how many isolated checkpoints it took to know.
+    stall_ms_low: float | None = None
+    stall_ms_high: float | None = None
+    plain_step_ms_spread: float | None = None
+    isolated_checkpoints: int = 0
 
 
 @dataclass
@@ -152,13 +159,17 @@ class Finding:
     message: str
     numbers: dict[str, Number] = field(default_factory=dict)
     change: str | None = None
+    # Why the measurements cannot tell (the effect judged is within their noise); None
+    # when they can.
+    uncertain: str | None = None
 
     @property
     def is_advice(self) -> bool:
         return self.change is not None
 
     def line(self) -> str:
-        return f"{self.message}: {self.change}" if self.change else self.message
+        text = f"{self.message}: {self.change}" if self.change else self.message
+        return f"{text} (uncertain: {self.uncertain})" if self.uncertain else text
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -167,6 +178,7 @@ class Finding:
             "advice": self.is_advice,
             "message": self.message,
             "change": self.change,
+            "uncertain": self.uncertain,
             "numbers": dict(self.numbers),
         }
 
@@ -183,4 +195,10 @@ class Analysis:
     @property
     def verdict(self) -> str:
         n = len(self.advice)
-        return "no changes needed" if n == 0 else f"{n} change{'s' * (n != 1)} advised"
+        verdict = "no changes needed" if n == 0 else f"{n} change{'s' * (n != 1)} advised"
+        unsure = [f for f in self.findings if f.uncertain]
+        if unsure:
+            verdict += f"; uncertain: {unsure[0].uncertain}" + (
+                f" (and {len(unsure) - 1} more)" if len(unsure) > 1 else ""
+            )
+        return verdict

@@ -40,6 +40,7 @@ from ..config import Config
 from .diagnose_advice import checkpoint_interval, format_bytes
 from .diagnose_data import Disk, IntervalRun, Measurements, Memory, Setup, Timings
 from .limits import Limits, measure_chunk_writes, measure_copies
+from .noise import median_interval
 from .workloads import Workload, sync
 
 __all__ = ["host_memory_available", "measure", "synthetic_workload"]
@@ -49,6 +50,12 @@ WARMUP_STEPS = 3
 PLAIN_STEPS = 3
 # Plain steps after each isolated checkpoint: the baseline for the persisting steps.
 PLAIN_AFTER = 3
+# More isolated checkpoints are taken, up to this many times --rounds, until half the
+# interval of the median stall is at most KNOWN_FRACTION of the stall (or of
+# KNOWN_STEP_FRACTION of a step, for stalls too small to matter).
+ROUNDS_CAP_FACTOR = 4
+KNOWN_FRACTION = 0.25
+KNOWN_STEP_FRACTION = 0.05
 # Disk probes: enough writers to find where the disk stops scaling, files large enough
 # that fsync latency does not dominate, small enough to take seconds.
 PROBE_WRITERS = 8
@@ -162,10 +169,27 @@ class _Rounds:
     chunk_write: list[float] = field(default_factory=list)
 
 
+def _known(out: _Rounds) -> bool:
+    """Whether the median stall is known well enough to judge: its interval is narrow
+    against the stall itself, or against the step (a stall that small is small anyway)."""
+    low, high = median_interval(out.stall)
+    size = max(abs(statistics.median(out.stall)), KNOWN_STEP_FRACTION * _median_or_zero(out.plain))
+    return (high - low) / 2 <= KNOWN_FRACTION * size
+
+
+def _median_or_zero(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
 def _isolated_rounds(ckpt: SyncCheckpointer, workload: Workload, rounds: int) -> _Rounds:
+    """At least ``rounds`` isolated checkpoints, more (up to ``ROUNDS_CAP_FACTOR`` x) until
+    the median stall is known: the verdict is only as good as the stall's interval."""
     step, device = workload.step, workload.device
     out = _Rounds()
-    for number in range(1, rounds + 1):
+    cap = max(rounds, ROUNDS_CAP_FACTOR * rounds)
+    number = 0
+    while number < rounds or (number < cap and not _known(out)):
+        number += 1
         box: dict[str, Any] = {}
 
         def checkpoint_then_step(at: int = number, box: dict[str, Any] = box) -> None:
@@ -323,6 +347,10 @@ def measure(
     timings = Timings(
         step_ms=step_ms,
         call_ms=statistics.median(measured.call),
+        stall_ms_low=median_interval(measured.stall)[0],
+        stall_ms_high=median_interval(measured.stall)[1],
+        plain_step_ms_spread=_interquartile(measured.plain + [p * 1e3 for p in plain]),
+        isolated_checkpoints=len(measured.stall),
         call_ms_p99=p99(measured.call) or 0.0,
         stall_ms=statistics.median(measured.stall),
         stall_ms_p99=p99(measured.stall) or 0.0,
@@ -391,3 +419,10 @@ def _layout_facts(
         memory.gpu_room_bytes = int(free - GPU_HEADROOM_FRACTION * total)
         memory.gpu_staging_bytes = need
     return setup, memory
+
+
+def _interquartile(values: list[float]) -> float | None:
+    if len(values) < 4:
+        return None
+    quartiles = statistics.quantiles(values, n=4)
+    return quartiles[2] - quartiles[0]

@@ -84,10 +84,13 @@ def test_tiny_preset_report_has_every_section_and_leaves_the_directory_alone(
     assert set(document["analysis"]) == SECTIONS
     assert {f["section"] for f in document["findings"]} == SECTIONS
     for finding in document["findings"]:
-        assert set(finding) == {"section", "code", "advice", "message", "change", "numbers"}
+        assert set(finding) == {
+            "section", "code", "advice", "message", "change", "uncertain", "numbers"
+        }  # fmt: skip
         assert finding["message"] and finding["advice"] == (finding["change"] is not None)
-    # A checkpoint every 100000 steps of a 1.6 MB state is nothing to worry about.
-    assert document["advice"] == [] and document["verdict"] == "no changes needed"
+    # A checkpoint every 100000 steps of a 1.6 MB state is nothing to worry about (on a
+    # busy machine the verdict may add that training's own steps vary too much to tell).
+    assert document["advice"] == [] and document["verdict"].startswith("no changes needed")
 
 
 def test_checkpointing_every_1ms_step_advises_on_the_backlog(
