@@ -62,13 +62,14 @@ def pool_sizes(chunk_sizes: list[int], pinned_ratio: float) -> list[int]:
     """The buffer sizes of a pool of ``pinned_ratio`` x a state cut into these chunks.
 
     A whole set of buffers, one per chunk, for each whole unit of the ratio; for what is
-    left of it, that fraction of the chunks' count, the largest first. Never empty for a
-    state with chunks: one buffer fits the largest chunk, so that every chunk can pass
-    through the pool one after the other.
+    left of it, that fraction of the chunks' count rounded down (the pool stays within
+    ``pinned_ratio`` x the state), the largest first. Never empty for a state with chunks:
+    one buffer fits the largest chunk, so that every chunk can pass through the pool one
+    after the other.
     """
     whole, fraction = divmod(pinned_ratio, 1)
     sizes = list(chunk_sizes) * int(whole)
-    extra = math.ceil(round(fraction * len(chunk_sizes), 6))
+    extra = math.floor(round(fraction * len(chunk_sizes), 6))
     sizes += sorted(chunk_sizes, reverse=True)[:extra]
     if not sizes and chunk_sizes:
         sizes = [max(chunk_sizes)]

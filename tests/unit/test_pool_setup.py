@@ -57,6 +57,11 @@ def test_pool_sizes_follow_the_ratio_in_whole_sets_and_largest_chunks() -> None:
     assert pool_sizes(chunks, 0.01) == [100]  # never empty: one buffer fits any chunk
     assert sorted(pool_sizes(chunks, 1.5)) == sorted([*chunks, 100, 100])
     assert pool_sizes([], 1.0) == []
+    # A fraction of the chunks' count is rounded down: the pool stays within the ratio
+    # (17 chunks at 0.25 get 4 buffers, not 5).
+    seventeen = [64] * 16 + [8]
+    assert pool_sizes(seventeen, 0.25) == [64] * 4
+    assert sum(pool_sizes(seventeen, 0.25)) <= 0.25 * sum(seventeen) + 64
     assert covers([100, 40], [40, 100]) and not covers([100, 40], [100, 100])
     assert not covers([100], [10, 10])
 
