@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import math
 import os
+import signal
 import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -87,6 +88,18 @@ def _float(hi: float | None, below: bool = False, optional: bool = False) -> _Ke
 
 
 _BOOL = _Key(bool, "True or False")
+# Signals a process can be asked to stop with, by name; SIGKILL and SIGSTOP cannot be
+# caught, so a handler for them could never save anything.
+_CATCHABLE_SIGNALS = tuple(
+    sorted(
+        name
+        for name, number in signal.Signals.__members__.items()
+        if number not in (signal.SIGKILL, signal.SIGSTOP)
+    )
+)
+_SIGNALS = _Key(
+    tuple, "a list of signal names such as ['SIGTERM', 'SIGUSR1'] (not SIGKILL or SIGSTOP)"
+)
 _KEYS: dict[str, _Key] = {
     "directory": _Key(Path, "a non-empty path (str or os.PathLike) or a file:// URL"),
     "interval_steps": _int(1, optional=True),
@@ -105,12 +118,16 @@ _KEYS: dict[str, _Key] = {
     "durable": _BOOL,
     "verbose": _BOOL,
     "rank_timeout_s": _float(None),
+    "preemption_signals": _SIGNALS,
+    "preemption_grace_s": _float(None),
 }
 
 
 def _check(key: str, value: object) -> Any:
     """Return ``value`` normalised (Path, float) or raise a ConfigError about it."""
     spec = _KEYS[key]
+    if spec.kind is tuple:
+        return _signal_names(key, value)
     if value is None:
         if spec.optional:
             return None
@@ -143,6 +160,31 @@ def _check(key: str, value: object) -> Any:
     if (spec.kind is float and not math.isfinite(plain)) or not spec.ok(plain):
         raise ConfigError(f"{key} = {_shown(value)} is out of range: expected {spec.expected}")
     return plain
+
+
+def _signal_names(key: str, value: object) -> tuple[str, ...]:
+    """``value`` as canonical signal names (``"sigterm"`` -> ``"SIGTERM"``), in order."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        hint = f" (write [{value!r}])" if isinstance(value, str) else ""
+        raise ConfigError(
+            f"{key} = {_shown(value)} has the wrong type ({type(value).__name__}): "
+            f"expected {_SIGNALS.expected}{hint}"
+        )
+    names: list[str] = []
+    for item in value:
+        name = item.upper() if isinstance(item, str) else None
+        if name is not None and not name.startswith("SIG"):
+            name = "SIG" + name
+        if name not in _CATCHABLE_SIGNALS:
+            uncatchable = name in ("SIGKILL", "SIGSTOP")
+            why = "cannot be caught by any process" if uncatchable else "is not a signal name"
+            close = "" if uncatchable else _suggest(str(name), list(_CATCHABLE_SIGNALS))
+            raise ConfigError(
+                f"{key} = {_shown(value)}: {item!r} {why}: expected {_SIGNALS.expected}{close}"
+            )
+        if name not in names:
+            names.append(name)
+    return tuple(names)
 
 
 def _shown(value: object) -> str:
@@ -179,6 +221,8 @@ def _parse_text(key: str, raw: str) -> Any:
     Raises ValueError naming what is expected; the value is not yet range-checked.
     """
     spec, text = _KEYS[key], raw.strip().lower()
+    if spec.kind is tuple:  # comma-separated: SIGTERM,SIGUSR1 (empty: none)
+        return [part.strip() for part in raw.split(",") if part.strip()]
     if spec.optional and text in ("", "none"):
         return None
     if spec.kind is bool:
@@ -235,6 +279,8 @@ def _layered(*sources: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if not isinstance(value, str):
@@ -337,6 +383,12 @@ class Config:
         verbose: log every checkpoint, not only problems.
         rank_timeout_s: under torch.distributed, how long ranks wait for each other to
             agree on a commit (or a restore) before the checkpoint is given up.
+        preemption_signals: signals (``["SIGTERM", "SIGUSR1"]``) after which the
+            Trainer, or ``checkpoint_and_exit()``, saves the step under way and exits with
+            status 128 + the signal's number; none by default, since a library must not
+            take a process's signals unasked.
+        preemption_grace_s: seconds between such a signal and the SIGKILL that follows
+            it; the save goes where it can be durable within what is left of them.
 
     Raises:
         ConfigError: a key that is unknown, mistyped or out of range (the message names
@@ -361,6 +413,8 @@ class Config:
     durable: bool = True
     verbose: bool = False
     rank_timeout_s: float = 1800.0
+    preemption_signals: tuple[str, ...] = ()
+    preemption_grace_s: float = 30.0
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Config:
         # Runs before the generated __init__, whose TypeError for a misspelt keyword
@@ -554,10 +608,12 @@ class Config:
         """The settings as plain values.
 
         Returns:
-            Every key and its value, JSON-able, ``directory`` as a str.
+            Every key and its value, JSON-able, ``directory`` as a str and
+            ``preemption_signals`` as a list.
         """
         out: dict[str, object] = {key: getattr(self, key) for key in _KEYS}
         out["directory"] = str(self.directory)
+        out["preemption_signals"] = list(self.preemption_signals)
         return out
 
     def to_toml(self) -> str:
@@ -620,8 +676,10 @@ _MEANING: dict[str, str] = {
     "durable": "fsync files before a checkpoint is committed",
     "verbose": "log every checkpoint",
     "rank_timeout_s": "seconds ranks wait for each other to agree on a commit",
+    "preemption_signals": "comma-separated signals that save the step under way and exit",
+    "preemption_grace_s": "seconds between a preemption signal and the SIGKILL after it",
 }
-_METAVAR = {int: "N", float: "X", Path: "DIR"}
+_METAVAR = {int: "N", float: "X", Path: "DIR", tuple: "SIG,..."}
 CONFIG_FILE_FLAG = "config"
 
 
@@ -678,7 +736,11 @@ def add_config_arguments(
                 target = exclusive[group]
         default = defaults[key]
         shown = (
-            "none" if default is None else str(default).lower() if spec.kind is bool else default
+            "none"
+            if default is None or default == ()
+            else str(default).lower()
+            if spec.kind is bool
+            else default
         )
         help_text = f"{_MEANING[key]} (Config key {key}; default {shown})"
         if spec.kind is bool:

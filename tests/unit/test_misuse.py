@@ -79,6 +79,8 @@ WRONG = {
     "durable": ["true", 1.0],
     "verbose": ["no", None],
     "rank_timeout_s": ["30", -1, float("inf"), 10**400],
+    "preemption_signals": ["SIGTERM", ["SIGKILL"], ["SIGTREM"], [15], None],
+    "preemption_grace_s": ["30", 0, -1.0, float("nan")],
 }
 
 
