@@ -75,6 +75,22 @@ class RankGroup:
         dist.broadcast_object_list(token, src=dist.get_global_rank(group, 0), group=group)
         return cls(dist.get_rank(group), dist.get_world_size(group), group, str(token[0]))
 
+    def sibling(self, timeout_seconds: float) -> RankGroup:
+        """Another gloo group over the same ranks, for collectives on another thread.
+
+        A collective call: every rank calls it at the same point. Collectives of one group
+        must come in the same order on every rank, which two threads sharing a group
+        cannot promise.
+        """
+        import torch.distributed as dist
+
+        group = dist.new_group(
+            ranks=dist.get_process_group_ranks(self.group),
+            backend="gloo",
+            timeout=timedelta(seconds=timeout_seconds),
+        )
+        return RankGroup(self.rank, self.world_size, group, self.token)
+
     @property
     def is_zero(self) -> bool:
         return self.rank == 0
