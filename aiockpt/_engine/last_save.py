@@ -80,7 +80,7 @@ async def checkpoint_and_exit(core: Core, step: int, bridge: Bridge) -> None:
             what,
             whose if agreement is not None else "the",
             human_bytes(nbytes),
-            seconds_left,
+            max(seconds_left, 0.0),
             preemption.grace_s,
             ", ".join(f"{e.tier.name} {e.seconds:.2f} s" for e in estimates),
             status,
