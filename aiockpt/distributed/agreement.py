@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 IDLE_PERIOD_S = 0.2
 # Once a signal is known, rounds follow each other quickly: a rank may wait for the answer.
 BUSY_PERIOD_S = 0.002
+# How long close() waits for the last round before leaving the watcher to the exit.
+CLOSE_TIMEOUT_S = 60.0
 NO_PROGRESS = -1  # a rank that has not reported a step boundary yet
 
 
@@ -178,12 +180,14 @@ class StopAgreement:
     def close(self, timeout_s: float) -> None:
         """End the rounds on every rank (each one ends when any rank closes)."""
         self._closing = True
-        self._thread.join(timeout_s)
+        # The other ranks' watchers answer within a round whatever their training does;
+        # only a rank that is gone or frozen keeps this one waiting, up to the timeout.
+        self._thread.join(min(timeout_s, CLOSE_TIMEOUT_S))
         if self._thread.is_alive():
             logger.warning(
                 "the preemption watcher did not stop within %.0f s: another rank may be "
                 "gone; leaving it to the process's exit",
-                timeout_s,
+                min(timeout_s, CLOSE_TIMEOUT_S),
             )
             return
         self.ranks.destroy()
