@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -99,13 +98,9 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _start(scenario: str, model: str, directory: Path, out: Path, total: int) -> list[Any]:
+    from test_distributed import _free_port
+
     out.mkdir(parents=True, exist_ok=True)
     base = {
         **os.environ,

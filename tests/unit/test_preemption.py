@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -93,36 +94,37 @@ def test_no_handler_unless_configured_and_the_previous_one_back_after_close(tmp_
     assert signal.getsignal(SIGUSR1) is before
 
 
-def test_the_handler_records_and_nothing_else_runs(tmp_path: Path) -> None:
-    heard: list[int] = []
-    previous = signal.signal(SIGUSR1, lambda signum, frame: heard.append(signum))
+@pytest.fixture
+def heard() -> Iterator[list[int]]:
+    """The signals a handler of the program's own, installed before aiockpt's, receives."""
+    received: list[int] = []
+    previous = signal.signal(SIGUSR1, lambda signum, frame: received.append(signum))
     try:
-        config = make_config(tmp_path, preemption_signals=["SIGUSR1"])
-        ckpt = aiockpt.SyncCheckpointer(config, model=_model())
-        os.kill(os.getpid(), SIGUSR1)
-        assert ckpt.preempted is SIGUSR1
-        assert heard == []  # the previous handler is not chained: it might end the process
-        ckpt.checkpoint(1).wait()  # checkpoints go on as before
-        with pytest.raises(SystemExit):
-            ckpt.checkpoint_and_exit(2)
-        ckpt.close()
-        assert heard == []  # answered: not raised again
+        yield received
     finally:
         signal.signal(SIGUSR1, previous)
 
 
-def test_an_unanswered_signal_is_raised_again_at_close(tmp_path: Path) -> None:
-    heard: list[int] = []
-    previous = signal.signal(SIGUSR1, lambda signum, frame: heard.append(signum))
-    try:
-        config = make_config(tmp_path, preemption_signals=["SIGUSR1"])
-        ckpt = aiockpt.SyncCheckpointer(config, model=_model())
-        os.kill(os.getpid(), SIGUSR1)
-        assert heard == []
-        ckpt.close()
-        assert heard == [SIGUSR1]  # the process does what it would have done without us
-    finally:
-        signal.signal(SIGUSR1, previous)
+def test_the_handler_records_and_nothing_else_runs(tmp_path: Path, heard: list[int]) -> None:
+    config = make_config(tmp_path, preemption_signals=["SIGUSR1"])
+    ckpt = aiockpt.SyncCheckpointer(config, model=_model())
+    os.kill(os.getpid(), SIGUSR1)
+    assert ckpt.preempted is SIGUSR1
+    assert heard == []  # the previous handler is not chained: it might end the process
+    ckpt.checkpoint(1).wait()  # checkpoints go on as before
+    with pytest.raises(SystemExit):
+        ckpt.checkpoint_and_exit(2)
+    ckpt.close()
+    assert heard == []  # answered: not raised again
+
+
+def test_an_unanswered_signal_is_raised_again_at_close(tmp_path: Path, heard: list[int]) -> None:
+    config = make_config(tmp_path, preemption_signals=["SIGUSR1"])
+    ckpt = aiockpt.SyncCheckpointer(config, model=_model())
+    os.kill(os.getpid(), SIGUSR1)
+    assert heard == []
+    ckpt.close()
+    assert heard == [SIGUSR1]  # the process does what it would have done without us
 
 
 def test_two_checkpointers_share_the_handler(tmp_path: Path) -> None:
