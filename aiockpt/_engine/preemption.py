@@ -20,6 +20,7 @@ Checkpointer with ``preemption_signals`` built on another thread is refused.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -76,8 +77,18 @@ class _Latch:
             # Only the main thread may; _on_signal hands the signal on when it comes.
             return False
         previous = self._previous.pop(signum, None)
-        signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+        # A handler the program set after ours stays: it is the newer wish.
+        if signal.getsignal(signum) == self._on_signal:
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
         return True
+
+    def forget_in_child(self) -> None:
+        """In a forked child (a DataLoader worker): the signals are the parent's to
+        answer; the child must react to them as it would without aiockpt."""
+        self._owners = ()
+        for signum in [s for s, users in self._users.items() if users]:
+            self._users[signum] = 0
+            self._restore(signum)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         now = time.monotonic()
@@ -92,6 +103,7 @@ class _Latch:
 
 
 _latch = _Latch()
+os.register_at_fork(after_in_child=_latch.forget_in_child)
 
 
 def check_can_install(config: Config) -> None:

@@ -319,3 +319,17 @@ def test_a_rank_past_the_proposal_moves_it_on() -> None:
 def test_a_closing_rank_ends_the_rounds() -> None:
     rows = [RankRow(0, 0, 3, True), RankRow(0, 0, 3, False)]
     assert next_agreement(Agreed(), rows).over
+
+
+def test_a_forked_child_answers_signals_as_without_aiockpt(tmp_path: Path) -> None:
+    config = make_config(tmp_path, preemption_signals=["SIGTERM"])
+    with aiockpt.SyncCheckpointer(config, model=_model()):
+        pid = os.fork()
+        if pid == 0:  # a DataLoader worker, say: SIGTERM must still end it
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                signal.sigtimedwait([], 0.5)  # a moment for the default action
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
