@@ -355,11 +355,14 @@ class Checkpointer(_FrontEnd):
         finish first; ``step`` is captured (unless it is saved already) and persisted if
         it can be durable within what is left of ``preemption_grace_s`` (estimated from
         earlier checkpoints), then SystemExit(128 + the signal's number) is raised, so
-        ``finally`` blocks and ``close()`` run (status 0 when called without a signal).
-        When it cannot be durable in time, nothing is written and the error is logged.
-        Under torch.distributed the ranks agree on one step: call it at every step
-        boundary while ``preempted`` is set; it returns on a rank that must train on to
-        the step the ranks agreed on.
+        ``finally`` blocks and ``close()`` run. When it cannot be durable in time,
+        nothing is written and the error is logged. Called without a signal, it saves
+        and exits with status 0.
+
+        Under torch.distributed with ``preemption_signals`` set, the ranks agree on one
+        step: call it at every step boundary while ``preempted`` is set; it returns on a
+        rank that must train on to the step the ranks agreed on. Without
+        ``preemption_signals``, every rank calls it at the same step, as ``checkpoint()``.
 
         Args:
             step: the training step just finished, a non-negative int.
@@ -370,7 +373,8 @@ class Checkpointer(_FrontEnd):
 
         Raises:
             SystemExit: always, on one process; at the agreed step, under torch.distributed.
-            UsageError: under torch.distributed, called before any rank received a signal.
+            UsageError: under torch.distributed with ``preemption_signals`` set, called
+                before any rank received one.
             CheckpointError: the checkpointer is closed, or the ranks can no longer agree.
             BackgroundError: the save (or an earlier checkpoint) failed in the background;
                 ``__cause__`` holds the original exception.
@@ -535,7 +539,8 @@ class SyncCheckpointer(_FrontEnd):
 
         Raises:
             SystemExit: always, on one process; at the agreed step, under torch.distributed.
-            UsageError: under torch.distributed, called before any rank received a signal.
+            UsageError: under torch.distributed with ``preemption_signals`` set, called
+                before any rank received one.
             CheckpointError: the checkpointer is closed, or the ranks can no longer agree.
             BackgroundError: the save (or an earlier checkpoint) failed in the background;
                 ``__cause__`` holds the original exception.

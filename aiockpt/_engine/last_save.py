@@ -7,6 +7,10 @@ left of the grace period, log what was saved and how long it took, and raise Sys
 with the conventional status 128 + the signal's number, so that ``finally`` blocks and
 ``close()`` run. When no tier can finish in time, nothing is started, so nothing older is
 touched (retention runs only after a commit), and the exit is the same.
+
+Called without a signal, there is no SIGKILL to beat: the step is saved and the status is
+0. Several ranks without ``preemption_signals`` then call it at the same step, as they
+call ``checkpoint()``.
 """
 
 from __future__ import annotations
@@ -68,7 +72,8 @@ async def checkpoint_and_exit(core: Core, step: int, bridge: Bridge) -> None:
     seconds_left = preemption.seconds_left()
     nbytes = _state_bytes(core.saver)
     choice, estimates = fastest_fitting(preemption.tiers, nbytes, seconds_left)
-    fits = saved or choice is not None
+    # Without a signal no SIGKILL is on its way: there is no deadline to miss.
+    fits = saved or choice is not None or signum is None
     if agreement is not None:
         fits = agreement.all_fit(fits)  # one rank's checkpoint is no checkpoint
     if not fits:
