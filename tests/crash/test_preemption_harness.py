@@ -1,9 +1,10 @@
 """Preemption, end to end: SIGTERM a real training process, SIGKILL it after the grace
-period if it is still alive, resume in a new process, and compare bit for bit.
+period if it is still alive, resume in another process, and compare bit for bit.
 
 Each trial starts a training process (a Trainer on the CPU: a small model with dropout,
 AdamW, a step LR schedule, batches that depend only on the step) and sends it SIGTERM
-once it reports a random step. The resumed process must start at most one step behind
+once it reports a random step. The test process then resumes from the checkpoint
+directory; it must start at most one step behind
 the step the trainer had reported when the signal was sent, with model, optimizer,
 scheduler, RNG and step equal to an uninterrupted run's at that step. The quick version
 runs a few trials; the ``slow`` one many, and reports N of N.
@@ -14,19 +15,20 @@ committed before are intact; restore finds the newest of them.
 
 Run as a script, this file is the training process::
 
-    python test_preemption_harness.py train DIRECTORY PROGRESS GRACE
-    python test_preemption_harness.py resume DIRECTORY OUT
+    python test_preemption_harness.py DIRECTORY PROGRESS GRACE
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +42,19 @@ STEP_PAUSE_S = 0.003  # steps of a few ms, so that a signal lands mid-training
 
 
 # -- the training process -----------------------------------------------------------------------
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """As the training process runs (OMP_NUM_THREADS=1), so that results compare bitwise."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _build() -> tuple[nn.Module, torch.optim.Optimizer, Any]:
     torch.manual_seed(0)
-    torch.set_num_threads(1)
     model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Dropout(0.2), nn.Linear(24, 3))
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.02)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=7, gamma=0.7)
@@ -93,10 +105,18 @@ async def _train(directory: str, progress: str, grace_s: float) -> None:
                 time.sleep(STEP_PAUSE_S)
 
 
-async def _resume(directory: str, out: str) -> None:
-    async with _trainer(directory, GRACE_S) as trainer:
-        await trainer.resume()
-        torch.save(_snapshot(trainer), out)
+def _resumed(directory: Path) -> dict[str, Any]:
+    """What a Trainer resumed from ``directory`` holds (in this process, a new one to the
+    checkpoints)."""
+    from conftest import clone_state, run
+
+    async def resume() -> dict[str, Any]:
+        async with _trainer(str(directory), GRACE_S) as trainer:
+            await trainer.resume()
+            return clone_state(_snapshot(trainer))  # type: ignore[no-any-return]
+
+    with _one_thread():
+        return run(resume())
 
 
 # -- the harness --------------------------------------------------------------------------------
@@ -138,6 +158,11 @@ def _uninterrupted(steps: int) -> dict[int, dict[str, Any]]:
     (the same modules and calls, without checkpoints)."""
     from conftest import clone_state
 
+    with _one_thread():
+        return _run_uninterrupted(steps, clone_state)
+
+
+def _run_uninterrupted(steps: int, clone_state: Any) -> dict[int, dict[str, Any]]:
     model, optimizer, scheduler = _build()
     states = {}
     for step in range(1, steps + 1):
@@ -168,13 +193,9 @@ def _trials(tmp_path: Path, count: int, seed: int) -> None:
     for trial, at_step in enumerate(steps):
         where = tmp_path / f"trial{trial}"
         where.mkdir()
-        process = _start(
-            "train", where / "ckpt", where / "progress", GRACE_S, log=where / "train.log"
-        )
+        process = _start(where / "ckpt", where / "progress", GRACE_S, log=where / "train.log")
         reported, code = _preempt(process, where / "progress", at_step, kill_after=GRACE_S)
-        resume = _start("resume", where / "ckpt", where / "resumed.pt", log=where / "resume.log")
-        assert resume.wait(timeout=120) == 0, (where / "resume.log").read_text()[-3000:]
-        resumed = torch.load(where / "resumed.pt", weights_only=True)
+        resumed = _resumed(where / "ckpt")
         problem = None
         if code != 128 + signal.SIGTERM:
             problem = f"exit code {code}"
@@ -197,6 +218,7 @@ def test_sigterm_saves_the_step_and_resume_is_exact(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_sigterm_saves_the_step_and_resume_is_exact_many_trials(tmp_path: Path) -> None:
     _trials(tmp_path, count=25, seed=int(os.environ.get("AIOCKPT_TEST_SEED", "7")))
 
@@ -207,7 +229,7 @@ def test_grace_too_short_for_any_tier_keeps_the_older_checkpoints(tmp_path: Path
     progress, directory = tmp_path / "progress", tmp_path / "ckpt"
     # The grace the process believes in is too short for anything; the harness still
     # waits the usual grace before a SIGKILL, to see what the process does with it.
-    process = _start("train", directory, progress, 0.001, log=tmp_path / "train.log")
+    process = _start(directory, progress, 0.001, log=tmp_path / "train.log")
     reported, code = _preempt(process, progress, 3 * INTERVAL + 2, kill_after=GRACE_S)
     log = (tmp_path / "train.log").read_text()
     assert code == 128 + signal.SIGTERM, log
@@ -219,14 +241,9 @@ def test_grace_too_short_for_any_tier_keeps_the_older_checkpoints(tmp_path: Path
     assert not [p.name for p in directory.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
     for step in committed:
         aiockpt.load(directory / f"step-{step}")  # every byte checked against its checksum
-    resumed = tmp_path / "resumed.pt"
-    resume = _start("resume", directory, resumed, log=tmp_path / "resume.log")
-    assert resume.wait(timeout=120) == 0, (tmp_path / "resume.log").read_text()[-3000:]
-    assert torch.load(resumed, weights_only=True)["step"] == committed[-1]
+    assert _resumed(directory)["step"] == committed[-1]
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "train":
-        asyncio.run(_train(sys.argv[2], sys.argv[3], float(sys.argv[4])))
-    else:
-        asyncio.run(_resume(sys.argv[2], sys.argv[3]))
+    torch.set_num_threads(1)
+    asyncio.run(_train(sys.argv[1], sys.argv[2], float(sys.argv[3])))
