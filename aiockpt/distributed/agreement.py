@@ -80,6 +80,11 @@ class RankRow:
     def as_list(self) -> list[int]:
         return [self.signal, self.elapsed_ms, self.progress, int(self.closing)]
 
+    @classmethod
+    def from_list(cls, values: list[int]) -> RankRow:
+        signal, elapsed_ms, progress, closing = values
+        return cls(signal, elapsed_ms, progress, bool(closing))
+
 
 @dataclass(frozen=True)
 class Agreed:
@@ -202,7 +207,10 @@ class StopAgreement:
     def _watch(self) -> None:
         try:
             while True:
-                rows = [RankRow(*values) for values in self.ranks.all_gather(self._row().as_list())]
+                rows = [
+                    RankRow.from_list(row)
+                    for row in self.ranks.all_gather_ints(self._row().as_list())
+                ]
                 agreed = next_agreement(self.agreed, rows)
                 if agreed.signal:
                     # Clocks of other hosts do not compare; how long ago they received it
