@@ -169,12 +169,13 @@ def test_off_the_main_thread_is_refused_with_what_to_do(tmp_path: Path) -> None:
 
 
 # -- checkpoint_and_exit ------------------------------------------------------------------------
+@pytest.mark.parametrize("use_monitor", [True, False])
 def test_checkpoint_and_exit_saves_the_step_and_exits_with_128_plus_the_signal(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, use_monitor: bool
 ) -> None:
     model, bag = _model(), Bag({"epoch": 3})
     expected: dict[str, torch.Tensor] = {}
-    config = make_config(tmp_path, preemption_signals=["SIGUSR1"])
+    config = make_config(tmp_path, preemption_signals=["SIGUSR1"], use_monitor=use_monitor)
 
     async def main() -> None:
         async with aiockpt.Checkpointer(config, model=model, bag=bag) as ckpt:
@@ -197,8 +198,9 @@ def test_checkpoint_and_exit_saves_the_step_and_exits_with_128_plus_the_signal(
     assert "Exiting with status 138" in caplog.text
 
 
-def test_a_step_saved_already_is_not_saved_twice(tmp_path: Path) -> None:
-    config = make_config(tmp_path, preemption_signals=["SIGUSR1"])
+@pytest.mark.parametrize("use_monitor", [True, False])
+def test_a_step_saved_already_is_not_saved_twice(tmp_path: Path, use_monitor: bool) -> None:
+    config = make_config(tmp_path, preemption_signals=["SIGUSR1"], use_monitor=use_monitor)
     with aiockpt.SyncCheckpointer(config, model=_model()) as ckpt:
         ckpt.checkpoint(4)  # still in flight, maybe: it is waited for
         os.kill(os.getpid(), SIGUSR1)
