@@ -127,7 +127,6 @@ class Core:
 
     def close_resources(self) -> None:
         shutdown.forget(self)
-        self.preemption.close()
         self.saver.release()
         self.pipeline.close()
         self.memory.release()
@@ -135,6 +134,9 @@ class Core:
         self.runtime.close()
         if self.ranks is not None:
             self.ranks.destroy()
+        # Last: a signal that came and was not acted on is raised again here, and its
+        # default action ends the process.
+        self.preemption.close()
 
     def finish_at_exit(self) -> None:
         """Let checkpoints in flight commit when the interpreter exits without close()."""
