@@ -40,6 +40,7 @@ from .group import RankGroup
 __all__ = [
     "BUSY_PERIOD_S",
     "IDLE_PERIOD_S",
+    "REPORT_PERIOD_S",
     "Agreed",
     "RankRow",
     "StopAgreement",
@@ -53,7 +54,11 @@ logger = logging.getLogger(__name__)
 # the others within this (plus a round), far inside any grace period, and one collective
 # of a few bytes this often is nothing next to a training step.
 IDLE_PERIOD_S = 0.2
-# Once a signal is known, rounds follow each other quickly: a rank may wait for the answer.
+# Once a signal is known, every rank reports at its next step boundary: rounds come often
+# enough not to add to a step, and not so often that they take the GIL from training.
+REPORT_PERIOD_S = 0.02
+# Once a step is proposed, a rank that reached it waits for the answer: rounds follow each
+# other quickly (a few of them end the agreement).
 BUSY_PERIOD_S = 0.002
 # How long close() waits for the last round before leaving the watcher to the exit.
 CLOSE_TIMEOUT_S = 60.0
@@ -221,7 +226,13 @@ class StopAgreement:
                 self.agreed = agreed
                 if agreed.over or agreed.stop_step is not None:
                     return
-                time.sleep(BUSY_PERIOD_S if agreed.signal else IDLE_PERIOD_S)
+                time.sleep(
+                    IDLE_PERIOD_S
+                    if not agreed.signal
+                    else REPORT_PERIOD_S
+                    if agreed.proposal is None
+                    else BUSY_PERIOD_S
+                )
         except Exception as exc:  # a rank died, or the group was torn down
             self.error = exc
             logger.warning("ranks can no longer agree on a preemption step: %s", exc)
