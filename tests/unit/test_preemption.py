@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -335,3 +338,98 @@ def test_a_forked_child_answers_signals_as_without_aiockpt(tmp_path: Path) -> No
                 os._exit(0)
         _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+
+
+class _ThreadRanks:
+    """Ranks as threads of this process, gathering through a barrier: the agreement's
+    rounds run for real on their watcher threads, with every interleaving the scheduler
+    picks; tests/distributed/test_preemption_ranks.py runs it on real gloo processes."""
+
+    def __init__(self, world: int) -> None:
+        self.world_size = world
+        self._barrier = threading.Barrier(world, timeout=10)
+        self._slots: list[Any] = [None] * world
+
+    def member(self, rank: int) -> Any:
+        ranks = self
+
+        class Member:
+            world_size = ranks.world_size
+
+            def sibling(self, timeout_seconds: float) -> Member:
+                return self
+
+            def all_gather_ints(self, values: list[int]) -> list[Any]:
+                ranks._slots[rank] = values
+                ranks._barrier.wait()
+                rows = list(ranks._slots)
+                ranks._barrier.wait()
+                return rows
+
+            all_gather = all_gather_ints
+
+            def destroy(self) -> None: ...
+
+        return Member()
+
+
+def _agreement_trial(chooser: random.Random, lock_step: bool) -> list[int | None]:
+    """Ranks training at their own pace (or in lock step) until a signal at one of them;
+    the step each rank stopped at."""
+    from aiockpt.distributed.agreement import StopAgreement, Verdict
+
+    world = chooser.choice([2, 3, 4])
+    ranks = _ThreadRanks(world)
+    # Lock step: every step ends in a collective of all ranks, as DDP's all-reduce.
+    step_barrier = threading.Barrier(world, timeout=10)
+    agreements = [StopAgreement(ranks.member(r), 10.0) for r in range(world)]
+    pauses = [chooser.uniform(0.0002, 0.003) for _ in range(world)]
+    stopped: list[int | None] = [None] * world
+    errors: list[BaseException] = []
+
+    def train(rank: int) -> None:
+        agreement, step = agreements[rank], 0
+        try:
+            while step < 10_000:
+                time.sleep(pauses[rank])
+                if lock_step:
+                    step_barrier.wait()
+                step += 1
+                while agreement.signal:
+                    verdict = agreement.reached(step)
+                    if verdict is Verdict.STOP:
+                        stopped[rank] = step
+                        return
+                    if verdict is Verdict.CONTINUE:
+                        break
+                    time.sleep(0.001)
+        except BaseException as exc:
+            errors.append(exc)
+            step_barrier.abort()
+
+    threads = [threading.Thread(target=train, args=(r,)) for r in range(world)]
+    for thread in threads:
+        thread.start()
+    time.sleep(chooser.uniform(0.0, 0.05))
+    agreements[chooser.randrange(world)].record_local(signal.SIGTERM, time.monotonic())
+    for thread in threads:
+        thread.join(30)
+    for agreement in agreements:
+        agreement.close(5.0)
+    assert not errors, repr(errors)
+    return stopped
+
+
+@pytest.mark.parametrize("lock_step", [True, False], ids=["lock-step", "apart"])
+def test_ranks_stop_at_one_step_that_none_passed(
+    lock_step: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiockpt.distributed import agreement
+
+    monkeypatch.setattr(agreement, "IDLE_PERIOD_S", 0.005)  # many trials, each short
+    chooser = random.Random(3)
+    for trial in range(12):
+        stopped = _agreement_trial(chooser, lock_step)
+        # A rank past the agreed step would stop later than the others (STOP is only
+        # ever answered at the agreed step or after it).
+        assert stopped[0] is not None and stopped == [stopped[0]] * len(stopped), (trial, stopped)
