@@ -95,7 +95,15 @@ async def checkpoint_and_exit(core: Core, step: int, bridge: Bridge) -> None:
         # block: waiting for an in-flight place is part of the save, never a skip.
         await checkpoint(core.saver, step, True, bridge)
         await bridge(core.pipeline.drain())
-        core.failures.raise_failures()
+        core.failures.raise_failures()  # on_error = "raise": the failure, chained
+        if not _saved_already(core.failures, step):  # on_error = "warn": logged already
+            logger.error(
+                "%s: the checkpoint failed (see the warning above); nothing new is saved. "
+                "Exiting with status %d",
+                what,
+                status,
+            )
+            raise SystemExit(status)
     took = time.monotonic() - began
     where = preemption.tiers[0].location if choice is None else choice.tier.location
     logger.warning(

@@ -8,6 +8,7 @@ tests/distributed/test_preemption_ranks.py and tests/crash/test_preemption_harne
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -243,6 +244,39 @@ def test_no_time_left_writes_nothing_and_says_so(
     # keep_last = 1, and still the one committed checkpoint is there: nothing started.
     assert [i.step for i in aiockpt.list_checkpoints(config.directory)] == [1]
     assert not [p for p in config.directory.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("on_error", ["raise", "warn"])
+def test_a_save_that_fails_is_not_reported_as_saved(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    on_error: str,
+) -> None:
+    config = make_config(tmp_path, preemption_signals=["SIGUSR1"], on_error=on_error)
+    with aiockpt.SyncCheckpointer(config, model=_model()) as ckpt:
+        ckpt.checkpoint(1).wait()
+
+        def failing_disk(*args: Any) -> int:
+            raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(os, "pwrite", failing_disk)
+        os.kill(os.getpid(), SIGUSR1)
+        if on_error == "raise":
+            with pytest.raises(aiockpt.BackgroundError) as raised:
+                ckpt.checkpoint_and_exit(2)
+            assert isinstance(raised.value.__cause__, OSError)
+        else:
+            with (
+                caplog.at_level(logging.ERROR, logger="aiockpt"),
+                pytest.raises(SystemExit) as info,
+            ):
+                ckpt.checkpoint_and_exit(2)
+            assert info.value.code == 128 + SIGUSR1
+            assert "SIGUSR1 at step 2: the checkpoint failed" in caplog.text
+            assert "saved step 2" not in caplog.text
+        monkeypatch.undo()
+    assert [i.step for i in aiockpt.list_checkpoints(config.directory)] == [1]
 
 
 # -- the Trainer --------------------------------------------------------------------------------
