@@ -60,7 +60,7 @@ async def checkpoint_and_exit(core: Core, step: int, bridge: Bridge) -> None:
             if verdict is Verdict.CONTINUE:
                 return
             await bridge(asyncio.sleep(BUSY_PERIOD_S))
-    preemption.acted_on = True
+    preemption.answered = True
     began = time.monotonic()
     signum = preemption.signal
     status = 128 + signum if signum is not None else 0

@@ -9,9 +9,10 @@ asks for it, at a step boundary (``checkpoint_and_exit``).
 
 The handler replaces the previous one for as long as the Checkpointer is open, and calls
 nothing else: the default action of SIGTERM (terminate) or SIGINT (KeyboardInterrupt), or
-a framework's handler that raises, would end the process before the save. ``close()``
-puts the previous handlers back; if a signal came and was never acted on, it is raised
-again then, so the process does what it would have done without aiockpt.
+a framework's handler that raises, would end the process before the save. The same signal
+a third time goes to the previous handler, as a way out. ``close()`` puts the previous
+handlers back; if a signal came and was never acted on, it is raised again then, so the
+process does what it would have done without aiockpt.
 
 Handlers can only be installed from the main thread (Python delivers signals there), so a
 Checkpointer with ``preemption_signals`` built on another thread is refused.
@@ -38,6 +39,11 @@ __all__ = ["Preemption", "Verdict", "check_can_install"]
 
 logger = logging.getLogger(__name__)
 
+# The arrival of one signal that goes to the previous handler. Not the second: the scheduler
+# signals every process of a job and torchrun passes what it receives on to its workers,
+# so a worker can get the one SIGTERM twice.
+_WAY_OUT = 3
+
 Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
@@ -52,6 +58,7 @@ class _Latch:
         self._owners: tuple[Preemption, ...] = ()  # replaced, never mutated: the handler reads it
         self._previous: dict[int, Handler] = {}
         self._users: dict[int, int] = {}
+        self._repeats: dict[int, int] = {}  # arrivals of each signal while installed
 
     def install(self, owner: Preemption, signums: list[int]) -> None:
         for signum in signums:
@@ -73,6 +80,7 @@ class _Latch:
         return restored
 
     def _restore(self, signum: int) -> bool:
+        self._repeats.pop(signum, None)
         if threading.current_thread() is not threading.main_thread():
             # Only the main thread may; _on_signal hands the signal on when it comes.
             return False
@@ -93,6 +101,16 @@ class _Latch:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         now = time.monotonic()
         owners = self._owners
+        self._repeats[signum] = self._repeats.get(signum, 0) + 1
+        if owners and self._repeats[signum] >= _WAY_OUT:
+            # Someone insists (Ctrl-C again and again, a save that hangs): the previous
+            # handler has it, as without aiockpt; the default one ends the process, which
+            # leaves the newest committed checkpoint as it is.
+            for owner in owners:
+                owner.answered = True
+            self._restore(signum)
+            signal.raise_signal(signum)
+            return
         for owner in owners:
             owner.record(signum, now)
         if not owners and self._users.get(signum, 0) == 0:
@@ -128,7 +146,8 @@ class Preemption:
         self.signums = [int(signal.Signals[name]) for name in config.preemption_signals]
         self.received: int | None = None  # the signal this process received
         self.received_at: float | None = None  # time.monotonic() when it came
-        self.acted_on = False  # checkpoint_and_exit() took it
+        # checkpoint_and_exit() took it, or a repeat went to the previous handler.
+        self.answered = False
         # Today's one tier: the checkpoint directory; a list of tiers plugs in here.
         self.tiers = [Tier("directory", str(config.directory), PersistHistory())]
         self.agreement: StopAgreement | None = None
@@ -182,7 +201,7 @@ class Preemption:
             return
         restored = _latch.remove(self, self.signums)
         self.signums = []
-        if self.received in restored and not self.acted_on:
+        if self.received in restored and not self.answered:
             logger.warning(
                 "%s arrived while the checkpointer was open and nothing saved for it; "
                 "raising it again now that the previous handler is back",

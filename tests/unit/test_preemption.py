@@ -467,3 +467,17 @@ def test_ranks_stop_at_one_step_that_none_passed(
         # A rank past the agreed step would stop later than the others (STOP is only
         # ever answered at the agreed step or after it).
         assert stopped[0] is not None and stopped == [stopped[0]] * len(stopped), (trial, stopped)
+
+
+def test_the_same_signal_a_third_time_goes_to_the_previous_handler(
+    tmp_path: Path, heard: list[int]
+) -> None:
+    config = make_config(tmp_path, preemption_signals=["SIGUSR1"])
+    ckpt = aiockpt.SyncCheckpointer(config, model=_model())
+    os.kill(os.getpid(), SIGUSR1)
+    os.kill(os.getpid(), SIGUSR1)  # twice: the scheduler's, and torchrun passing it on
+    assert heard == [] and ckpt.preempted is SIGUSR1
+    os.kill(os.getpid(), SIGUSR1)  # insisting: a way out of a save that hangs
+    assert heard == [SIGUSR1]
+    ckpt.close()
+    assert heard == [SIGUSR1]  # answered once, not raised again at close
