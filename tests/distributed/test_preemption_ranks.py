@@ -185,5 +185,46 @@ def test_sigterm_at_one_rank_stops_every_rank_at_one_step(tmp_path: Path, model:
         assert_state_equal(a, b, f"rank {rank}")
 
 
+def test_sigterm_to_torchrun_and_its_workers(tmp_path: Path) -> None:
+    """As a scheduler does it: SIGTERM to every process of the job, torchrun's agent
+    included, which passes it on to its workers again."""
+    from test_distributed import _free_port
+
+    import aiockpt
+
+    directory, out = tmp_path / "ckpt", tmp_path / "out"
+    out.mkdir()
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={WORLD}",
+            f"--master-port={_free_port()}",
+            __file__,
+            *("train", "ddp", str(directory), str(out), "100000"),
+        ],
+        env={
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(Path(__file__).parents[2]),
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a job's
+    )
+    deadline = time.monotonic() + 120
+    while min(_reached(out, rank) for rank in range(WORLD)) < 6:
+        assert time.monotonic() < deadline and agent.poll() is None, _finish([agent], 1)
+        time.sleep(0.01)
+    os.killpg(agent.pid, signal.SIGTERM)
+    [(_, output)] = _finish([agent])
+    states = [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    assert states[0]["step"] == states[1]["step"], output[-4000:]
+    assert [info.step for info in aiockpt.list_checkpoints(directory)][-1] == states[0]["step"]
+    assert "Exiting with status 143" in output, output[-4000:]
+
+
 if __name__ == "__main__":
     _rank_main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
