@@ -3,7 +3,8 @@
 Real processes, two ranks on the CPU with gloo, started as torchrun starts them. The test
 sends SIGTERM to rank 1 only, mid-training; both ranks must save the same step, exit with
 128 + 15, and a resume from that checkpoint must continue exactly as a run that was never
-interrupted. Run as a script, this file is one rank::
+interrupted. A last test SIGTERMs a real torchrun job as a scheduler does: every process,
+the agent too, which passes the signal on to its workers. Run as a script, this file is one rank::
 
     python test_preemption_ranks.py SCENARIO MODEL DIRECTORY OUT TOTAL
 
