@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import signal
 import threading
 import time
 from collections.abc import Coroutine, Generator, Iterable, Mapping
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 
 from ._engine.core import Core, close, wait
 from ._engine.failures import AnyFuture, FailureLog
+from ._engine.last_save import checkpoint_and_exit
 from ._engine.restore import restore
 from ._engine.runtime import CallerLoop, MonitorLoop, PrivateLoop, Runtime
 from ._engine.tiers import checkpoint_tiers
@@ -190,6 +192,15 @@ class _FrontEnd:
         close())."""
         return self._core.saver.layout_summary()
 
+    @property
+    def preempted(self) -> signal.Signals | None:
+        """The preemption signal received (one of ``preemption_signals``), or None.
+
+        Under torch.distributed, a signal that reached any rank shows on every rank within
+        a fraction of a second. Once it is set, call ``checkpoint_and_exit(step)`` at each
+        step boundary."""
+        return self._core.preemption.signal
+
 
 class _OneThreadAtATime:
     """Lets the calls of one thread in (any number of its tasks at once), and refuses a
@@ -339,6 +350,43 @@ class Checkpointer(_FrontEnd):
                 self._core.restorer, step, only, layers, self._core.runtime.run, strict
             )
 
+    async def checkpoint_and_exit(self, step: int) -> None:
+        """Save ``step`` within the preemption grace period, then exit the process.
+
+        Call it at a step boundary once ``preempted`` is set. Checkpoints in flight
+        finish first; ``step`` is captured (unless it is saved already) and persisted if
+        it can be durable within what is left of ``preemption_grace_s`` (estimated from
+        earlier checkpoints), then SystemExit(128 + the signal's number) is raised, so
+        ``finally`` blocks and ``close()`` run. When it cannot be durable in time,
+        nothing is written and the error is logged. Called without a signal, it saves
+        and exits with status 0.
+
+        Under torch.distributed with ``preemption_signals`` set, the ranks agree on one
+        step: call it at every step boundary while ``preempted`` is set; it returns on a
+        rank that must train on to the step the ranks agreed on. Without
+        ``preemption_signals``, every rank calls it at the same step, as ``checkpoint()``.
+
+        Args:
+            step: the training step just finished, a non-negative int.
+
+        Returns:
+            Only under torch.distributed, before the agreed step: None (train the next
+            step and call it again).
+
+        Raises:
+            SystemExit: always, on one process; at the agreed step, under torch.distributed.
+            UsageError: under torch.distributed with ``preemption_signals`` set, called
+                before any rank received one.
+            CheckpointError: the checkpointer is closed, or the ranks can no longer agree.
+            BackgroundError: the save (or an earlier checkpoint) failed in the background;
+                ``__cause__`` holds the original exception.
+            ConfigError: ``step`` is not a non-negative int the format can hold.
+            EventLoopError: called from a second thread while a call from another is under
+                way, or (with ``use_monitor = false``) from another event loop.
+        """
+        with self._callers.entered(self._core.runtime):
+            await checkpoint_and_exit(self._core, step, self._core.runtime.run)
+
     async def close(self, *, cancel: bool = False) -> None:
         """Drain what is in flight, release memory, threads and the directory lock.
 
@@ -482,6 +530,30 @@ class SyncCheckpointer(_FrontEnd):
                 without a module to apply it to.
         """
         return self._call(restore(self._core.restorer, step, only, layers, self._bridge, strict))
+
+    def checkpoint_and_exit(self, step: int) -> None:
+        """Save ``step`` within the preemption grace period, then exit the process.
+
+        The blocking form of :meth:`Checkpointer.checkpoint_and_exit`, which says when
+        to call it and what it does.
+
+        Args:
+            step: the training step just finished, a non-negative int.
+
+        Returns:
+            Only under torch.distributed, before the agreed step: None (train the next
+            step and call it again).
+
+        Raises:
+            SystemExit: always, on one process; at the agreed step, under torch.distributed.
+            UsageError: under torch.distributed with ``preemption_signals`` set, called
+                before any rank received one.
+            CheckpointError: the checkpointer is closed, or the ranks can no longer agree.
+            BackgroundError: the save (or an earlier checkpoint) failed in the background;
+                ``__cause__`` holds the original exception.
+            ConfigError: ``step`` is not a non-negative int the format can hold.
+        """
+        self._call(checkpoint_and_exit(self._core, step, self._bridge))
 
     def close(self, *, cancel: bool = False) -> None:
         """Drain what is in flight, release memory, threads and the directory lock.

@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import math
 import os
+import signal
 import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -89,6 +90,18 @@ def _float(hi: float | None, below: bool = False, optional: bool = False) -> _Ke
 
 
 _BOOL = _Key(bool, "True or False")
+# Signals a process can be asked to stop with, by name; SIGKILL and SIGSTOP cannot be
+# caught, so a handler for them could never save anything.
+_CATCHABLE_SIGNALS = tuple(
+    sorted(
+        name
+        for name, number in signal.Signals.__members__.items()
+        if number not in (signal.SIGKILL, signal.SIGSTOP)
+    )
+)
+_SIGNALS = _Key(
+    tuple, "a list of signal names such as ['SIGTERM', 'SIGUSR1'] (not SIGKILL or SIGSTOP)"
+)
 
 
 # -- tiers: [checkpoint.memory] and [checkpoint.remote] ---------------------------------
@@ -229,6 +242,8 @@ _KEYS: dict[str, _Key] = {
     "durable": _BOOL,
     "verbose": _BOOL,
     "rank_timeout_s": _float(None),
+    "preemption_signals": _SIGNALS,
+    "preemption_grace_s": _float(None),
     "memory": _Key(MemoryTier, "a table of directory, interval_steps, keep_last", optional=True),
     "remote": _Key(RemoteTier, "a table of url, interval_steps, keep_last, ...", optional=True),
 }
@@ -239,6 +254,8 @@ def _check(key: str, value: object, spec: _Key | None = None) -> Any:
 
     ``spec`` checks a tier's sub-key (``memory.keep_last``) as the key it mirrors."""
     spec = _KEYS[key] if spec is None else spec
+    if spec.kind is tuple:
+        return _signal_names(key, value)
     if value is None:
         if spec.optional:
             return None
@@ -277,6 +294,31 @@ def _check(key: str, value: object, spec: _Key | None = None) -> Any:
     return plain
 
 
+def _signal_names(key: str, value: object) -> tuple[str, ...]:
+    """``value`` as canonical signal names (``"sigterm"`` -> ``"SIGTERM"``), in order."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        hint = f" (write [{value!r}])" if isinstance(value, str) else ""
+        raise ConfigError(
+            f"{key} = {_shown(value)} has the wrong type ({type(value).__name__}): "
+            f"expected {_SIGNALS.expected}{hint}"
+        )
+    names: list[str] = []
+    for item in value:
+        name = item.upper() if isinstance(item, str) else None
+        if name is not None and not name.startswith("SIG"):
+            name = "SIG" + name
+        if name not in _CATCHABLE_SIGNALS:
+            uncatchable = name in ("SIGKILL", "SIGSTOP")
+            why = "cannot be caught by any process" if uncatchable else "is not a signal name"
+            close = "" if uncatchable else _suggest(str(name), list(_CATCHABLE_SIGNALS))
+            raise ConfigError(
+                f"{key} = {_shown(value)}: {item!r} {why}: expected {_SIGNALS.expected}{close}"
+            )
+        if name not in names:
+            names.append(name)
+    return tuple(names)
+
+
 def _shown(value: object) -> str:
     # A 400-digit integer is still named, but not spelt out in full.
     return shown(value, limit=80, keep=40)
@@ -311,6 +353,8 @@ def _parse_text(key: str, raw: str) -> Any:
     Raises ValueError naming what is expected; the value is not yet range-checked.
     """
     spec, text = _KEYS[key], raw.strip().lower()
+    if spec.kind is tuple:  # comma-separated: SIGTERM,SIGUSR1 (empty: none)
+        return [part.strip() for part in raw.split(",") if part.strip()]
     if spec.optional and text in ("", "none"):
         return None
     if spec.kind is bool:
@@ -367,6 +411,8 @@ def _layered(*sources: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _toml_value(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if not isinstance(value, str):
@@ -478,6 +524,12 @@ class Config:
             None: none.
         remote: a slower tier fed from the primary (:class:`RemoteTier`, or a dict of
             its keys); None: none.
+        preemption_signals: signals (``["SIGTERM", "SIGUSR1"]``) after which the
+            Trainer, or ``checkpoint_and_exit()``, saves the step under way and exits with
+            status 128 + the signal's number; none by default, since a library must not
+            take a process's signals unasked.
+        preemption_grace_s: seconds between such a signal and the SIGKILL that follows
+            it; the save goes where it can be durable within what is left of them.
 
     Raises:
         ConfigError: a key that is unknown, mistyped or out of range (the message names
@@ -502,6 +554,8 @@ class Config:
     durable: bool = True
     verbose: bool = False
     rank_timeout_s: float = 1800.0
+    preemption_signals: tuple[str, ...] = ()
+    preemption_grace_s: float = 30.0
     memory: MemoryTier | None = None
     remote: RemoteTier | None = None
 
@@ -697,10 +751,12 @@ class Config:
         """The settings as plain values.
 
         Returns:
-            Every key and its value, JSON-able, ``directory`` as a str.
+            Every key and its value, JSON-able, ``directory`` as a str and
+            ``preemption_signals`` as a list.
         """
         out: dict[str, object] = {key: getattr(self, key) for key in _KEYS}
         out["directory"] = str(self.directory)
+        out["preemption_signals"] = list(self.preemption_signals)
         for table in ("memory", "remote"):
             tier = getattr(self, table)
             if tier is not None:
@@ -779,10 +835,12 @@ _MEANING: dict[str, str] = {
     "durable": "fsync files before a checkpoint is committed",
     "verbose": "log every checkpoint",
     "rank_timeout_s": "seconds ranks wait for each other to agree on a commit",
+    "preemption_signals": "comma-separated signals that save the step under way and exit",
+    "preemption_grace_s": "seconds between a preemption signal and the SIGKILL after it",
     "memory": "the shared-memory tier",
     "remote": "a slower tier fed from the primary",
 }
-_METAVAR = {int: "N", float: "X", Path: "DIR"}
+_METAVAR = {int: "N", float: "X", Path: "DIR", tuple: "SIG,..."}
 CONFIG_FILE_FLAG = "config"
 
 
@@ -839,7 +897,11 @@ def add_config_arguments(
                 target = exclusive[group]
         default = defaults[key]
         shown = (
-            "none" if default is None else str(default).lower() if spec.kind is bool else default
+            "none"
+            if default is None or default == ()
+            else str(default).lower()
+            if spec.kind is bool
+            else default
         )
         help_text = f"{_MEANING[key]} (Config key {key}; default {shown})"
         if spec.kind is bool:

@@ -18,7 +18,7 @@ from ..config import Config
 from ..distributed.group import RankGroup
 from ..distributed.sharding import Replicated, object_kinds
 from ..errors import CheckpointError, UsageError
-from ..metrics import CheckpointerStats
+from ..metrics import CheckpointerStats, CheckpointMetrics
 from ..stateful import Stateful, is_zero_optimizer, uncompiled
 from ..storage import CheckpointStorage, open_storage
 from . import shutdown
@@ -26,6 +26,7 @@ from .capture import check_state_name
 from .failures import FailureLog
 from .memory import StagingMemory
 from .pipeline import Pipeline
+from .preemption import Preemption, check_can_install
 from .restore import Restorer
 from .runtime import MonitorLoop, Runtime
 from .saver import Saver
@@ -56,6 +57,7 @@ class Core:
         # under the names the eager module gives them.
         stateful = {name: uncompiled(obj) for name, obj in stateful.items()}
         self.config = config
+        check_can_install(config)  # before anything is opened that would need closing
         # A ZeRO optimizer's state is saved whole, the same on every rank (state_to_save).
         self.kinds = object_kinds(
             {
@@ -107,6 +109,8 @@ class Core:
             config, self.objects, self.ranks, self.store, self.memory, self.pipeline, self.stats
         )
         self.restorer.tiers = self.tiers
+        self.preemption = Preemption(config, self.ranks)
+        self.failures.commit_listeners.append(self._record_persist)
         self.pid = os.getpid()
         shutdown.track(self)
 
@@ -133,6 +137,9 @@ class Core:
     def closed(self) -> bool:
         return self.saver.closed
 
+    def _record_persist(self, metrics: CheckpointMetrics) -> None:
+        self.preemption.tiers[0].history.record(metrics.nbytes, metrics.persist_seconds)
+
     def close_resources(self) -> None:
         shutdown.forget(self)
         self.saver.release()
@@ -144,6 +151,9 @@ class Core:
         self.runtime.close()
         if self.ranks is not None:
             self.ranks.destroy()
+        # Last: a signal that came and was not acted on is raised again here, and its
+        # default action ends the process.
+        self.preemption.close()
 
     def finish_at_exit(self) -> None:
         """Let checkpoints in flight commit when the interpreter exits without close()."""

@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .._util.location import Location
@@ -51,6 +52,11 @@ class FailureLog:
         self._failures: list[Failure] = []
         self._lock = threading.Lock()  # done-callbacks run on the loop's thread
         self._in_flight: dict[int, AnyFuture] = {}
+        # The newest checkpoint handed to the background, and who hears of each commit
+        # (on the loop's thread): preemption asks whether a step is saved already and how
+        # long persisting takes.
+        self.last_started: tuple[int, AnyFuture] | None = None
+        self.commit_listeners: list[Callable[[CheckpointMetrics], None]] = []
 
     def failure_for(self, step: int, exc: BaseException) -> Failure:
         with self._lock:
@@ -87,6 +93,7 @@ class FailureLog:
     def started(self, step: int, metrics: CheckpointMetrics, future: AnyFuture) -> None:
         self.stats.requested += 1
         self._in_flight[step] = future
+        self.last_started = (step, future)
         future.add_done_callback(lambda f: self._on_done(step, metrics, f))
 
     def _on_done(self, step: int, metrics: CheckpointMetrics, future: AnyFuture) -> None:
@@ -99,6 +106,8 @@ class FailureLog:
             return
         if error is None:
             self.stats.committed += 1
+            for listener in self.commit_listeners:
+                listener(metrics)
             if is_rank_zero() and logger.isEnabledFor(logging.INFO):
                 logger.info("%s", metrics.summary())
             return

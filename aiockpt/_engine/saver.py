@@ -96,6 +96,12 @@ class Saver:
         self.memory.plan_host(sizes, pin=cuda is not None, device=cuda)
 
     def check_can_checkpoint(self, step: int) -> None:
+        self.check_step(step)
+        self.failures.raise_failures()
+        self.failures.check_not_in_flight(step)
+
+    def check_step(self, step: int) -> None:
+        """Refuse a closed checkpointer, and a step the format cannot hold."""
         if self.closed:
             raise CheckpointError("this Checkpointer is closed; create a new one")
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_STEP:
@@ -105,8 +111,6 @@ class Saver:
                 f"step must be a non-negative int, at most {MAX_STEP} (2**63 - 1, what the "
                 f"checkpoint format holds), got {step!r}; pass the training step counter"
             )
-        self.failures.raise_failures()
-        self.failures.check_not_in_flight(step)
 
     def flatten(self) -> FlatState:
         states = {name: state_to_save(obj) for name, obj in self.objects.items()}

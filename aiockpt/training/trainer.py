@@ -322,6 +322,7 @@ class _Calls(Protocol):
     ) -> Awaitable[int | None]: ...
     def close(self) -> Awaitable[None]: ...
     def let_pipeline_run(self) -> Awaitable[None]: ...
+    def checkpoint_and_exit(self, step: int) -> Awaitable[None]: ...
 
 
 class _AsyncCalls:
@@ -347,6 +348,9 @@ class _AsyncCalls:
 
     def close(self) -> Awaitable[None]:
         return self.checkpointer.close()
+
+    def checkpoint_and_exit(self, step: int) -> Awaitable[None]:
+        return self.checkpointer.checkpoint_and_exit(step)
 
     def let_pipeline_run(self) -> Awaitable[None]:
         # Without the monitor the pipeline runs on the caller's loop: let it move.
@@ -377,6 +381,10 @@ class _BlockingCalls:
 
     def close(self) -> Ready:
         self.checkpointer.close()
+        return Ready(None)
+
+    def checkpoint_and_exit(self, step: int) -> Ready:
+        self.checkpointer.checkpoint_and_exit(step)
         return Ready(None)
 
     def let_pipeline_run(self) -> Ready:
@@ -441,6 +449,10 @@ class _TrainerBase:
             await self._checkpoint()
         if engine.micro_step == 0:
             engine.end_step()
+            if self.checkpointer.preempted is not None:
+                # Saves this step (unless just saved) and exits; under torch.distributed
+                # it returns until the step the ranks agreed on.
+                await self._calls.checkpoint_and_exit(engine.step)
         return loss
 
     async def _checkpoint(self) -> Handle:
@@ -596,6 +608,9 @@ class Trainer(_TrainerBase):
         Raises:
             BackgroundError: an earlier checkpoint failed in the background (with
                 ``on_error = "raise"``); ``__cause__`` holds the original exception.
+            SystemExit: a signal of ``preemption_signals`` came: this step (under
+                torch.distributed, the step the ranks agreed on) was saved if it could be
+                durable within ``preemption_grace_s``; status 128 + the signal's number.
         """
         return await self._train_step(batch, enable_checkpoint)
 
@@ -704,6 +719,9 @@ class SyncTrainer(_TrainerBase):
         Raises:
             BackgroundError: an earlier checkpoint failed in the background (with
                 ``on_error = "raise"``); ``__cause__`` holds the original exception.
+            SystemExit: a signal of ``preemption_signals`` came: this step (under
+                torch.distributed, the step the ranks agreed on) was saved if it could be
+                durable within ``preemption_grace_s``; status 128 + the signal's number.
         """
         return drive(self._train_step(batch, enable_checkpoint))
 

@@ -82,6 +82,8 @@ WRONG = {
     # A tier's sub-keys are named as memory.<key>: tests/unit/test_tiers.py.
     "memory": [5, "interval_steps=5", [2]],
     "remote": [True, "/mnt/nfs/run-1"],
+    "preemption_signals": ["SIGTERM", ["SIGKILL"], ["SIGTREM"], [15], None],
+    "preemption_grace_s": ["30", 0, -1.0, float("nan")],
 }
 
 

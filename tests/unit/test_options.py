@@ -167,6 +167,8 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "on_backpressure": ("skip", "skip"),
     "on_error": ("warn", "warn"),
     "rank_timeout_s": ("60", 60.0),
+    "preemption_signals": ("SIGTERM, usr1", ("SIGTERM", "SIGUSR1")),
+    "preemption_grace_s": ("12.5", 12.5),
 }
 BOOLS = ("use_monitor", "durable", "verbose")
 # Tiers are tables of their own keys: TOML sub-tables or dicts, never one flag's value.
