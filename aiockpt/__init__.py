@@ -27,6 +27,7 @@ from .errors import (
     WorldSizeError,
 )
 from .metrics import CheckpointMetrics, ChunkSpan, LayoutSummary, StagingSummary
+from .paths import AsyncSaveHandle, PathSaver, SaveHandle, close_saves, save, save_async
 from .stateful import RNGState, Stateful
 from .storage.local import CheckpointInfo, list_checkpoints
 from .training.policy import (
@@ -46,6 +47,7 @@ __all__ = [
     "AdaptiveOverhead",
     "AiockptError",
     "AnyOf",
+    "AsyncSaveHandle",
     "BackgroundError",
     "BasePolicy",
     "CheckpointError",
@@ -68,10 +70,12 @@ __all__ = [
     "LayoutSummary",
     "Never",
     "NoCheckpointError",
+    "PathSaver",
     "RNGState",
     "Replicated",
     "RestoreError",
     "ResumableSampler",
+    "SaveHandle",
     "StagingSummary",
     "Stateful",
     "SyncCheckpointHandle",
@@ -82,7 +86,10 @@ __all__ = [
     "UsageError",
     "WorldSizeError",
     "__version__",
+    "close_saves",
     "list_checkpoints",
     "load",
     "policy_from_config",
+    "save",
+    "save_async",
 ]

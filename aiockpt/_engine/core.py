@@ -1,8 +1,11 @@
 """What one Checkpointer holds open, and the operations both front-ends share.
 
-``Core`` validates the objects, opens the directory (agreed across ranks), and owns the
-staging memory, the pipeline and the runtime; the save side (``Saver``), the restore side
-(``Restorer``) and the failure bookkeeping (``FailureLog``) are its parts. ``wait`` and
+``Core`` is the step manager: the path-level save engine (``paths.SaveEngine``: capture,
+staging memory, pipeline, failure bookkeeping) given one ``CheckpointStore``, which names
+each checkpoint ``step-<N>``, commits it with the same primitive a path-level save uses,
+then moves ``latest``, runs retention and holds the directory lock. ``Core`` validates
+the objects, opens the directory (agreed across ranks), and adds the restore side
+(``Restorer``) and the runtime. ``wait`` and
 ``close`` are the one body of both front-ends' calls of those names.
 """
 
@@ -25,6 +28,7 @@ from . import shutdown
 from .capture import check_state_name
 from .failures import FailureLog
 from .memory import StagingMemory
+from .paths import SaveEngine
 from .pipeline import Pipeline
 from .restore import Restorer
 from .runtime import MonitorLoop, Runtime
@@ -74,21 +78,12 @@ class Core:
             lead=self.ranks is None or self.ranks.is_zero,
         )
         self._open_store()
-        self.memory = StagingMemory(max_async=config.max_async)
-        self.pipeline = Pipeline(config, self.store, self.memory, self.ranks)
-        self.stats = CheckpointerStats()
-        self.failures = FailureLog(self.stats, on_error=config.on_error)
-        self.saver = Saver(
-            config,
-            self.objects,
-            self.kinds,
-            self.ranks,
-            runtime,
-            self.memory,
-            self.pipeline,
-            self.failures,
-            self.stats,
-        )
+        self.engine = SaveEngine(config, runtime, self.objects, self.kinds, self.ranks, self.store)
+        self.memory: StagingMemory = self.engine.memory
+        self.pipeline: Pipeline = self.engine.pipeline
+        self.stats: CheckpointerStats = self.engine.stats
+        self.failures: FailureLog = self.engine.failures
+        self.saver: Saver = self.engine.saver
         self.restorer = Restorer(
             config, self.objects, self.ranks, self.store, self.memory, self.pipeline, self.stats
         )
@@ -120,9 +115,7 @@ class Core:
 
     def close_resources(self) -> None:
         shutdown.forget(self)
-        self.saver.release()
-        self.pipeline.close()
-        self.memory.release()
+        self.engine.release()
         self.store.close()
         self.runtime.close()
         if self.ranks is not None:

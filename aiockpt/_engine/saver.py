@@ -24,6 +24,7 @@ from ..distributed.sharding import RankShare
 from ..errors import CheckpointError, ConfigError
 from ..metrics import CheckpointerStats, CheckpointMetrics, LayoutSummary, StagingSummary
 from ..stateful import state_to_save
+from ..storage.base import CheckpointStorage
 from .capture import FlatState, FlattenCache
 from .capture.limits import StateLimits, check_layout
 from .failures import AnyFuture, FailureLog
@@ -76,7 +77,7 @@ class Saver:
         self._fitting_structure: object | None = None
         self.closed = False
 
-    def check_can_checkpoint(self, step: int) -> None:
+    def check_can_checkpoint(self, step: int, *, one_per_step: bool = True) -> None:
         if self.closed:
             raise CheckpointError("this Checkpointer is closed; create a new one")
         if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_STEP:
@@ -87,7 +88,8 @@ class Saver:
                 f"checkpoint format holds), got {step!r}; pass the training step counter"
             )
         self.failures.raise_failures()
-        self.failures.check_not_in_flight(step)
+        if one_per_step:  # steps name the step manager's checkpoints; paths name the others
+            self.failures.check_not_in_flight(step)
 
     def flatten(self) -> FlatState:
         states = {name: state_to_save(obj) for name, obj in self.objects.items()}
@@ -172,6 +174,7 @@ class Saver:
         origin: float,
         share: dict[str, Any] | None = None,
         shared_directory: str | None = None,
+        store: CheckpointStorage | None = None,
     ) -> Job:
         assert self.capturer is not None
         admission, previous, committed = admitted
@@ -196,6 +199,7 @@ class Saver:
             share=share or {},
             kinds=self.kinds,
             origin=origin,
+            store=store,
         )
 
     # -- what the last layout set up, published read-only -----------------------------------
@@ -238,12 +242,21 @@ def _aligned_total(flat: FlatState) -> int:
 
 
 async def checkpoint(
-    saver: Saver, step: int, block: bool | None, bridge: Bridge
+    saver: Saver,
+    step: int,
+    block: bool | None,
+    bridge: Bridge,
+    destination: CheckpointStorage | None = None,
+    what: str | None = None,
 ) -> tuple[CheckpointMetrics, AnyFuture | None]:
     """Capture ``step`` and hand it to the pipeline; its metrics and its future (None:
-    skipped on backpressure)."""
+    skipped on backpressure).
+
+    ``destination`` is where it goes when not to the pipeline's store (a path-level save:
+    several may be in flight for one step), and ``what`` names it in a failure's message.
+    """
     started = time.perf_counter()
-    saver.check_can_checkpoint(step)
+    saver.check_can_checkpoint(step, one_per_step=destination is None)
     metrics = CheckpointMetrics(step)
     shared_directory = saver.next_shared_directory()
     block = saver.config.on_backpressure == "block" if block is None else block
@@ -270,7 +283,9 @@ async def checkpoint(
         return await _skip(saver, metrics, shared_directory, bridge), None
     share_fields = None if share is None else share.fields(full.names)
     try:
-        job = saver.capture(step, flat, admitted, metrics, started, share_fields, shared_directory)
+        job = saver.capture(
+            step, flat, admitted, metrics, started, share_fields, shared_directory, destination
+        )
     except BaseException:
         # Nothing will persist this admission: give it back, or later checkpoints would
         # wait for its memory and its commit forever.
@@ -278,7 +293,7 @@ async def checkpoint(
         raise
     metrics.capture_ms = (time.perf_counter() - started) * 1e3
     future = saver.runtime.submit(_start(saver.pipeline, job))
-    saver.failures.started(step, metrics, future)
+    saver.failures.started(step, metrics, future, what)
     return metrics, future
 
 

@@ -27,10 +27,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("aiockpt.storage",),
     ("aiockpt.distributed",),
     ("aiockpt._engine",),
-    ("aiockpt.checkpointer",),
+    ("aiockpt.checkpointer", "aiockpt.paths"),
     ("aiockpt.training",),
     ("aiockpt.tools",),
     ("aiockpt.cli",),
+    # Framework integrations: on top, importing anything public; nothing imports them.
+    ("aiockpt.integrations",),
 ]
 # The facade re-exports the public names of every layer; nothing imports it from inside.
 FACADES = {"aiockpt", "aiockpt.__main__"}
