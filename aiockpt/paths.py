@@ -23,10 +23,11 @@ from types import TracebackType
 from typing import Any
 
 from ._engine.failures import AnyFuture
-from ._engine.paths import PathEngine
+from ._engine.paths import PathEngine, path_of
 from ._util.bridge import Ready, drive
 from .config import Config, resolve_config
 from .metrics import CheckpointerStats, CheckpointMetrics, LayoutSummary, StagingSummary
+from .storage.paths import remove_checkpoint
 
 __all__ = [
     "AsyncSaveHandle",
@@ -160,6 +161,14 @@ class PathSaver:
 
     def __init__(self, config: Config | str | os.PathLike[str] | None = None) -> None:
         self._engine = PathEngine(resolve_config(config, type(self).__name__))
+        # The newest save of each path still in flight (those before it commit first).
+        self._newest: dict[Path, _SaveHandleBase] = {}
+        self._newest_lock = threading.Lock()
+
+    def _track(self, handle: _SaveHandleBase) -> None:
+        with self._newest_lock:
+            self._newest = {p: h for p, h in self._newest.items() if not h.done()}
+            self._newest[handle.path] = handle
 
     @property
     def config(self) -> Config:
@@ -222,7 +231,9 @@ class PathSaver:
         with engine.lock, engine.runtime.interrupts.guarding():
             request = engine.prepare(state, path, step)
             metrics, future = drive(engine.save(request, self._bridge))
-        return SaveHandle(engine, request.destination.final, metrics, future)
+        handle = SaveHandle(engine, request.destination.final, metrics, future)
+        self._track(handle)
+        return handle
 
     def _bridge(self, coro: Any) -> Ready:
         return Ready(self._engine.runtime.run_sync(coro))
@@ -252,16 +263,49 @@ class PathSaver:
         with engine.lock:
             request = engine.prepare(state, path, step)
             metrics, future = await engine.save(request, engine.runtime.run)
-        return AsyncSaveHandle(engine, request.destination.final, metrics, future)
+        handle = AsyncSaveHandle(engine, request.destination.final, metrics, future)
+        self._track(handle)
+        return handle
 
-    def wait(self) -> None:
-        """Block until every save in flight is over.
+    def wait(self, path: str | os.PathLike[str] | None = None) -> None:
+        """Block until every save in flight (or every save to ``path``) is over.
+
+        Args:
+            path: wait only for the saves to this path (None: for all of them).
 
         Raises:
-            BackgroundError: a save failed that was not waited for; ``__cause__`` holds
-                the original exception.
+            BackgroundError: a save failed that was not waited for (with ``path``: the
+                newest save to it failed); ``__cause__`` holds the original exception.
+            ConfigError: ``path`` is not a str or os.PathLike.
         """
-        self._engine.wait()
+        if path is None:
+            self._engine.wait()
+            return
+        with self._newest_lock:
+            newest = self._newest.get(path_of(path))
+        if newest is not None:
+            # Saves to one path commit in order: the newest is the last to finish.
+            concurrent.futures.wait([newest._future])  # type: ignore[list-item]
+            newest._outcome()
+
+    def remove(self, path: str | os.PathLike[str]) -> bool:
+        """Delete the checkpoint at ``path`` once the saves to it in flight are over.
+
+        It is hidden first (one rename), then deleted, with any copy a killed save left
+        beside it.
+
+        Args:
+            path: a path this saver (or any aiockpt save) wrote.
+
+        Returns:
+            Whether there was a checkpoint to delete.
+
+        Raises:
+            ConfigError: ``path`` holds something other than an aiockpt checkpoint.
+            BackgroundError: the newest save to ``path`` failed.
+        """
+        self.wait(path)
+        return remove_checkpoint(path_of(path), durable=self.config.durable)
 
     async def wait_async(self) -> None:
         """:meth:`wait` for async code.

@@ -338,3 +338,21 @@ def test_saves_in_flight_finish_at_exit_and_failures_are_said(tmp_path: Path, mo
         assert "OSError" in done.stderr and "injected" in done.stderr
         assert not path.exists()
     assert siblings(path) == (["at-exit", "child.py"] if mode == "ok" else ["child.py"])
+
+
+def test_remove_waits_for_the_save_and_refuses_what_is_not_ours(
+    tmp_path: Path, saver: aiockpt.PathSaver
+) -> None:
+    path = tmp_path / "gone"
+    saver.save(generation(1, n=2_000_000), path)
+    saver.wait(path)
+    assert_generation(aiockpt.load(path), 1)
+    saver.save(generation(2, n=2_000_000), path)
+    assert saver.remove(path)  # after the save in flight, not under it
+    assert siblings(path) == []
+    assert not saver.remove(path)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("precious")
+    with pytest.raises(aiockpt.ConfigError, match="no aiockpt"):
+        saver.remove(tmp_path / "notes")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "precious"
