@@ -192,15 +192,22 @@ class PathEngine:
         """Capture ``request``'s state and start writing it; its metrics and future."""
         saver = self.engine.saver
         saver.objects = request.objects  # this save's objects; the layout is kept if it fits
-        metrics, future = await checkpoint(
-            saver,
-            request.step,
-            None,
-            bridge,
-            destination=request.destination,
-            what=f"save to {request.destination.final}",
-        )
-        saver.objects = {}  # the engine keeps no reference to the caller's state
+        try:
+            metrics, future = await checkpoint(
+                saver,
+                request.step,
+                None,
+                bridge,
+                destination=request.destination,
+                what=f"save to {request.destination.final}",
+            )
+        finally:
+            saver.objects = {}  # the engine keeps no reference to the caller's state
+        # Host staging copies GPU tensors on a side stream. The step manager's hooks make
+        # the next optimizer step wait for them; a path-level state is often plain tensors
+        # (a framework's checkpoint dict) with no optimizer to hook, so the caller's stream
+        # waits for the copies, on the GPU, before whatever it runs next.
+        saver.guard.hold_current_stream()
         if future is None:  # on_backpressure = "skip" dropped it
             return metrics, _skipped()
         return metrics, future

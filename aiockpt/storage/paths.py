@@ -151,19 +151,21 @@ class PathStorage:
 
     # -- no lock: the caller owns the path ----------------------------------------------
     def open(self) -> None:
-        """Check the path can take a checkpoint, and make its parent directories.
+        """Check, touching nothing, that the path can take a checkpoint (``begin`` makes
+        the parent directories that are missing).
 
         Raises:
-            ConfigError: the path holds something else, or its parent cannot be made.
+            ConfigError: the path holds something else, or a parent is not a directory.
         """
         check_destination(self.final)
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError) as exc:
-            raise ConfigError(
-                f"cannot save to {self.final}: {exc.filename or self.root} is a file, so no "
-                "directory can be made there; choose a path under a directory"
-            ) from exc
+        for parent in self.final.parents:  # the nearest one that exists must be a directory
+            if os.path.lexists(parent):
+                if not parent.is_dir():
+                    raise ConfigError(
+                        f"cannot save to {self.final}: {parent} is a file, so no directory "
+                        "can be made there; choose a path under a directory"
+                    )
+                break
 
     def close(self) -> None:
         pass
@@ -175,6 +177,7 @@ class PathStorage:
     async def begin(self, step: int, shared: str | None = None) -> Path:
         del step, shared  # one process writes it; the path names it
         path = self.root / f".tmp-{self.final.name}-p{os.getpid()}-{secrets.token_hex(4)}"
+        await aiofiles.os.makedirs(self.root, exist_ok=True)
         await aiofiles.os.mkdir(path)
         return path
 

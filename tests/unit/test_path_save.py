@@ -198,8 +198,9 @@ def test_bad_state_is_refused_before_anything_is_written(
         saver.save([torch.zeros(3)], tmp_path / "bad")  # type: ignore[arg-type]
     with pytest.raises(aiockpt.ConfigError, match=r"str or os\.PathLike"):
         saver.save(generation(1), 42)  # type: ignore[arg-type]
-    assert not (tmp_path / "bad").exists()
-    assert siblings(tmp_path / "bad") == []
+    with pytest.raises(aiockpt.UnsupportedStateError):
+        saver.save({"when": Path("x")}, tmp_path / "new" / "bad")
+    assert os.listdir(tmp_path) == []  # not even the parent directories were made
 
 
 # -- concurrency ----------------------------------------------------------------------------
@@ -356,3 +357,52 @@ def test_remove_waits_for_the_save_and_refuses_what_is_not_ours(
     with pytest.raises(aiockpt.ConfigError, match="no aiockpt"):
         saver.remove(tmp_path / "notes")
     assert (tmp_path / "notes" / "todo.txt").read_text() == "precious"
+
+
+# -- GPU state (tests/gpu runs these on a CUDA machine) ----------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("staging", ["gpu", "host"])
+def test_gpu_state_saved_as_plain_tensors_is_the_state_at_the_call(
+    tmp_path: Path, staging: str
+) -> None:
+    """A framework's checkpoint dict: plain tensors, no optimizer object to hook. Training
+    goes on on the same stream the moment save() returns; the bytes saved are the ones
+    at the call, with gpu staging (stream order) and host staging (the stream waits)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.Linear(2048, 512)).cuda()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            model(torch.randn(256, 2048, device="cuda")).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    train(2)
+    expected = clone_state({"state_dict": model.state_dict(), "opt": [optimizer.state_dict()]})
+    config = small_config(chunk_size_mb=1, staging=staging)
+    with aiockpt.PathSaver(config) as saver:
+        handle = saver.save(
+            {"state_dict": model.state_dict(), "opt": [optimizer.state_dict()]}, tmp_path / "g"
+        )
+        train(3)  # in place, on the current stream, before the copies are known done
+        assert handle.wait() == tmp_path / "g"
+        assert saver.staging is not None
+        assert set(saver.staging.modes.values()) == {staging}
+    loaded = aiockpt.load(tmp_path / "g")
+    assert_state_equal(loaded, clone_state(_to_cpu(expected)))
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, OrderedDict):
+        copy = OrderedDict((k, _to_cpu(v)) for k, v in value.items())
+        if hasattr(value, "_metadata"):
+            copy._metadata = value._metadata  # type: ignore[attr-defined]
+        return copy
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
