@@ -388,7 +388,8 @@ def test_gpu_state_saved_as_plain_tensors_is_the_state_at_the_call(
         train(3)  # in place, on the current stream, before the copies are known done
         assert handle.wait() == tmp_path / "g"
         assert saver.staging is not None
-        assert set(saver.staging.modes.values()) == {staging}
+        modes = saver.staging.modes  # Adam's step counters stay on the CPU
+        assert {mode for device, mode in modes.items() if device.startswith("cuda")} == {staging}
     loaded = aiockpt.load(tmp_path / "g")
     assert_state_equal(loaded, clone_state(_to_cpu(expected)))
 
