@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -248,13 +249,13 @@ class PathEngine:
             logger.error("%s", exc, exc_info=exc)
 
 
+@dataclass(frozen=True)
 class _Request:
     """One save, checked: what to capture, where it goes, the step it records."""
 
-    def __init__(self, objects: dict[str, Any], destination: PathStorage, step: int) -> None:
-        self.objects = objects
-        self.destination = destination
-        self.step = step
+    objects: dict[str, Any]
+    destination: PathStorage
+    step: int
 
 
 def _skipped() -> AnyFuture:
