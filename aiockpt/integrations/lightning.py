@@ -137,12 +137,13 @@ class AiockptCheckpointIO(CheckpointIO):  # type: ignore[misc]
         """
         del weights_only
         if self._saver is not None and not self._saver.closed:
-            self._saver.wait(path)
+            # ``save_last="link"`` makes last.ckpt a link: wait for what it points at.
+            self._saver.wait(os.path.realpath(path))
         return aiockpt.load(Path(path), map_location=_device(map_location))
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
         """Delete the checkpoint at ``path`` (``save_top_k`` dropping one), once the saves
-        of it in flight are over.
+        of it in flight are over; a link (``save_last="link"``) is unlinked.
 
         Args:
             path: a checkpoint this plugin saved.
@@ -151,6 +152,9 @@ class AiockptCheckpointIO(CheckpointIO):  # type: ignore[misc]
             ConfigError: ``path`` holds something other than an aiockpt checkpoint.
             BackgroundError: the newest save to ``path`` failed.
         """
+        if os.path.islink(path):  # ``save_last="link"``: the link goes, not its target
+            os.unlink(path)
+            return
         self._owner().remove(path)
 
     def teardown(self) -> None:

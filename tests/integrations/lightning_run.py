@@ -68,26 +68,30 @@ class Losses(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def checkpoints(directory: Path) -> ModelCheckpoint:
+def checkpoints(directory: Path, save_last: bool | str = True) -> ModelCheckpoint:
     return ModelCheckpoint(
         dirpath=directory,
         every_n_train_steps=EVERY_N_STEPS,
         save_top_k=2,
         monitor="step",
         mode="max",
-        save_last=True,
+        save_last=save_last,  # type: ignore[arg-type]
     )
 
 
 def trainer(
-    directory: Path, max_steps: int, losses: Losses, plugin: AiockptCheckpointIO | None = None
+    directory: Path,
+    max_steps: int,
+    losses: Losses,
+    plugin: AiockptCheckpointIO | None = None,
+    save_last: bool | str = True,
 ) -> L.Trainer:
     # Not deterministic=True: it turns torch.use_deterministic_algorithms on for the whole
     # process (the rest of a pytest run too); these CPU kernels give the same bits anyway.
     return L.Trainer(
         max_steps=max_steps,
         plugins=[plugin or AiockptCheckpointIO()],
-        callbacks=[checkpoints(directory), losses],
+        callbacks=[checkpoints(directory, save_last), losses],
         accelerator="cpu",
         devices=1,
         enable_progress_bar=False,

@@ -149,3 +149,21 @@ def test_teardown_raises_a_failed_save(tmp_path: Path, monkeypatch: pytest.Monke
         plugin.teardown()
     assert isinstance(caught.value.__cause__, OSError)
     assert os.listdir(tmp_path) == []
+
+
+def test_save_last_as_a_link_points_at_the_newest_and_resumes(tmp_path: Path) -> None:
+    directory = tmp_path / "ckpts"
+    plugin = Recording()
+    trainer(directory, 12, Losses(), plugin, save_last="link").fit(Regressor(), loader())
+    last = directory / "last.ckpt"
+    assert last.is_symlink() and os.readlink(last) == name_of(10)
+    assert sorted(os.listdir(directory)) == sorted([name_of(5), name_of(10), "last.ckpt"])
+    assert plugin.load_checkpoint(last)["global_step"] == 10
+
+    module, losses = Regressor(), Losses()
+    trainer(directory, 20, losses, Recording(), save_last="link").fit(
+        module, loader(), ckpt_path=last
+    )
+    assert sorted(losses.by_step) == list(range(11, 21))
+    assert os.readlink(last) == name_of(20)
+    assert sorted(os.listdir(directory)) == sorted([name_of(15), name_of(20), "last.ckpt"])
