@@ -94,8 +94,9 @@ def test_an_interrupted_fit_resumes_bit_for_bit(tmp_path: Path) -> None:
         env=env,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    left_by_the_kill = os.listdir(directory)
     resumed_from = aiockpt.load(directory / "last.ckpt")["global_step"]
-    assert resumed_from in (10, 15)  # the newest save that was durable at the kill
+    assert resumed_from in (5, 10, 15)  # the newest save that was durable at the kill
 
     module, losses, plugin = fit(directory, TOTAL_STEPS, ckpt_path=directory / "last.ckpt")
     after = {s: loss for s, loss in losses.by_step.items() if s > resumed_from}
@@ -103,8 +104,14 @@ def test_an_interrupted_fit_resumes_bit_for_bit(tmp_path: Path) -> None:
     assert after == {s: reference_losses.by_step[s] for s in after}  # every loss, exactly
     assert_state_equal(clone_state(module.state_dict()), clone_state(reference.state_dict()))
     # The resumed ModelCheckpoint went on removing what the killed run had kept; a save
-    # the kill cut short left nothing behind once its path was saved again.
-    assert sorted(os.listdir(directory)) == sorted([name_of(25), name_of(30), "last.ckpt"])
+    # the kill cut short left nothing behind once its path was saved again. One step's
+    # two saves (top-k, then last) commit one after the other: killed between them, the
+    # top-k one of step 15 is there but last.ckpt says 10, and the resumed run, which
+    # knows nothing of it, saves its step 15 as "-v1" (Lightning's rule) and leaves it.
+    orphans = [name_of(s) for s in (10, 15) if s > resumed_from]
+    orphans = [name for name in orphans if name in left_by_the_kill]
+    expected = [name_of(25), name_of(30), "last.ckpt", *orphans]
+    assert sorted(os.listdir(directory)) == sorted(expected)
     assert all(Path(p).name != "last.ckpt" for p in plugin.removed)
 
 
