@@ -20,6 +20,7 @@ failure nobody waited for is logged as an error then.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
 import threading
@@ -211,6 +212,9 @@ class PathEngine:
         saver.guard.hold_current_stream()
         if future is None:  # on_backpressure = "skip" dropped it
             return metrics, _skipped()
+        # Captured, so the save will be written: its directory's parents exist from here on.
+        with contextlib.suppress(OSError):  # else the write fails, and its handle says why
+            request.destination.make_parents()
         return metrics, future
 
     def wait(self) -> None:

@@ -87,6 +87,8 @@ def check_destination(path: Path) -> None:
         return
     try:
         empty = not any(True for _ in os.scandir(path))
+    except FileNotFoundError:
+        return  # another save to the path just moved it aside: as good as absent
     except OSError as exc:
         raise ConfigError(f"cannot save to {path}: {exc.strerror or exc}") from exc
     if not empty:
@@ -151,8 +153,8 @@ class PathStorage:
 
     # -- no lock: the caller owns the path ----------------------------------------------
     def open(self) -> None:
-        """Check, touching nothing, that the path can take a checkpoint (``begin`` makes
-        the parent directories that are missing).
+        """Check, touching nothing, that the path can take a checkpoint (``make_parents``
+        makes the missing parent directories once the state is captured).
 
         Raises:
             ConfigError: the path holds something else, or a parent is not a directory.
@@ -166,6 +168,11 @@ class PathStorage:
                         "can be made there; choose a path under a directory"
                     )
                 break
+
+    def make_parents(self) -> None:
+        """Make the missing parent directories now: callers (Lightning's ``save_last=
+        "link"``) put files beside a checkpoint as soon as its save returns."""
+        self.root.mkdir(parents=True, exist_ok=True)
 
     def close(self) -> None:
         pass
