@@ -91,7 +91,9 @@ def check_destination(path: Path) -> None:
         return  # another save to the path just moved it aside: as good as absent
     except OSError as exc:
         raise ConfigError(f"cannot save to {path}: {exc.strerror or exc}") from exc
-    if not empty:
+    # Looked at again: another save to the path may have renamed its checkpoint in
+    # between the two looks above.
+    if not empty and not is_checkpoint(path):
         raise ConfigError(
             f"cannot save to {path}: it is a directory that holds other files and no aiockpt "
             "checkpoint, and a save would replace it whole; choose another path or empty it"
