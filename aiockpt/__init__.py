@@ -29,6 +29,7 @@ from .errors import (
     WorldSizeError,
 )
 from .metrics import CheckpointMetrics, ChunkSpan, LayoutSummary, StagingSummary, TierStats
+from .paths import AsyncSaveHandle, PathSaver, SaveHandle, close_saves, save, save_async
 from .stateful import RNGState, Stateful
 from .storage import CheckpointInfo, list_checkpoints
 from .training.policy import (
@@ -48,6 +49,7 @@ __all__ = [
     "AdaptiveOverhead",
     "AiockptError",
     "AnyOf",
+    "AsyncSaveHandle",
     "BackgroundError",
     "BasePolicy",
     "CheckpointError",
@@ -71,12 +73,14 @@ __all__ = [
     "MemoryTier",
     "Never",
     "NoCheckpointError",
+    "PathSaver",
     "RNGState",
     "RemoteTier",
     "Replicated",
     "RestoreError",
     "StorageAccessError",
     "ResumableSampler",
+    "SaveHandle",
     "StagingSummary",
     "StateMismatchError",
     "Stateful",
@@ -89,7 +93,10 @@ __all__ = [
     "UsageError",
     "WorldSizeError",
     "__version__",
+    "close_saves",
     "list_checkpoints",
     "load",
     "policy_from_config",
+    "save",
+    "save_async",
 ]

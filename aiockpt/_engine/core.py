@@ -1,8 +1,11 @@
 """What one Checkpointer holds open, and the operations both front-ends share.
 
-``Core`` validates the objects, opens the directory (agreed across ranks), and owns the
-staging memory, the pipeline and the runtime; the save side (``Saver``), the restore side
-(``Restorer``) and the failure bookkeeping (``FailureLog``) are its parts. ``wait`` and
+``Core`` is the step manager: the path-level save engine (``paths.SaveEngine``: capture,
+staging memory, pipeline, failure bookkeeping) given one ``CheckpointStore``, which names
+each checkpoint ``step-<N>``, commits it with the same primitive a path-level save uses,
+then moves ``latest``, runs retention and holds the directory lock. ``Core`` validates
+the objects, opens the directory (agreed across ranks), and adds the restore side
+(``Restorer``) and the runtime. ``wait`` and
 ``close`` are the one body of both front-ends' calls of those names.
 """
 
@@ -25,6 +28,7 @@ from . import shutdown
 from .capture import check_state_name
 from .failures import FailureLog
 from .memory import StagingMemory
+from .paths import SaveEngine
 from .pipeline import Pipeline
 from .preemption import Preemption, check_can_install
 from .restore import Restorer
@@ -77,33 +81,29 @@ class Core:
             lead=self.ranks is None or self.ranks.is_zero,
         )
         self._open_store()
-        self.stats = CheckpointerStats()
+        stats = CheckpointerStats()
         try:
-            self.tiers = open_tiers(config, self.store, self.stats, ranked=self.ranks is not None)
+            self.tiers = open_tiers(config, self.store, stats, ranked=self.ranks is not None)
         except BaseException:
             self.store.close()
             raise
-        self.memory = StagingMemory(max_async=config.max_async)
         # With tiers, the pipeline writes to the entry tier and the tiers keep retention
         # (a checkpoint still to be copied out of a tier must not be deleted).
-        self.pipeline = Pipeline(
-            config.replace(keep_last=None) if self.tiers else config,
-            self.tiers.entry.store if self.tiers else self.store,
-            self.memory,
-            self.ranks,
-        )
-        self.failures = FailureLog(self.stats, on_error=config.on_error)
-        self.saver = Saver(
+        self.engine = SaveEngine(
             config,
+            runtime,
             self.objects,
             self.kinds,
             self.ranks,
-            runtime,
-            self.memory,
-            self.pipeline,
-            self.failures,
-            self.stats,
+            self.tiers.entry.store if self.tiers else self.store,
+            stats=stats,
+            pipeline_config=config.replace(keep_last=None) if self.tiers else None,
         )
+        self.memory: StagingMemory = self.engine.memory
+        self.pipeline: Pipeline = self.engine.pipeline
+        self.stats: CheckpointerStats = self.engine.stats
+        self.failures: FailureLog = self.engine.failures
+        self.saver: Saver = self.engine.saver
         self.saver.plan_pool_early()  # pins in the background while the user sets up
         self.restorer = Restorer(
             config, self.objects, self.ranks, self.store, self.memory, self.pipeline, self.stats
@@ -142,9 +142,7 @@ class Core:
 
     def close_resources(self) -> None:
         shutdown.forget(self)
-        self.saver.release()
-        self.pipeline.close()
-        self.memory.release()
+        self.engine.release()
         if self.tiers is not None:
             self.tiers.close()
         self.store.close()

@@ -104,6 +104,10 @@ class Job:
             future = self.late[index] = asyncio.get_running_loop().create_future()
         return future
 
+    # Where this one goes, when not to the pipeline's store: a path-level save names its
+    # own path (storage.paths.PathStorage).
+    store: CheckpointStorage | None = None
+
 
 @dataclass(frozen=True)
 class _Ballot:
@@ -121,11 +125,12 @@ class Pipeline:
     def __init__(
         self,
         config: Config,
-        store: CheckpointStorage,
+        store: CheckpointStorage | None,
         memory: StagingMemory,
         ranks: RankGroup | None = None,
     ) -> None:
         self.config = config
+        # Where checkpoints go unless a job names its own store (None: every job does).
         self.store = store
         self.memory = memory
         self.ranks = ranks
@@ -217,6 +222,11 @@ class Pipeline:
         return self._write_slots
 
     # -- one checkpoint -------------------------------------------------------------------
+    def store_of(self, job: Job) -> CheckpointStorage:
+        store = job.store or self.store
+        assert store is not None, "a job without a store on a pipeline without one"
+        return store
+
     def start(self, job: Job) -> asyncio.Task[Location | None]:
         task = asyncio.get_running_loop().create_task(self._persist(job))
         self._jobs.add(task)
@@ -238,7 +248,8 @@ class Pipeline:
                 await asyncio.wait([job.previous_commit])
             commit_start = time.perf_counter()
             # A task of its own, so that cancelling this job cannot interrupt it.
-            commit = loop.create_task(self.store.commit(temporary, snapshot.step, payload))
+            store = self.store_of(job)
+            commit = loop.create_task(store.commit(temporary, snapshot.step, payload))
             try:
                 final = await asyncio.shield(commit)
             except asyncio.CancelledError:
@@ -248,11 +259,11 @@ class Pipeline:
             temporary = None
             metrics.commit_ms = (time.perf_counter() - commit_start) * 1e3
             metrics.persist_seconds = time.perf_counter() - started + metrics.capture_ms / 1e3
-            await self._retain(final)
+            await self._retain(final, self.store_of(job))
             return final
         finally:
             if temporary is not None:
-                await loop.run_in_executor(self.writers, self.store.abort, temporary)
+                await loop.run_in_executor(self.writers, self.store_of(job).abort, temporary)
             await self._finish(job)
 
     async def _begin(self, job: Job) -> Location:
@@ -261,7 +272,7 @@ class Pipeline:
             if chunk.index not in snapshot.admission.host and chunk.index not in job.late_indices:
                 job.gpu_chunks_left[chunk.device] = job.gpu_chunks_left.get(chunk.device, 0) + 1
         try:
-            return await self.store.begin(snapshot.step, job.shared_directory)
+            return await self.store_of(job).begin(snapshot.step, job.shared_directory)
         except BaseException:
             # No chunk task will run to give these back; let pending copies land first.
             for event in snapshot.host_ready.values():
@@ -316,13 +327,13 @@ class Pipeline:
             "layers": job.layers,
         }
 
-    async def _retain(self, final: Location) -> None:
+    async def _retain(self, final: Location, store: CheckpointStorage) -> None:
         try:
             # On the loop's default executor, where the commit's aiofiles calls run too:
             # deleting old checkpoints must not take writer threads from the next one's
             # chunks, nor wait behind them (the handle resolves after retention).
             await asyncio.get_running_loop().run_in_executor(
-                None, self.store.retain, self.config.keep_last
+                None, store.retain, self.config.keep_last
             )
         except asyncio.CancelledError:
             pass  # committed; the next commit's retention does this one's work
@@ -365,7 +376,7 @@ class Pipeline:
                 **self._manifest_fields(job, await self._write_chunks(job, temporary))
             )
             # This rank's files, durable on any filesystem before it votes to commit.
-            await loop.run_in_executor(self.writers, self.store.make_durable, temporary)
+            await loop.run_in_executor(self.writers, self.store_of(job).make_durable, temporary)
             part = dataclasses.replace(part, status=OK, manifest=manifest, **job.share)
         except BaseException as exc:  # the vote below reports it; it is re-raised after
             error = exc
@@ -379,7 +390,7 @@ class Pipeline:
         if final is not None:
             metrics.persist_seconds = time.perf_counter() - started + metrics.capture_ms / 1e3
             if ranks.is_zero:
-                await self._retain(final)
+                await self._retain(final, self.store_of(job))
         return final
 
     async def _vote(self, job: Job, part: RankPart, temporary: Location | None) -> Location | None:
@@ -397,7 +408,7 @@ class Pipeline:
             status, detail = await vote
         if status == OK:
             name, job.metrics.commit_ms = detail
-            return self.store.root / name
+            return self.store_of(job).root / name
         if status == SKIPPED:
             job.metrics.skipped = True
             return None
@@ -425,6 +436,9 @@ class Pipeline:
         temporary: Location | None,
         loop: asyncio.AbstractEventLoop,
     ) -> tuple[str, Any]:
+        # Ranks save through the checkpointer's own store (path-level saves have no ranks).
+        store = self.store
+        assert store is not None
         failed = [f"rank {p.rank}: {p.error}" for p in parts if p.status == FAILED]
         skipped = [p.rank for p in parts if p.status == SKIPPED]
         outcome: tuple[str, Any]
@@ -443,16 +457,14 @@ class Pipeline:
                 # The commit's file operations are awaited on the loop, which is free:
                 # its vote task only waits for this thread.
                 final = asyncio.run_coroutine_threadsafe(
-                    self.store.commit(temporary, ballot.step, manifest.to_json()), loop
+                    store.commit(temporary, ballot.step, manifest.to_json()), loop
                 ).result()
                 return OK, (final.name, (time.perf_counter() - start) * 1e3)
             except Exception as exc:  # reported to every rank
                 outcome = (FAILED, f"rank 0 could not commit: {type(exc).__name__}: {exc}")
         # Every rank has stopped writing (each voted after its writes): rank 0 removes the
         # shared temporary, whoever created it.
-        self.store.abort(
-            temporary or self.store.shared_temporary(ballot.step, ballot.shared_directory)
-        )
+        store.abort(temporary or store.shared_temporary(ballot.step, ballot.shared_directory))
         return outcome
 
     async def vote_skipped(self, step: int, shared_directory: str, kinds: dict[str, str]) -> None:
@@ -526,7 +538,7 @@ class Pipeline:
                 # is the loop's wake-up after it.
                 nonlocal write_start, write_end
                 write_start = time.perf_counter()
-                sums = self.store.write_chunk(
+                sums = self.store_of(job).write_chunk(
                     directory,
                     chunk_file_name(chunk.index, job.rank),
                     buffer.view(chunk.nbytes),

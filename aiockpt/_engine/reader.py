@@ -34,6 +34,7 @@ from ..storage import open_storage
 from ..storage.base import CheckpointStorage, DataFile
 from ..storage.fileio import NotRegularFileError
 from ..storage.local import parse_step_dir
+from ..storage.paths import resolve_checkpoint
 from .restore_io import (
     SLOT_BYTES,
     CudaTransfer,
@@ -476,7 +477,8 @@ def load(
     state (RNG, ...) of ``rank``.
 
     Args:
-        path: a checkpoint directory, ``<directory>/step-<N>``.
+        path: a checkpoint directory, ``<directory>/step-<N>``, or a path given to
+            ``aiockpt.save`` (a save killed mid-replace is read from its old copy).
         map_location: the device the tensors are put on.
         keys: the top-level entries to load (None: all of them).
         layers: a regular expression on layer names; only matching tensors are read.
@@ -495,6 +497,9 @@ def load(
     """
     wanted = None if keys is None else list(keys)
     device = torch.device(map_location or "cpu")
+    # A path-level save killed between moving the old checkpoint aside and renaming the
+    # new one in left the old one next to the path: that is the checkpoint at the path.
+    path = resolve_checkpoint(Path(path))
     loaded = read_checkpoint(
         path,
         select=tensor_filter(wanted, layers),

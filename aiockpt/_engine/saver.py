@@ -25,6 +25,7 @@ from ..distributed.sharding import RankShare
 from ..errors import CheckpointError, ConfigError
 from ..metrics import CheckpointerStats, CheckpointMetrics, LayoutSummary, StagingSummary
 from ..stateful import state_to_save
+from ..storage.base import CheckpointStorage
 from .capture import FlatState, FlattenCache
 from .capture.limits import StateLimits, check_layout
 from .failures import AnyFuture, FailureLog
@@ -95,10 +96,11 @@ class Saver:
         cuda = next((d for d in devices if d.type == "cuda"), None)
         self.memory.plan_host(sizes, pin=cuda is not None, device=cuda)
 
-    def check_can_checkpoint(self, step: int) -> None:
+    def check_can_checkpoint(self, step: int, *, one_per_step: bool = True) -> None:
         self.check_step(step)
         self.failures.raise_failures()
-        self.failures.check_not_in_flight(step)
+        if one_per_step:  # steps name the step manager's checkpoints; paths name the others
+            self.failures.check_not_in_flight(step)
 
     def check_step(self, step: int) -> None:
         """Refuse a closed checkpointer, and a step the format cannot hold."""
@@ -211,6 +213,7 @@ class Saver:
         origin: float,
         share: dict[str, Any] | None = None,
         shared_directory: str | None = None,
+        store: CheckpointStorage | None = None,
     ) -> Job:
         assert self.capturer is not None
         admission, previous, committed = admitted
@@ -236,6 +239,7 @@ class Saver:
             kinds=self.kinds,
             origin=origin,
             late_indices=frozenset(c.index for c in self.capturer.late_chunks),
+            store=store,
         )
 
     # -- what the last layout set up, published read-only -----------------------------------
@@ -300,12 +304,23 @@ Persist = Callable[[Coroutine[Any, Any, Location | None]], Coroutine[Any, Any, L
 
 
 async def checkpoint(
-    saver: Saver, step: int, block: bool | None, bridge: Bridge, persist: Persist | None = None
+    saver: Saver,
+    step: int,
+    block: bool | None,
+    bridge: Bridge,
+    persist: Persist | None = None,
+    destination: CheckpointStorage | None = None,
+    what: str | None = None,
 ) -> tuple[CheckpointMetrics, AnyFuture | None]:
     """Capture ``step`` and hand it to the pipeline; its metrics and its future (None:
-    skipped on backpressure). ``persist`` wraps what runs in the background."""
+    skipped on backpressure).
+
+    ``persist`` wraps what runs in the background (the tiers' promotions);
+    ``destination`` is where it goes when not to the pipeline's store (a path-level save:
+    several may be in flight for one step), and ``what`` names it in a failure's message.
+    """
     started = time.perf_counter()
-    saver.check_can_checkpoint(step)
+    saver.check_can_checkpoint(step, one_per_step=destination is None)
     metrics = CheckpointMetrics(step)
     shared_directory = saver.next_shared_directory()
     block = saver.config.on_backpressure == "block" if block is None else block
@@ -333,7 +348,9 @@ async def checkpoint(
     share_fields = None if share is None else share.fields(full.names)
     task: asyncio.Task[Location | None] | None = None
     try:
-        job = saver.capture(step, flat, admitted, metrics, started, share_fields, shared_directory)
+        job = saver.capture(
+            step, flat, admitted, metrics, started, share_fields, shared_directory, destination
+        )
         if job.late_indices:
             # The pool cannot hold it all: the first chunks must be written (and their
             # buffers freed) while the capture takes the next ones. The task runs on the
@@ -352,7 +369,7 @@ async def checkpoint(
     metrics.capture_ms = (time.perf_counter() - started) * 1e3
     background = _start(saver.pipeline, job) if task is None else _finished(task)
     future = saver.runtime.submit(background if persist is None else persist(background))
-    saver.failures.started(step, metrics, future)
+    saver.failures.started(step, metrics, future, what)
     return metrics, future
 
 

@@ -96,6 +96,17 @@ class CaptureGuard:
             handle.remove()
         self._handles.clear()
 
+    def hold_current_stream(self) -> None:
+        """Make the current stream wait, on the GPU, for every copy still reading live
+        tensors: later kernels (whatever object they update) run after it. For state given
+        as plain tensors (a path-level save), with no optimizer or module to hook."""
+        if not self._pending:
+            return
+        stream = torch.cuda.current_stream()
+        for event in self._pending:
+            stream.wait_event(event)
+        self._pending.clear()
+
 
 @dataclass(frozen=True)
 class _HostCopies:

@@ -38,7 +38,7 @@ from .._format.manifest import MANIFEST_NAME, MAX_STEP
 from .._util.location import local_directory
 from ..errors import CheckpointError, ConfigError, DirectoryLockedError
 from .base import CheckpointInfo, WriterState, retention_split
-from .commitio import create_file, fsync_directory_async, replace_file_atomically
+from .commitio import fsync_directory_async, replace_file_atomically
 from .fileio import (
     fsync_directory,
     open_regular,
@@ -48,6 +48,7 @@ from .fileio import (
     write_pieces,
 )
 from .locking import try_lock, unlock
+from .publish import REPLACED_PREFIX, publish_directory
 
 __all__ = ["CheckpointInfo", "CheckpointStore", "list_checkpoints", "read_latest"]
 
@@ -310,7 +311,7 @@ class CheckpointStore:
     def _recover(self) -> None:
         # A replaced checkpoint whose successor never got renamed in comes back first.
         for entry in os.scandir(self.root):
-            original = parse_private_step(entry.name, ".trash-replace-")
+            original = parse_private_step(entry.name, REPLACED_PREFIX)
             if original is not None and not (self.root / step_dir_name(original)).exists():
                 os.rename(entry.path, self.root / step_dir_name(original))
         for entry in os.scandir(self.root):
@@ -380,8 +381,9 @@ class CheckpointStore:
         """Write the manifest last, then make the checkpoint visible with one rename.
 
         Runs on the event loop; every file and directory operation is awaited through
-        aiofiles, in this order: manifest written and fsync'd, the temporary directory
-        fsync'd, renamed into place, the parent directory fsync'd, then ``latest``.
+        aiofiles, in this order: the commit primitive (``publish.publish_directory``:
+        manifest written and fsync'd, the temporary directory fsync'd, renamed into place,
+        the parent directory fsync'd, the replaced copy deleted), then ``latest``.
 
         After a restore, the run's own timeline decides what restore finds next: once the
         first commit after it is durable, every committed step above the one restored
@@ -391,27 +393,9 @@ class CheckpointStore:
         abandoned timeline (or a corrupt one), and retention, which ranks by step, would
         delete this run's newer commits and keep those.
         """
-        await create_file(temporary / MANIFEST_NAME, manifest, durable=self.durable)
-        if self.durable:
-            await fsync_directory_async(temporary)
-        final = self.root / step_dir_name(step)
-        replaced = None
-        if await aiofiles.os.path.exists(final):
-            # Re-saving a step: move the old one aside; _recover() restores it if we die here.
-            replaced = self.root / f".trash-replace-{final.name}-{secrets.token_hex(4)}"
-            await aiofiles.os.rename(final, replaced)
-        await aiofiles.os.rename(temporary, final)
-        if self.durable:
-            try:
-                await fsync_directory_async(self.root)
-            except OSError:
-                # Not known durable, so not committed: take it back out of sight (the
-                # caller deletes the temporary), or a checkpoint reported as failed would
-                # be the one restore() picks.
-                await self._unpublish(final, temporary, replaced)
-                raise
-        if replaced is not None:
-            await _in_thread(shutil.rmtree, replaced, ignore_errors=True)  # bulk: a thread
+        final = await publish_directory(
+            Path(temporary), self.root / step_dir_name(step), manifest, durable=self.durable
+        )
         self._last_committed = step
         try:
             # Before anything is moved aside, so that `latest` never names a step that
@@ -445,14 +429,6 @@ class CheckpointStore:
             )
         if above and self.durable:
             await fsync_directory_async(self.root)
-
-    async def _unpublish(self, final: Path, temporary: PurePath, replaced: Path | None) -> None:
-        try:
-            await aiofiles.os.rename(final, temporary)
-            if replaced is not None:
-                await aiofiles.os.rename(replaced, final)
-        except OSError as exc:  # the disk is failing; the next open() sorts it out
-            logger.warning("could not take back %s after a failed fsync: %s", final, exc)
 
     def _make_way_for_latest(self, name: str, *, force: bool) -> bool:
         """Should ``latest`` be pointed at ``name``? If so, clear what would stop the

@@ -53,7 +53,7 @@ CONTRACT = {
 }
 
 # Returned by aiockpt, never built by users: their constructors are not API.
-HANDED_OUT = {"CheckpointHandle", "SyncCheckpointHandle"}
+HANDED_OUT = {"CheckpointHandle", "SyncCheckpointHandle", "SaveHandle", "AsyncSaveHandle"}
 
 SECTION = re.compile(r"^\s*(Args|Arguments|Returns|Yields|Raises|Attributes|Examples?|Notes?):\s*$")
 GENERATOR = re.compile(r"(Async)?(Iterator|Generator)\[")
