@@ -26,7 +26,8 @@ from ..errors import CheckpointError, UsageError
 from .core import Core
 from .deadline import fastest_fitting
 from .failures import FailureLog
-from .saver import Saver, checkpoint
+from .saver import Saver
+from .tiers import checkpoint_tiers
 
 __all__ = ["checkpoint_and_exit"]
 
@@ -93,8 +94,12 @@ async def checkpoint_and_exit(core: Core, step: int, bridge: Bridge) -> None:
         raise SystemExit(status)
     if not saved:
         # block: waiting for an in-flight place is part of the save, never a skip.
-        await checkpoint(core.saver, step, True, bridge)
+        # Through the tiers when there are any: the step goes where their intervals send
+        # it (the memory tier first), and their retention and copies stay consistent.
+        await checkpoint_tiers(core.tiers, core.saver, step, True, bridge)
         await bridge(core.pipeline.drain())
+        if core.tiers is not None:
+            await bridge(core.tiers.drain())
         core.failures.raise_failures()  # on_error = "raise": the failure, chained
         if not _saved_already(core.failures, step):  # on_error = "warn": logged already
             logger.error(

@@ -202,6 +202,34 @@ def test_checkpoint_and_exit_saves_the_step_and_exits_with_128_plus_the_signal(
     assert "Exiting with status 138" in caplog.text
 
 
+def test_checkpoint_and_exit_goes_through_the_tiers(tmp_path: Path) -> None:
+    # With a memory tier, the last save is planned like any checkpoint: written to the
+    # memory tier first, then copied to the primary when its interval divides the step,
+    # each tier keeping its own retention.
+    model, bag = _model(), Bag({"epoch": 3})
+    memory_dir = tmp_path / "shm"
+    config = make_config(
+        tmp_path,
+        preemption_signals=["SIGUSR1"],
+        interval_steps=2,
+        memory={"directory": memory_dir, "keep_last": 1},
+    )
+    with aiockpt.SyncCheckpointer(config, model=model, bag=bag) as ckpt:
+        ckpt.checkpoint(1).wait()
+        os.kill(os.getpid(), SIGUSR1)
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        expected = clone_state(dict(model.state_dict()))
+        with pytest.raises(SystemExit) as info:
+            ckpt.checkpoint_and_exit(2)
+        assert info.value.code == 128 + SIGUSR1
+        assert ckpt.stats.tiers["memory"].last_step == 2
+        assert ckpt.stats.tiers["primary"].last_step == 2
+        assert [i.step for i in aiockpt.list_checkpoints(memory_dir)] == [2]  # keep_last = 1
+    assert 2 in [i.step for i in aiockpt.list_checkpoints(config.directory)]
+    assert_state_equal(dict(aiockpt.load(config.directory / "step-2")["model"]), expected)
+
+
 @pytest.mark.parametrize("use_monitor", [True, False])
 def test_a_step_saved_already_is_not_saved_twice(tmp_path: Path, use_monitor: bool) -> None:
     config = make_config(tmp_path, preemption_signals=["SIGUSR1"], use_monitor=use_monitor)
