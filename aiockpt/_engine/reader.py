@@ -499,9 +499,11 @@ def load(
     device = torch.device(map_location or "cpu")
     # A path-level save killed between moving the old checkpoint aside and renaming the
     # new one in left the old one next to the path: that is the checkpoint at the path.
-    path = resolve_checkpoint(Path(path))
+    location = storage_location(path)
+    if isinstance(location, Path):
+        location = resolve_checkpoint(location)
     loaded = read_checkpoint(
-        path,
+        location,
         select=tensor_filter(wanted, layers),
         verify=verify,
         place=(lambda record: device) if device.type == "cuda" else None,
@@ -509,7 +511,7 @@ def load(
     absent = [k for k in wanted or () if k not in loaded.manifest.state]
     if absent:
         raise MissingStateError(
-            f"{path} has no state for {absent} (it holds {sorted(loaded.manifest.state)}); "
+            f"{location} has no state for {absent} (it holds {sorted(loaded.manifest.state)}); "
             "pass keys that it holds, or none for everything"
         )
     return loaded.state(device, keys=wanted, rank=rank)
