@@ -351,8 +351,9 @@ class AiockptSystem(System):
         self.ckpt.close()
 
 
-# A tiered system copies every this many checkpoints on from memory to the disk.
-TIERED_PRIMARY_EVERY = 5
+# A tiered system copies every this many checkpoints on from memory to the disk: with
+# --checkpoint-interval 5, the memory tier every 5 steps and the disk every 50.
+TIERED_PRIMARY_EVERY = 10
 
 
 class TieredSystem(AiockptSystem):
