@@ -37,6 +37,7 @@ from ..distributed.group import RankGroup
 from ..errors import CheckpointError
 from ..metrics import CheckpointMetrics, ChunkSpan
 from ..storage.base import CheckpointStorage
+from .incremental import ChangeTracker, Tracking
 from .layout import Chunk, chunk_file_name
 from .memory import Admission, HostBuffer, StagingMemory
 from .merge import FAILED, OK, SKIPPED, RankPart, merge_parts
@@ -83,6 +84,8 @@ class Job:
     kinds: dict[str, str] = field(default_factory=dict)
     # perf_counter() when the capture began: chunk spans are measured from it.
     origin: float = 0.0
+    # Incremental checkpoints: what this one shares with the previous (None: writes all).
+    tracking: Tracking | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,13 @@ class Pipeline:
         self._jobs: set[asyncio.Task[Any]] = set()
         # One process's manifests, encoded at the cost of what changed between them.
         self.manifests = ManifestWriter()
+        # Incremental checkpoints share unchanged tensors with this pipeline's previous
+        # commit. One process only: the parts of several ranks are merged into one manifest.
+        self.changes = (
+            ChangeTracker(store)
+            if config.incremental and ranks is None and ChangeTracker.applies_to(store)
+            else None
+        )
 
     # -- admission -----------------------------------------------------------------------
     def admit_now(self, capturer: Capturer, loop: asyncio.AbstractEventLoop) -> Admitted | None:
@@ -187,6 +197,8 @@ class Pipeline:
         temporary: Path | None = None
         try:
             temporary = await self._begin(job)
+            if self.changes is not None:
+                job.tracking = self.changes.start(snapshot.step, snapshot.layout, job.names)
             checksums = await self._write_chunks(job, temporary)
             payload = self.manifests.encode(**self._manifest_fields(job, checksums))
             if job.previous_commit is not None:
@@ -201,6 +213,9 @@ class Pipeline:
                 # the checkpoint visible, so it completes and counts as done.
                 final = await commit
             temporary = None
+            if job.tracking is not None and self.changes is not None:
+                self.changes.committed(job.tracking, final)
+                metrics.shared_bytes = job.tracking.shared_bytes
             metrics.commit_ms = (time.perf_counter() - commit_start) * 1e3
             metrics.persist_seconds = time.perf_counter() - started + metrics.capture_ms / 1e3
             await self._retain(final)
@@ -269,6 +284,7 @@ class Pipeline:
             "checksums": checksums,
             "state": snapshot.skeleton,
             "layers": job.layers,
+            "shared": None if job.tracking is None else job.tracking.shared_files(),
         }
 
     async def _retain(self, final: Path) -> None:
@@ -467,13 +483,24 @@ class Pipeline:
                 # is the loop's wake-up after it.
                 nonlocal write_start, write_end
                 write_start = time.perf_counter()
-                sums = self.store.write_chunk(
-                    directory,
-                    chunk_file_name(chunk.index, job.rank),
-                    buffer.view(chunk.nbytes),
-                    ranges,
-                    buffer.view(buffer.data.numel()),
-                )
+                if job.tracking is not None:
+                    sums = job.tracking.write_chunk(
+                        directory,
+                        chunk.index,
+                        chunk_file_name(chunk.index, job.rank),
+                        buffer.view(chunk.nbytes),
+                        ranges,
+                        keys,
+                        buffer.view(buffer.data.numel()),
+                    )
+                else:
+                    sums = self.store.write_chunk(
+                        directory,
+                        chunk_file_name(chunk.index, job.rank),
+                        buffer.view(chunk.nbytes),
+                        ranges,
+                        buffer.view(buffer.data.numel()),
+                    )
                 write_end = time.perf_counter()
                 return sums
 

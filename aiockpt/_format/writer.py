@@ -30,7 +30,10 @@ from .manifest import (
     FORMAT_NAME,
     MAX_MANIFEST_BYTES,
     MAX_STEP,
+    SHARED_FILE_PATTERN,
+    SHARED_FILES_VERSION,
     Manifest,
+    SharedFiles,
     SkeletonError,
     TensorRecord,
     _Parser,
@@ -79,6 +82,8 @@ class _Template:
         # (numbers cannot hold a tag, and the parts meet at fixed keys).
         fixed = _dumps(self.files) + _dumps(self.versions) + "".join(self.fragments)
         self.version = format_version_for(fixed.encode(), 1)
+        if any(SHARED_FILE_PATTERN.fullmatch(f.name) for f in manifest.files):
+            self.version = max(self.version, SHARED_FILES_VERSION)
 
     def tensors_text(self, checksums: Sequence[int]) -> str:
         parts = [self.fragments[0]]
@@ -107,6 +112,7 @@ class ManifestWriter:
         checksums: Mapping[tuple[int, int], int],
         state: dict[str, Any],
         layers: Sequence[str | None] | None = None,
+        shared: SharedFiles | None = None,
     ) -> bytes:
         """The manifest file's bytes, as ``manifest_from_layout(...).to_json()`` gives them.
 
@@ -115,7 +121,14 @@ class ManifestWriter:
         """
         # The layout, names and layers are kept objects, replaced when the state's
         # structure changes: the same objects mean the same tensor table.
-        key = (layout_tensors, names, layers, tuple(file_names), tuple(chunk_sizes))
+        # An incremental checkpoint's files and pieces' files are part of the kept text:
+        # with a frozen part of the state they are the same from one checkpoint to the next.
+        files = shared.files if shared is not None else None
+        piece_files = shared.piece_files if shared is not None else None
+        key = (
+            layout_tensors, names, layers, tuple(file_names), tuple(chunk_sizes), files,
+            piece_files,
+        )  # fmt: skip
         template = self._template
         if template is None or not _same(template.key, key) or template.versions != versions:
             manifest = manifest_from_layout(
@@ -129,6 +142,7 @@ class ManifestWriter:
                 checksums=checksums,
                 state=state,
                 layers=layers,
+                shared=shared,
             )
             payload = manifest.to_json()  # validated in full, as a reader would
             self._template = _Template(manifest, key, layout_tensors)

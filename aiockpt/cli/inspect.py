@@ -33,6 +33,7 @@ from .._util.console import (
 from .._util.location import local_directory
 from ..errors import UsageError
 from ..storage.fileio import checksum
+from ..storage.sharing import disk_usage
 from .scan import resolve_checkpoint
 
 __all__ = ["describe", "run", "tensor_stats"]
@@ -132,6 +133,7 @@ def describe(path: Path) -> dict[str, Any]:
         )
     values: dict[str, Any] = {}
     _value_leaves(manifest.state, "", values)
+    ((on_disk, shared, _),) = disk_usage([path])
     return {
         "path": str(path),
         "step": manifest.step,
@@ -142,6 +144,11 @@ def describe(path: Path) -> dict[str, Any]:
         "files": [{"name": f.name, "nbytes": f.nbytes} for f in manifest.files],
         "nbytes": manifest.nbytes,
         "tensor_bytes": sum(t.nbytes for t in manifest.tensors),
+        # Logical: the tensors' bytes. Physical: what its data files take on disk, and of
+        # that what it shares with other checkpoints (unchanged tensors, incremental).
+        "logical_bytes": sum(t.nbytes for t in manifest.tensors),
+        "physical_bytes": on_disk,
+        "shared_bytes": shared,
         "groups": {k: {**g, "dtypes": dict(g["dtypes"])} for k, g in groups.items()},
         "layers": layers,
         "tensors": tensors,
@@ -173,7 +180,9 @@ def render(report: dict[str, Any], *, summary: bool) -> None:
         f"[bold]{escape(report['path'])}[/bold]: step {report['step']}, "
         f"{human_time(report['created'])}, world size {report['world_size']}, "
         f"{len(report['files'])} files, {human_bytes(report['nbytes'])}"
-        + (f" ({escape(versions)})" if versions else "")
+        f" (logical {human_bytes(report['logical_bytes'])}, on disk "
+        f"{human_bytes(report['physical_bytes'])} of which shared "
+        f"{human_bytes(report['shared_bytes'])})" + (f" ({escape(versions)})" if versions else "")
     )
     by_group: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for tensor in report["tensors"]:

@@ -168,7 +168,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "on_error": ("warn", "warn"),
     "rank_timeout_s": ("60", 60.0),
 }
-BOOLS = ("use_monitor", "durable", "verbose")
+BOOLS = ("use_monitor", "durable", "incremental", "verbose")
 # Tiers are tables of their own keys: TOML sub-tables or dicts, never one flag's value.
 TABLES = ("memory", "remote")
 FLAG_KEYS = [key for key in _KEYS if key not in TABLES]

@@ -1,0 +1,192 @@
+"""Incremental checkpoints: find the tensors that did not change, and share their bytes.
+
+How a change is found, and why so: each piece of every tensor (the bytes one data file
+holds of it) gets a SHA-256 digest, computed on the writer thread from the staged copy that
+is about to be written, so the training thread pays nothing and the digest is of exactly
+the bytes the checkpoint saves. A piece whose digest, length and place in the layout equal
+those of the previous committed checkpoint of the same pipeline (the same tier) is not
+written again: the new checkpoint lists the file that holds it (storage/sharing.py).
+
+- Exact: it compares content. A tensor changed in place through ``.data`` or under
+  ``torch.no_grad()`` (which ``tensor._version`` does not always see) has other bytes, so
+  another digest. SHA-256 is a cryptographic hash: two different pieces with one digest
+  have never been found, unlike a CRC, which the manifest keeps only to detect damage.
+- Cheap: hashlib releases the GIL on large buffers and runs at ~1 GB/s per writer thread,
+  overlapped with the writes of other chunks. The digests live in memory only (one per
+  piece, for the next checkpoint's comparison); a restarted writer writes its first
+  checkpoint whole.
+- Safe to be wrong about nothing else: when the previous checkpoint's file cannot be
+  shared any more (retention deleted it meanwhile, a filesystem without hard links), its
+  pieces are written like changed ones.
+
+The previous checkpoint is the last one this pipeline committed, and only with the same
+layout (same tensors, dtypes, shapes, chunks and names): otherwise everything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .._format.manifest import SharedFiles
+from ..storage.base import CheckpointStorage
+from ..storage.sharing import SharedPieces, shared_name
+from .layout import Layout
+
+__all__ = ["ChangeTracker", "Tracking"]
+
+PieceKey = tuple[int, int]  # (tensor index, piece number)
+
+
+@dataclass(frozen=True, slots=True)
+class _Held:
+    """One piece as a committed checkpoint holds it."""
+
+    file: str
+    length: int
+    digest: bytes
+    checksum: int
+
+
+@dataclass(frozen=True)
+class _Baseline:
+    """The last checkpoint this pipeline committed: what its pieces are and where."""
+
+    directory: Path
+    step: int
+    layout_key: tuple[object, ...]
+    pieces: dict[PieceKey, _Held]
+    file_sizes: dict[str, int]
+
+
+@dataclass(eq=False)
+class Tracking:
+    """The change detection of one checkpoint; its chunks are written on several threads
+    at once, each into its own entries."""
+
+    storage: CheckpointStorage
+    sharing: SharedPieces  # the same backend, as one that shares files
+    step: int
+    layout_key: tuple[object, ...]
+    baseline: _Baseline | None
+    held: dict[PieceKey, _Held] = field(default_factory=dict)
+    # Per chunk index: the files it needed, (name, nbytes), in order.
+    chunk_files: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
+    piece_files: dict[PieceKey, str] = field(default_factory=dict)
+    written_bytes: int = 0
+    shared_bytes: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def write_chunk(
+        self,
+        temporary: Path,
+        chunk_index: int,
+        own_name: str,
+        data: memoryview,
+        ranges: Sequence[tuple[int, int]],
+        keys: Sequence[PieceKey],
+        room: memoryview | None,
+    ) -> list[int]:
+        """Write one chunk's changed pieces and share its unchanged ones (writer thread);
+        the CRC-32C of every piece, in the order of ``ranges``."""
+        digests = [hashlib.sha256(data[o : o + n]).digest() for o, n in ranges]
+        reused = self._share_unchanged(temporary, ranges, keys, digests)
+        changed = [i for i in range(len(ranges)) if i not in reused]
+        files: list[tuple[str, int]] = sorted(
+            {(f, self.baseline.file_sizes[src]) for src, f, _ in reused.values()}  # type: ignore[union-attr]
+        )
+        sums = [0] * len(ranges)
+        if changed:
+            if reused:
+                spans = [ranges[i] for i in changed]
+                written = self.sharing.write_spans(temporary, own_name, data, spans)
+                size = max(o + n for o, n in spans)
+            else:
+                written = self.storage.write_chunk(temporary, own_name, data, ranges, room)
+                size = len(data)
+            files.append((own_name, size))
+            for i, crc in zip(changed, written, strict=True):
+                sums[i] = crc
+        with self._lock:
+            for i, key in enumerate(keys):
+                if i in reused:
+                    _, name, held = reused[i]
+                    sums[i] = held.checksum
+                    self.piece_files[key] = name
+                    self.shared_bytes += ranges[i][1]
+                else:
+                    self.written_bytes += ranges[i][1]
+                self.held[key] = _Held(
+                    reused[i][1] if i in reused else own_name, ranges[i][1], digests[i], sums[i]
+                )
+            self.chunk_files[chunk_index] = files
+        return sums
+
+    def _share_unchanged(
+        self,
+        temporary: Path,
+        ranges: Sequence[tuple[int, int]],
+        keys: Sequence[PieceKey],
+        digests: Sequence[bytes],
+    ) -> dict[int, tuple[str, str, _Held]]:
+        """Pieces equal to the baseline's, whose file could be shared: position ->
+        (the baseline's file, its name here, the baseline's piece)."""
+        baseline = self.baseline
+        if baseline is None:
+            return {}
+        by_file: dict[str, list[tuple[int, _Held]]] = {}
+        for i, (key, digest) in enumerate(zip(keys, digests, strict=True)):
+            held = baseline.pieces.get(key)
+            if held is not None and held.length == ranges[i][1] and held.digest == digest:
+                by_file.setdefault(held.file, []).append((i, held))
+        reused: dict[int, tuple[str, str, _Held]] = {}
+        for source, members in by_file.items():
+            name = shared_name(source, baseline.step)
+            if self.sharing.share_file(baseline.directory, source, temporary, name):
+                for i, held in members:
+                    reused[i] = (source, name, held)
+        return reused
+
+    def shared_files(self) -> SharedFiles | None:
+        """The manifest's file list and pieces' files; None when nothing is shared, so
+        that the checkpoint is written as one of the format version it needs."""
+        if not self.piece_files:
+            return None
+        files = [f for index in sorted(self.chunk_files) for f in self.chunk_files[index]]
+        return SharedFiles(tuple(files), dict(self.piece_files))
+
+
+class ChangeTracker:
+    """Remembers the last committed checkpoint of one pipeline, for the next to compare."""
+
+    def __init__(self, store: CheckpointStorage) -> None:
+        assert isinstance(store, SharedPieces)
+        self.store = store
+        self.sharing: SharedPieces = store
+        self._baseline: _Baseline | None = None
+
+    @staticmethod
+    def applies_to(store: CheckpointStorage) -> bool:
+        """Can ``store`` share files between checkpoints?"""
+        return isinstance(store, SharedPieces)
+
+    def start(self, step: int, layout: Layout, names: Sequence[str]) -> Tracking:
+        key = (layout.signature, tuple(names))
+        baseline = self._baseline
+        if baseline is not None and baseline.layout_key != key:
+            baseline = None
+        return Tracking(self.store, self.sharing, step, key, baseline)
+
+    def committed(self, tracking: Tracking, final: Path) -> None:
+        """``tracking``'s checkpoint is committed as ``final``: the next compares to it."""
+        sizes = {name: size for files in tracking.chunk_files.values() for name, size in files}
+        self._baseline = _Baseline(
+            final, tracking.step, tracking.layout_key, dict(tracking.held), sizes
+        )
+
+    def forget(self) -> None:
+        """Compare the next checkpoint to nothing (it is written whole)."""
+        self._baseline = None
