@@ -359,3 +359,44 @@ def test_hard_links_are_refused_gracefully(tmp_path: Path, monkeypatch: pytest.M
     assert shared_files(checkpoint) == []
     assert manifest_of(checkpoint)["format_version"] == 1
     assert_state_equal(aiockpt.load(checkpoint)["model"], saved[2])
+
+
+def test_the_lora_preset_trains_its_adapters_only_and_checkpoints_them_alone(
+    tmp_path: Path,
+) -> None:
+    import dataclasses
+
+    from aiockpt.tools.workloads import PRESETS, build_model, make_step
+
+    lora, base = PRESETS["lora"], PRESETS["1.3b"]
+    assert lora.lora_rank == 16
+    assert (lora.d_model, lora.layers, lora.heads, lora.vocab) == (
+        base.d_model,
+        base.layers,
+        base.heads,
+        base.vocab,
+    )
+    # The same structure at a tiny scale, on the CPU.
+    preset = dataclasses.replace(PRESETS["tiny"], lora_rank=4)
+    cpu = torch.device("cpu")
+    model, optimizer, _ = build_model(preset, cpu)
+    trained = [p for group in optimizer.param_groups for p in group["params"]]
+    assert trained and all(p.requires_grad for p in trained)
+    # Four adapted projections per block, two adapter matrices each.
+    assert len(trained) == preset.layers * 4 * 2
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    step = make_step(model, optimizer, preset, cpu)
+    before = clone_state(model.state_dict())
+    step()
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    assert changed and all(
+        ".parametrizations." in k and k.endswith((".up", ".down")) for k in changed
+    )
+    cfg = config(tmp_path)
+    with aiockpt.SyncCheckpointer(cfg, model=model, optimizer=optimizer) as ckpt:
+        ckpt.checkpoint(1).wait()
+        step()
+        handle = ckpt.checkpoint(2)
+        handle.wait()
+    assert handle.metrics.shared_bytes >= sum(p.numel() * p.element_size() for p in frozen)
