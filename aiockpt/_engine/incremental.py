@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .._format.manifest import SharedFiles
+from .._format.manifest import Manifest, SharedFiles
 from ..storage.base import CheckpointStorage
 from ..storage.sharing import SharedPieces, shared_name
 from .layout import Layout
@@ -150,6 +150,11 @@ class Tracking:
                     reused[i] = (source, name, held)
         return reused
 
+    def digests(self) -> dict[PieceKey, str]:
+        """Every piece's SHA-256, for the manifest: what a later writer (a new process, or
+        a promotion into another tier) compares with, without reading the bytes again."""
+        return {key: held.digest.hex() for key, held in self.held.items()}
+
     def shared_files(self) -> SharedFiles | None:
         """The manifest's file list and pieces' files; None when nothing is shared, so
         that the checkpoint is written as one of the format version it needs."""
@@ -167,6 +172,7 @@ class ChangeTracker:
         self.store = store
         self.sharing: SharedPieces = store
         self._baseline: _Baseline | None = None
+        self._seed: tuple[Path, Manifest] | None = None
 
     @staticmethod
     def applies_to(store: CheckpointStorage) -> bool:
@@ -175,10 +181,21 @@ class ChangeTracker:
 
     def start(self, step: int, layout: Layout, names: Sequence[str]) -> Tracking:
         key = (layout.signature, tuple(names))
+        if self._seed is not None:
+            directory, manifest = self._seed
+            self._seed = None
+            self._baseline = _baseline_from_manifest(directory, manifest, layout, names, key)
         baseline = self._baseline
         if baseline is not None and baseline.layout_key != key:
             baseline = None
         return Tracking(self.store, self.sharing, step, key, baseline)
+
+    def restored(self, checkpoint: Path, manifest: Manifest) -> None:
+        """The state was just restored from committed ``checkpoint`` of this store: the next
+        checkpoint compares with it, by the digests its manifest recorded (so a run that
+        resumes does not write its frozen part again)."""
+        self._baseline = None
+        self._seed = (checkpoint, manifest)
 
     def committed(self, tracking: Tracking, final: Path) -> None:
         """``tracking``'s checkpoint is committed as ``final``: the next compares to it."""
@@ -190,3 +207,39 @@ class ChangeTracker:
     def forget(self) -> None:
         """Compare the next checkpoint to nothing (it is written whole)."""
         self._baseline = None
+        self._seed = None
+
+
+def _baseline_from_manifest(
+    directory: Path,
+    manifest: Manifest,
+    layout: Layout,
+    names: Sequence[str],
+    key: tuple[object, ...],
+) -> _Baseline | None:
+    """The baseline a committed manifest gives for ``layout``, when it describes the same
+    tensors at the same places, with a digest for every piece; None otherwise."""
+    if len(manifest.tensors) != len(layout.tensors):
+        return None
+    pieces: dict[PieceKey, _Held] = {}
+    for record, placement in zip(manifest.tensors, layout.tensors, strict=True):
+        if (
+            record.name != names[placement.index]
+            or record.dtype != placement.dtype
+            or record.shape != placement.shape
+            or len(record.pieces) != len(placement.pieces)
+        ):
+            return None
+        for j, (saved, planned) in enumerate(zip(record.pieces, placement.pieces, strict=True)):
+            # Shared pieces keep their offsets: the same place in the same chunk.
+            if (
+                saved.digest is None
+                or saved.offset != planned.offset
+                or saved.length != planned.length
+            ):
+                return None
+            pieces[(placement.index, j)] = _Held(
+                saved.file, saved.length, bytes.fromhex(saved.digest), saved.checksum
+            )
+    sizes = {f.name: f.nbytes for f in manifest.files}
+    return _Baseline(directory, manifest.step, key, pieces, sizes)

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .._format.manifest import manifest_from_layout
+from .._format.manifest import Manifest, manifest_from_layout
 from .._format.writer import ManifestWriter
 from ..config import Config
 from ..distributed.group import RankGroup
@@ -131,6 +131,12 @@ class Pipeline:
             if config.incremental and ranks is None and ChangeTracker.applies_to(store)
             else None
         )
+
+    def restored(self, checkpoint: Path, manifest: Manifest) -> None:
+        """The state was restored from ``checkpoint``: when it is one of this pipeline's
+        store, the next incremental checkpoint shares what is still the same with it."""
+        if self.changes is not None and checkpoint.parent.resolve() == self.store.root.resolve():
+            self.changes.restored(checkpoint, manifest)
 
     # -- admission -----------------------------------------------------------------------
     def admit_now(self, capturer: Capturer, loop: asyncio.AbstractEventLoop) -> Admitted | None:
@@ -285,6 +291,7 @@ class Pipeline:
             "state": snapshot.skeleton,
             "layers": job.layers,
             "shared": None if job.tracking is None else job.tracking.shared_files(),
+            "digests": None if job.tracking is None else job.tracking.digests(),
         }
 
     async def _retain(self, final: Path) -> None:

@@ -83,6 +83,7 @@ MAX_STEP = 2**63 - 1
 # Data file names carry a rank in at most nine digits.
 MAX_WORLD_SIZE = 10**9
 DATA_FILE_PATTERN = re.compile(r"data-r\d{5,9}-c\d{5,9}\.bin")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 # A shared data file (version 4): the same bytes as data file data-r<R>-c<C>.bin of step M
 # (or as the shared file of that name there), one copy on disk for all that list it.
 SHARED_FILE_PATTERN = re.compile(r"data-r\d{5,9}-c\d{5,9}-s(0|[1-9]\d{0,18})\.bin")
@@ -109,6 +110,8 @@ class PieceRecord:
     offset: int
     length: int
     checksum: int
+    # SHA-256 of the piece's bytes (hex), optional: what incremental checkpoints compare.
+    digest: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,16 +203,25 @@ def _canonical(document: dict[str, Any]) -> bytes:
     return json.dumps(document, allow_nan=False, separators=(",", ":")).encode()
 
 
+def _piece_json(p: PieceRecord) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "file": p.file,
+        "offset": p.offset,
+        "length": p.length,
+        "crc32c": p.checksum,
+    }
+    if p.digest is not None:
+        record["sha256"] = p.digest
+    return record
+
+
 def _tensor_json(t: TensorRecord) -> dict[str, Any]:
     record: dict[str, Any] = {
         "name": t.name,
         "dtype": dtype_name(t.dtype),
         "shape": list(t.shape),
         "nbytes": t.nbytes,
-        "pieces": [
-            {"file": p.file, "offset": p.offset, "length": p.length, "crc32c": p.checksum}
-            for p in t.pieces
-        ],
+        "pieces": [_piece_json(p) for p in t.pieces],
     }
     if t.layer is not None:
         record["layer"] = t.layer
@@ -441,7 +453,13 @@ class _Parser:
                 f"tensor {_shown(name)} piece {j} claims bytes {offset}..{offset + length} of "
                 f"{file}, which holds {held} bytes"
             )
-        return PieceRecord(file, offset, length, crc)
+        digest = entry.get("sha256")
+        if digest is not None and (type(digest) is not str or not _SHA256_HEX.fullmatch(digest)):
+            raise self.fail(
+                f"tensor {_shown(name)} piece {j} sha256 = {_shown(digest)} is not 64 lowercase "
+                "hex digits"
+            )
+        return PieceRecord(file, offset, length, crc, digest)
 
 
 def container_allowance(nbytes: int) -> int:
@@ -967,10 +985,12 @@ def manifest_from_layout(
     state: dict[str, Any],
     layers: Sequence[str | None] | None = None,
     shared: SharedFiles | None = None,
+    digests: Mapping[tuple[int, int], str] | None = None,
 ) -> Manifest:
     """Build the manifest of a written checkpoint from its layout and chunk checksums.
 
-    ``checksums`` maps (tensor index, piece number) to the crc32c of that piece.
+    ``checksums`` maps (tensor index, piece number) to the crc32c of that piece, and
+    ``digests`` (optional) to its SHA-256 in hex.
     ``shared`` (an incremental checkpoint): the files it lists instead of one per chunk,
     and the file of each piece that is not in its chunk's own file.
     """
@@ -983,6 +1003,7 @@ def manifest_from_layout(
                 offset=p.offset,
                 length=p.length,
                 checksum=checksums[(placement.index, j)],
+                digest=None if digests is None else digests[(placement.index, j)],
             )
             for j, p in enumerate(placement.pieces)
         )

@@ -27,6 +27,7 @@ import crc32c
 
 from ..errors import CorruptCheckpointError, UnsupportedStateError
 from .manifest import (
+    _SHA256_HEX,
     FORMAT_NAME,
     MAX_MANIFEST_BYTES,
     MAX_STEP,
@@ -63,16 +64,28 @@ class _Template:
         self, manifest: Manifest, key: tuple[object, ...], layout_tensors: Sequence[Any]
     ) -> None:
         self.key = key
-        # Where each checksum goes, in the order the text has its holes.
+        # Where each checksum goes, in the order the text has its holes; with digests,
+        # each piece has two holes: its checksum, then its digest.
         self.pieces = [
             (placement.index, j)
             for placement in layout_tensors
             for j in range(len(placement.pieces))
         ]
+        self.with_digests = any(p.digest is not None for t in manifest.tensors for p in t.pieces)
         self.versions = manifest.versions
         self.files = [{"name": f.name, "nbytes": f.nbytes} for f in manifest.files]
         holed = [
-            replace(t, pieces=tuple(replace(p, checksum=_HOLE) for p in t.pieces))  # type: ignore[arg-type]
+            replace(
+                t,
+                pieces=tuple(
+                    replace(
+                        p,
+                        checksum=_HOLE,  # type: ignore[arg-type]
+                        digest=None if p.digest is None else _HOLE,
+                    )
+                    for p in t.pieces
+                ),
+            )
             for t in manifest.tensors
         ]
         self.fragments = _dumps([_tensor_json(t) for t in holed]).split(_HOLE_JSON)
@@ -85,11 +98,19 @@ class _Template:
         if any(SHARED_FILE_PATTERN.fullmatch(f.name) for f in manifest.files):
             self.version = max(self.version, SHARED_FILES_VERSION)
 
-    def tensors_text(self, checksums: Sequence[int]) -> str:
+    def tensors_text(self, checksums: Sequence[int], digests: Sequence[str] | None) -> str:
         parts = [self.fragments[0]]
-        for checksum, fragment in zip(checksums, self.fragments[1:], strict=True):
+        if digests is None:
+            for checksum, fragment in zip(checksums, self.fragments[1:], strict=True):
+                parts.append(str(checksum))
+                parts.append(fragment)
+            return "".join(parts)
+        fragments = iter(self.fragments[1:])
+        for checksum, digest in zip(checksums, digests, strict=True):
             parts.append(str(checksum))
-            parts.append(fragment)
+            parts.append(next(fragments))
+            parts.append(f'"{digest}"')  # hex digits: a JSON string as they are
+            parts.append(next(fragments))
         return "".join(parts)
 
 
@@ -113,6 +134,7 @@ class ManifestWriter:
         state: dict[str, Any],
         layers: Sequence[str | None] | None = None,
         shared: SharedFiles | None = None,
+        digests: Mapping[tuple[int, int], str] | None = None,
     ) -> bytes:
         """The manifest file's bytes, as ``manifest_from_layout(...).to_json()`` gives them.
 
@@ -127,7 +149,7 @@ class ManifestWriter:
         piece_files = shared.piece_files if shared is not None else None
         key = (
             layout_tensors, names, layers, tuple(file_names), tuple(chunk_sizes), files,
-            piece_files,
+            piece_files, digests is not None,
         )  # fmt: skip
         template = self._template
         if template is None or not _same(template.key, key) or template.versions != versions:
@@ -143,12 +165,14 @@ class ManifestWriter:
                 state=state,
                 layers=layers,
                 shared=shared,
+                digests=digests,
             )
             payload = manifest.to_json()  # validated in full, as a reader would
             self._template = _Template(manifest, key, layout_tensors)
             return payload
         order = [checksums[piece] for piece in template.pieces]
-        return _encode(template, step, created, order, state)
+        digest_order = None if digests is None else [digests[piece] for piece in template.pieces]
+        return _encode(template, step, created, order, state, digest_order)
 
 
 def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
@@ -165,7 +189,12 @@ def _refused(step: int, problem: str) -> UnsupportedStateError:
 
 
 def _encode(
-    template: _Template, step: int, created: float, checksums: list[int], state: dict[str, Any]
+    template: _Template,
+    step: int,
+    created: float,
+    checksums: list[int],
+    state: dict[str, Any],
+    digests: list[str] | None = None,
 ) -> bytes:
     if not 0 <= step <= MAX_STEP or not math.isfinite(created):
         raise _refused(step, f"step {step} or time {created} out of range")
@@ -173,7 +202,9 @@ def _encode(
         state_text = _dumps(state)
     except ValueError as exc:
         raise _refused(step, str(exc)) from exc
-    tensors_text = template.tensors_text(checksums)
+    if digests is not None and not all(_SHA256_HEX.fullmatch(d) for d in digests):
+        raise _refused(step, "a piece's sha256 is not 64 lowercase hex digits")
+    tensors_text = template.tensors_text(checksums, digests)
 
     def document(version: int) -> str:
         head = _dumps(

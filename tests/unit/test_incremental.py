@@ -400,3 +400,53 @@ def test_the_lora_preset_trains_its_adapters_only_and_checkpoints_them_alone(
         handle = ckpt.checkpoint(2)
         handle.wait()
     assert handle.metrics.shared_bytes >= sum(p.numel() * p.element_size() for p in frozen)
+
+
+def test_kept_manifest_text_with_shared_files_and_digests_is_a_full_encoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_manifest_writer import _fields, _in_full
+
+    from aiockpt._format.writer import ManifestWriter
+
+    fields = _fields(tmp_path, monkeypatch)  # the second checkpoint: it shares files
+    assert fields["shared"] is not None and fields["digests"] is not None
+    writer = ManifestWriter()
+    assert writer.encode(**fields) == _in_full(fields)
+    digests = {key: f"{hash(key) % 2**64:064x}" for key in fields["digests"]}
+    later = dict(fields, step=7, digests=digests)
+    payload = writer.encode(**later)
+    assert payload == _in_full(later)
+    parsed = Manifest.parse(payload, "manifest")
+    assert sorted(p.digest for t in parsed.tensors for p in t.pieces) == sorted(digests.values())
+    bad = dict(later, digests={key: "X" * 64 for key in digests})
+    with pytest.raises(aiockpt.errors.UnsupportedStateError, match="sha256"):
+        writer.encode(**bad)
+
+
+def test_a_resumed_run_shares_with_the_checkpoint_it_restored(tmp_path: Path) -> None:
+    cfg = config(tmp_path, keep_last=2)
+    run_steps(cfg, Adapted(), range(1, 3))
+    model = Adapted()
+    optimizer = torch.optim.AdamW([*model.down.parameters(), *model.up.parameters()])
+    with aiockpt.SyncCheckpointer(cfg, model=model, optimizer=optimizer) as ckpt:
+        assert ckpt.restore() == 2
+        train(model, optimizer)
+        handle = ckpt.checkpoint(3)
+        handle.wait()
+        assert handle.metrics.shared_bytes >= frozen_bytes(model)
+        model.base.weight.data[0, 0] = 123.0  # unseen by the version counter
+        expected = clone_state(model.state_dict())
+        ckpt.checkpoint(4).wait()
+    root = tmp_path / "ckpt"
+    assert any(name.endswith("-s1.bin") for name in shared_files(root / "step-3"))
+    assert_state_equal(aiockpt.load(root / "step-4")["model"], expected)
+    # Restored from an older step: the next checkpoint compares with that one.
+    fresh = Adapted()
+    fresh_optimizer = torch.optim.AdamW([*fresh.down.parameters(), *fresh.up.parameters()])
+    with aiockpt.SyncCheckpointer(cfg, model=fresh, optimizer=fresh_optimizer) as ckpt:
+        assert ckpt.restore(step=3) == 3
+        handle = ckpt.checkpoint(5)
+        handle.wait()
+        assert handle.metrics.shared_bytes > 0
+    assert_state_equal(aiockpt.load(root / "step-5")["model"], fresh.state_dict())
