@@ -32,11 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._format.manifest import Manifest, SharedFiles
+from ..errors import AiockptError
 from ..storage.base import CheckpointStorage
 from ..storage.sharing import SharedPieces, shared_name
 from .layout import Layout
+from .reader import read_manifest
 
-__all__ = ["ChangeTracker", "Tracking"]
+__all__ = ["ChangeTracker", "Tracking", "files_held_by_newest", "share_into"]
 
 PieceKey = tuple[int, int]  # (tensor index, piece number)
 
@@ -243,3 +245,54 @@ def _baseline_from_manifest(
             )
     sizes = {f.name: f.nbytes for f in manifest.files}
     return _Baseline(directory, manifest.step, key, pieces, sizes)
+
+
+def files_held_by_newest(
+    store: CheckpointStorage, manifest: Manifest, step: int
+) -> dict[str, Path]:
+    """The data files of ``manifest`` (a checkpoint being copied into ``store``, another
+    tier) that the newest committed checkpoint of ``store`` below ``step`` holds with the
+    very same bytes: name -> that checkpoint.
+
+    Exact by the SHA-256 digests both manifests record: every piece ``manifest`` places in
+    a file is a piece of the same offset, length and digest in the file of that name and
+    size there. Nothing when ``store`` cannot share files or a manifest has no digests.
+    """
+    if not isinstance(store, SharedPieces):
+        return {}
+    earlier = [info for info in store.list_committed() if info.step < step]
+    if not earlier:
+        return {}
+    newest = earlier[-1].path
+    try:
+        theirs = read_manifest(newest, store)
+    except (AiockptError, OSError):  # unreadable, or deleted meanwhile: the files are copied
+        return {}
+    sizes = {f.name: f.nbytes for f in theirs.files}
+    have = {
+        (p.file, p.offset, p.length, p.digest)
+        for t in theirs.tensors
+        for p in t.pieces
+        if p.digest is not None
+    }
+    wanted: dict[str, list[tuple[str, int, int, str | None]]] = {}
+    for tensor in manifest.tensors:
+        for piece in tensor.pieces:
+            wanted.setdefault(piece.file, []).append(
+                (piece.file, piece.offset, piece.length, piece.digest)
+            )
+    held = {}
+    for record in manifest.files:
+        needs = wanted.get(record.name, [])
+        if (
+            needs
+            and sizes.get(record.name) == record.nbytes
+            and all(need[3] is not None and need in have for need in needs)
+        ):
+            held[record.name] = newest
+    return held
+
+
+def share_into(store: CheckpointStorage, checkpoint: Path, name: str, temporary: Path) -> bool:
+    """Share file ``name`` of ``checkpoint`` into ``temporary`` under the same name."""
+    return isinstance(store, SharedPieces) and store.share_file(checkpoint, name, temporary, name)

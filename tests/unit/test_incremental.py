@@ -300,7 +300,11 @@ def test_a_tier_shares_only_within_itself(tmp_path: Path) -> None:
             for c in memory.glob("step-*")
             for p in c.glob("data-*.bin")
         }
-        # ... and the primary holds every byte its checkpoints need, in files of its own.
+        # ... and the primary holds every byte its checkpoints need, in files of its own;
+        # a promotion shares with the primary's previous checkpoint what it holds already.
+        newest, previous = primary / "step-6", primary / "step-4"
+        common = [n for n in shared_files(newest) if (previous / n).exists()]
+        assert common and all((newest / n).samefile(previous / n) for n in common)
         for checkpoint in primary.glob("step-*"):
             for file in checkpoint.glob("data-*.bin"):
                 assert (file.stat().st_dev, file.stat().st_ino) not in memory_inodes
