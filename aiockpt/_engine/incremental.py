@@ -162,8 +162,9 @@ class Tracking:
         that the checkpoint is written as one of the format version it needs."""
         if not self.piece_files:
             return None
-        files = [f for index in sorted(self.chunk_files) for f in self.chunk_files[index]]
-        return SharedFiles(tuple(files), dict(self.piece_files))
+        # A file two chunks share (a baseline cut into other chunks) is listed once.
+        files = {f[0]: f for index in sorted(self.chunk_files) for f in self.chunk_files[index]}
+        return SharedFiles(tuple(files.values()), dict(self.piece_files))
 
 
 class ChangeTracker:

@@ -131,6 +131,11 @@ class Pipeline:
             if config.incremental and ranks is None and ChangeTracker.applies_to(store)
             else None
         )
+        if config.incremental and ranks is not None and ranks.is_zero:
+            logger.info(
+                "incremental checkpoints serve one process so far: under torch.distributed "
+                "every checkpoint is written whole"
+            )
 
     def restored(self, checkpoint: Path, manifest: Manifest) -> None:
         """The state was restored from ``checkpoint``: when it is one of this pipeline's
