@@ -12,10 +12,14 @@ written again: the new checkpoint lists the file that holds it (storage/sharing.
   another digest. SHA-256 is a cryptographic hash: two different pieces with one digest
   have never been found, unlike a CRC, which the manifest keeps only to detect damage.
 - Cheap: hashlib releases the GIL on large buffers and runs at ~1 GB/s per writer thread,
-  overlapped with the writes of other chunks. The digests live in memory only (one per
-  piece, for the next checkpoint's comparison); a restarted writer writes its first
-  checkpoint whole.
-- Safe to be wrong about nothing else: when the previous checkpoint's file cannot be
+  overlapped with the writes of other chunks. The digests are kept for the next
+  checkpoint's comparison and recorded in the manifest (each piece's ``sha256``), so a
+  run that restores compares with what it restored, and a promotion into another tier
+  shares what that tier holds already.
+- Work is skipped only where that can cost bytes, never exactness: a piece that differed
+  at the last SKIP_AFTER checkpoints is written again without hashing (the digest is what
+  lets a piece be shared; without one it is simply written). Every PROBE_EVERY
+  checkpoints all pieces are hashed again. When the previous checkpoint's file cannot be
   shared any more (retention deleted it meanwhile, a filesystem without hard links), its
   pieces are written like changed ones.
 
@@ -42,6 +46,22 @@ __all__ = ["ChangeTracker", "Tracking", "files_held_by_newest", "share_into"]
 
 PieceKey = tuple[int, int]  # (tensor index, piece number)
 
+# A piece found changed at this many checkpoints in a row is written without hashing until
+# the next probe: trained tensors change at every step, so hashing them is work for nothing.
+# Every PROBE_EVERY checkpoints every piece is hashed again, so a tensor that stops changing
+# (a layer frozen mid-run) is shared a few checkpoints later. A frozen tensor changed once
+# (a merge of adapters into it) is hashed on, and shared again from the next checkpoint.
+SKIP_AFTER = 2
+PROBE_EVERY = 8
+
+
+def _streak(prior: _Held | None, digest: bytes | None, *, reused: bool) -> int:
+    if digest is None:  # not hashed: as changing as before
+        return prior.streak if prior is not None else 0
+    if reused or prior is None or prior.digest is None:  # equal, or nothing to compare
+        return 0
+    return prior.streak + 1
+
 
 @dataclass(frozen=True, slots=True)
 class _Held:
@@ -49,8 +69,11 @@ class _Held:
 
     file: str
     length: int
-    digest: bytes
+    digest: bytes | None  # None: written without hashing (it changed last time)
     checksum: int
+    # Checkpoints in a row at which it was compared with the one before and differed
+    # (kept while it is written without hashing).
+    streak: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,6 +97,8 @@ class Tracking:
     step: int
     layout_key: tuple[object, ...]
     baseline: _Baseline | None
+    # Hash every piece, also those that changed last time (see PROBE_EVERY).
+    probe: bool = True
     held: dict[PieceKey, _Held] = field(default_factory=dict)
     # Per chunk index: the files it needed, (name, nbytes), in order.
     chunk_files: dict[int, list[tuple[str, int]]] = field(default_factory=dict)
@@ -94,7 +119,14 @@ class Tracking:
     ) -> list[int]:
         """Write one chunk's changed pieces and share its unchanged ones (writer thread);
         the CRC-32C of every piece, in the order of ``ranges``."""
-        digests = [hashlib.sha256(data[o : o + n]).digest() for o, n in ranges]
+        baseline = self.baseline.pieces if self.baseline is not None else {}
+        priors = [baseline.get(key) for key in keys]
+        digests = [
+            None
+            if not self.probe and prior is not None and prior.streak >= SKIP_AFTER
+            else hashlib.sha256(data[o : o + n]).digest()
+            for (o, n), prior in zip(ranges, priors, strict=True)
+        ]
         reused = self._share_unchanged(temporary, ranges, keys, digests)
         changed = [i for i in range(len(ranges)) if i not in reused]
         files: list[tuple[str, int]] = sorted(
@@ -122,7 +154,11 @@ class Tracking:
                 else:
                     self.written_bytes += ranges[i][1]
                 self.held[key] = _Held(
-                    reused[i][1] if i in reused else own_name, ranges[i][1], digests[i], sums[i]
+                    reused[i][1] if i in reused else own_name,
+                    ranges[i][1],
+                    digests[i],
+                    sums[i],
+                    streak=_streak(priors[i], digests[i], reused=i in reused),
                 )
             self.chunk_files[chunk_index] = files
         return sums
@@ -132,7 +168,7 @@ class Tracking:
         temporary: Path,
         ranges: Sequence[tuple[int, int]],
         keys: Sequence[PieceKey],
-        digests: Sequence[bytes],
+        digests: Sequence[bytes | None],
     ) -> dict[int, tuple[str, str, _Held]]:
         """Pieces equal to the baseline's, whose file could be shared: position ->
         (the baseline's file, its name here, the baseline's piece)."""
@@ -142,7 +178,12 @@ class Tracking:
         by_file: dict[str, list[tuple[int, _Held]]] = {}
         for i, (key, digest) in enumerate(zip(keys, digests, strict=True)):
             held = baseline.pieces.get(key)
-            if held is not None and held.length == ranges[i][1] and held.digest == digest:
+            if (
+                held is not None
+                and digest is not None
+                and held.length == ranges[i][1]
+                and held.digest == digest
+            ):
                 by_file.setdefault(held.file, []).append((i, held))
         reused: dict[int, tuple[str, str, _Held]] = {}
         for source, members in by_file.items():
@@ -155,7 +196,9 @@ class Tracking:
     def digests(self) -> dict[PieceKey, str]:
         """Every piece's SHA-256, for the manifest: what a later writer (a new process, or
         a promotion into another tier) compares with, without reading the bytes again."""
-        return {key: held.digest.hex() for key, held in self.held.items()}
+        return {
+            key: held.digest.hex() for key, held in self.held.items() if held.digest is not None
+        }
 
     def shared_files(self) -> SharedFiles | None:
         """The manifest's file list and pieces' files; None when nothing is shared, so
@@ -176,6 +219,7 @@ class ChangeTracker:
         self.sharing: SharedPieces = store
         self._baseline: _Baseline | None = None
         self._seed: tuple[Path, Manifest] | None = None
+        self._since_probe = 0
 
     @staticmethod
     def applies_to(store: CheckpointStorage) -> bool:
@@ -191,7 +235,11 @@ class ChangeTracker:
         baseline = self._baseline
         if baseline is not None and baseline.layout_key != key:
             baseline = None
-        return Tracking(self.store, self.sharing, step, key, baseline)
+        self._since_probe += 1
+        probe = self._since_probe >= PROBE_EVERY
+        if probe:
+            self._since_probe = 0
+        return Tracking(self.store, self.sharing, step, key, baseline, probe=probe)
 
     def restored(self, checkpoint: Path, manifest: Manifest) -> None:
         """The state was just restored from committed ``checkpoint`` of this store: the next
@@ -235,15 +283,10 @@ def _baseline_from_manifest(
             return None
         for j, (saved, planned) in enumerate(zip(record.pieces, placement.pieces, strict=True)):
             # Shared pieces keep their offsets: the same place in the same chunk.
-            if (
-                saved.digest is None
-                or saved.offset != planned.offset
-                or saved.length != planned.length
-            ):
+            if saved.offset != planned.offset or saved.length != planned.length:
                 return None
-            pieces[(placement.index, j)] = _Held(
-                saved.file, saved.length, bytes.fromhex(saved.digest), saved.checksum
-            )
+            digest = None if saved.digest is None else bytes.fromhex(saved.digest)
+            pieces[(placement.index, j)] = _Held(saved.file, saved.length, digest, saved.checksum)
     sizes = {f.name: f.nbytes for f in manifest.files}
     return _Baseline(directory, manifest.step, key, pieces, sizes)
 

@@ -990,7 +990,7 @@ def manifest_from_layout(
     """Build the manifest of a written checkpoint from its layout and chunk checksums.
 
     ``checksums`` maps (tensor index, piece number) to the crc32c of that piece, and
-    ``digests`` (optional) to its SHA-256 in hex.
+    ``digests`` (optional) to its SHA-256 in hex, for the pieces that have one.
     ``shared`` (an incremental checkpoint): the files it lists instead of one per chunk,
     and the file of each piece that is not in its chunk's own file.
     """
@@ -1003,7 +1003,7 @@ def manifest_from_layout(
                 offset=p.offset,
                 length=p.length,
                 checksum=checksums[(placement.index, j)],
-                digest=None if digests is None else digests[(placement.index, j)],
+                digest=None if digests is None else digests.get((placement.index, j)),
             )
             for j, p in enumerate(placement.pieces)
         )

@@ -64,14 +64,13 @@ class _Template:
         self, manifest: Manifest, key: tuple[object, ...], layout_tensors: Sequence[Any]
     ) -> None:
         self.key = key
-        # Where each checksum goes, in the order the text has its holes; with digests,
-        # each piece has two holes: its checksum, then its digest.
+        # Where each checksum goes, in the order the text has its holes; a piece with a
+        # digest has two holes: its checksum, then its digest.
         self.pieces = [
             (placement.index, j)
             for placement in layout_tensors
             for j in range(len(placement.pieces))
         ]
-        self.with_digests = any(p.digest is not None for t in manifest.tensors for p in t.pieces)
         self.versions = manifest.versions
         self.files = [{"name": f.name, "nbytes": f.nbytes} for f in manifest.files]
         holed = [
@@ -98,7 +97,7 @@ class _Template:
         if any(SHARED_FILE_PATTERN.fullmatch(f.name) for f in manifest.files):
             self.version = max(self.version, SHARED_FILES_VERSION)
 
-    def tensors_text(self, checksums: Sequence[int], digests: Sequence[str] | None) -> str:
+    def tensors_text(self, checksums: Sequence[int], digests: Sequence[str | None] | None) -> str:
         parts = [self.fragments[0]]
         if digests is None:
             for checksum, fragment in zip(checksums, self.fragments[1:], strict=True):
@@ -109,8 +108,9 @@ class _Template:
         for checksum, digest in zip(checksums, digests, strict=True):
             parts.append(str(checksum))
             parts.append(next(fragments))
-            parts.append(f'"{digest}"')  # hex digits: a JSON string as they are
-            parts.append(next(fragments))
+            if digest is not None:  # the same pieces as the template's have one
+                parts.append(f'"{digest}"')  # hex digits: a JSON string as they are
+                parts.append(next(fragments))
         return "".join(parts)
 
 
@@ -147,9 +147,11 @@ class ManifestWriter:
         # with a frozen part of the state they are the same from one checkpoint to the next.
         files = shared.files if shared is not None else None
         piece_files = shared.piece_files if shared is not None else None
+        # Which pieces have a digest changes the text's holes.
+        with_digests = None if digests is None else frozenset(digests)
         key = (
             layout_tensors, names, layers, tuple(file_names), tuple(chunk_sizes), files,
-            piece_files, digests is not None,
+            piece_files, with_digests,
         )  # fmt: skip
         template = self._template
         if template is None or not _same(template.key, key) or template.versions != versions:
@@ -171,7 +173,9 @@ class ManifestWriter:
             self._template = _Template(manifest, key, layout_tensors)
             return payload
         order = [checksums[piece] for piece in template.pieces]
-        digest_order = None if digests is None else [digests[piece] for piece in template.pieces]
+        digest_order = (
+            None if digests is None else [digests.get(piece) for piece in template.pieces]
+        )
         return _encode(template, step, created, order, state, digest_order)
 
 
@@ -194,7 +198,7 @@ def _encode(
     created: float,
     checksums: list[int],
     state: dict[str, Any],
-    digests: list[str] | None = None,
+    digests: list[str | None] | None = None,
 ) -> bytes:
     if not 0 <= step <= MAX_STEP or not math.isfinite(created):
         raise _refused(step, f"step {step} or time {created} out of range")
@@ -202,7 +206,7 @@ def _encode(
         state_text = _dumps(state)
     except ValueError as exc:
         raise _refused(step, str(exc)) from exc
-    if digests is not None and not all(_SHA256_HEX.fullmatch(d) for d in digests):
+    if digests is not None and not all(d is None or _SHA256_HEX.fullmatch(d) for d in digests):
         raise _refused(step, "a piece's sha256 is not 64 lowercase hex digits")
     tensors_text = template.tensors_text(checksums, digests)
 

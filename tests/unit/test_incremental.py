@@ -454,3 +454,46 @@ def test_a_resumed_run_shares_with_the_checkpoint_it_restored(tmp_path: Path) ->
         handle.wait()
         assert handle.metrics.shared_bytes > 0
     assert_state_equal(aiockpt.load(root / "step-5")["model"], fresh.state_dict())
+
+
+def test_tensors_that_keep_changing_are_written_without_hashing_until_a_probe(
+    tmp_path: Path,
+) -> None:
+    from aiockpt._engine.incremental import PROBE_EVERY, SKIP_AFTER
+
+    cfg = config(tmp_path)
+    values = {"moving": torch.zeros(4096), "still": torch.arange(4096.0)}
+
+    class Holder:
+        def state_dict(self) -> dict[str, Any]:
+            return dict(values)
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            values.update(state)
+
+    def digests(step: int) -> dict[str, bool]:
+        document = manifest_of(tmp_path / "ckpt" / f"step-{step}")
+        return {
+            t["name"].rsplit("/", 1)[-1]: all("sha256" in p for p in t["pieces"])
+            for t in document["tensors"]
+        }
+
+    steps = range(1, PROBE_EVERY + 4)
+    with aiockpt.SyncCheckpointer(cfg, holder=Holder()) as ckpt:
+        for step in steps:
+            if step <= PROBE_EVERY + 1:
+                values["moving"].fill_(float(step))  # changes until just after the probe
+            ckpt.checkpoint(step).wait()
+    seen = {step: digests(step) for step in steps}
+    assert all(seen[step]["still"] for step in steps)  # never changed: always compared
+    hashed = [step for step in steps if seen[step]["moving"]]
+    # Hashed while its changes are counted, then not, then again at the probe (the
+    # PROBE_EVERY-th checkpoint) and after it, until it is found unchanged and shared.
+    assert hashed[: SKIP_AFTER + 1] == list(range(1, SKIP_AFTER + 2))
+    assert SKIP_AFTER + 2 not in hashed and PROBE_EVERY in hashed
+    last = tmp_path / "ckpt" / f"step-{steps[-1]}"
+    assert shared_files(last)
+    for step in steps:
+        state = aiockpt.load(tmp_path / "ckpt" / f"step-{step}")["holder"]
+        assert torch.equal(state["moving"], torch.full((4096,), float(min(step, PROBE_EVERY + 1))))
+        assert torch.equal(state["still"], torch.arange(4096.0))
