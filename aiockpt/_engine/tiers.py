@@ -398,8 +398,12 @@ class TierSet:
                     pieces[piece.file].append((piece.offset, piece.length, piece.checksum))
             # Incremental: files the target's newest checkpoint holds already are shared
             # with it there, not copied again (never with another tier).
-            held = await loop.run_in_executor(
-                self._copiers, files_held_by_newest, target.store, manifest, step
+            held = (
+                await loop.run_in_executor(
+                    self._copiers, files_held_by_newest, target.store, manifest, step
+                )
+                if self.config.incremental
+                else {}
             )
             await asyncio.gather(
                 *(
