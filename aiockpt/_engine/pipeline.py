@@ -125,17 +125,11 @@ class Pipeline:
         # One process's manifests, encoded at the cost of what changed between them.
         self.manifests = ManifestWriter()
         # Incremental checkpoints share unchanged tensors with this pipeline's previous
-        # commit. One process only: the parts of several ranks are merged into one manifest.
+        # commit; under torch.distributed each rank shares its own files (their names
+        # carry its rank), and the merged manifest lists them all.
         self.changes = (
-            ChangeTracker(store)
-            if config.incremental and ranks is None and ChangeTracker.applies_to(store)
-            else None
+            ChangeTracker(store) if config.incremental and ChangeTracker.applies_to(store) else None
         )
-        if config.incremental and ranks is not None and ranks.is_zero:
-            logger.info(
-                "incremental checkpoints serve one process so far: under torch.distributed "
-                "every checkpoint is written whole"
-            )
 
     def restored(self, checkpoint: Path, manifest: Manifest) -> None:
         """The state was restored from ``checkpoint``: when it is one of this pipeline's
@@ -336,6 +330,8 @@ class Pipeline:
         error: BaseException | None = None
         try:
             temporary = await self._begin(job)
+            if self.changes is not None:
+                job.tracking = self.changes.start(snapshot.step, snapshot.layout, job.names)
             manifest = manifest_from_layout(
                 **self._manifest_fields(job, await self._write_chunks(job, temporary))
             )
@@ -351,6 +347,9 @@ class Pipeline:
             await self._finish(job)
         if error is not None:
             raise error
+        if final is not None and job.tracking is not None and self.changes is not None:
+            self.changes.committed(job.tracking, final)
+            metrics.shared_bytes = job.tracking.shared_bytes
         if final is not None:
             metrics.persist_seconds = time.perf_counter() - started + metrics.capture_ms / 1e3
             if ranks.is_zero:

@@ -497,3 +497,80 @@ def test_tensors_that_keep_changing_are_written_without_hashing_until_a_probe(
         state = aiockpt.load(tmp_path / "ckpt" / f"step-{step}")["holder"]
         assert torch.equal(state["moving"], torch.full((4096,), float(min(step, PROBE_EVERY + 1))))
         assert torch.equal(state["still"], torch.arange(4096.0))
+
+
+_RANK_WORKER = """
+import sys, torch, torch.distributed as dist, aiockpt
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+tables = {"a": torch.arange(64 * 1024.0), "b": torch.arange(32 * 1024) * 3}
+values = {"value": torch.zeros(4096)}
+
+class Frozen:
+    def state_dict(self):
+        return dict(tables)
+    def load_state_dict(self, state):
+        tables.update(state)
+
+class Mine:
+    def state_dict(self):
+        return dict(values)
+    def load_state_dict(self, state):
+        values.update(state)
+
+config = aiockpt.Config(directory=sys.argv[1], keep_last=None, num_threads=2)
+with aiockpt.SyncCheckpointer(config, frozen=aiockpt.Replicated(Frozen()), mine=Mine()) as ck:
+    for step in (1, 2, 3):
+        values["value"].fill_(rank * 100 + step)
+        handle = ck.checkpoint(step)
+        handle.wait()
+        print(step, handle.metrics.shared_bytes, flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_every_rank_shares_its_own_unchanged_files(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    directory = tmp_path / "ckpt"
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": "2",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).parents[2]),
+    }
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RANK_WORKER, str(directory)],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    outputs = [process.communicate(timeout=180) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+    # Each rank shared the frozen tensors it wrote itself, from the second checkpoint on.
+    shared = [dict(line.split() for line in out.split("\n") if line) for out, _ in outputs]
+    assert [s["1"] for s in shared] == ["0", "0"]
+    assert all(int(s["2"]) > 0 and int(s["3"]) > 0 for s in shared)
+    newest = directory / "step-3"
+    assert manifest_of(newest)["format_version"] == 4
+    assert {name[:11] for name in shared_files(newest)} == {"data-r00000", "data-r00001"}
+    (verdict,) = verify_checkpoints([newest])
+    assert verdict.valid, verdict.problems
+    for rank in (0, 1):
+        state = aiockpt.load(newest, rank=rank)
+        assert torch.equal(state["mine"]["value"], torch.full((4096,), rank * 100 + 3.0))
+        assert torch.equal(state["frozen"]["a"], torch.arange(64 * 1024.0))
+        assert torch.equal(state["frozen"]["b"], torch.arange(32 * 1024) * 3)
