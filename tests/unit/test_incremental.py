@@ -242,6 +242,16 @@ def test_an_older_reader_refuses_shared_files_clearly(
     forged = json.dumps(document, separators=(",", ":")).encode()
     with pytest.raises(CorruptCheckpointError, match=r"-s1\.bin.*not a unique data file"):
         Manifest.parse(forged, "step-2")
+    # A version 4 manifest may not name anything outside its directory either.
+    for name in ("../step-1/data-r00000-c00000.bin", "data-r00000-c00000-s1.bin/x", "/etc/x"):
+        document = json.loads(raw)
+        del document["manifest_crc32c"]
+        document["files"][0]["name"] = name
+        canonical = json.dumps(document, separators=(",", ":")).encode()
+        document["manifest_crc32c"] = crc32c.crc32c(canonical)
+        hostile = json.dumps(document, separators=(",", ":")).encode()
+        with pytest.raises(CorruptCheckpointError, match="names may not contain paths"):
+            Manifest.parse(hostile, "step-2")
 
 
 def test_export_is_self_contained(tmp_path: Path) -> None:
