@@ -240,6 +240,7 @@ _KEYS: dict[str, _Key] = {
     "on_backpressure": _choice("block", "skip"),
     "on_error": _choice("raise", "warn"),
     "durable": _BOOL,
+    "incremental": _BOOL,
     "verbose": _BOOL,
     "rank_timeout_s": _float(None),
     "preemption_signals": _SIGNALS,
@@ -517,6 +518,8 @@ class Config:
             ``wait()`` (``"raise"``) or logged as a warning while training goes on
             (``"warn"``).
         durable: fsync files before a checkpoint is committed.
+        incremental: a tensor whose bytes equal those of this writer's previous
+            checkpoint is shared with it (one copy on disk) instead of written again.
         verbose: log every checkpoint, not only problems.
         rank_timeout_s: under torch.distributed, how long ranks wait for each other to
             agree on a commit (or a restore) before the checkpoint is given up.
@@ -552,6 +555,7 @@ class Config:
     on_backpressure: str = "block"
     on_error: str = "raise"
     durable: bool = True
+    incremental: bool = True
     verbose: bool = False
     rank_timeout_s: float = 1800.0
     preemption_signals: tuple[str, ...] = ()
@@ -833,6 +837,7 @@ _MEANING: dict[str, str] = {
     "on_backpressure": "a checkpoint with every in-flight place taken waits, or is skipped",
     "on_error": "a background failure is raised at the next call, or logged",
     "durable": "fsync files before a checkpoint is committed",
+    "incremental": "share unchanged tensors with the previous checkpoint instead of writing them",
     "verbose": "log every checkpoint",
     "rank_timeout_s": "seconds ranks wait for each other to agree on a commit",
     "preemption_signals": "comma-separated signals that save the step under way and exit",

@@ -76,6 +76,8 @@ class CheckpointMetrics:
         write_seconds: writing and syncing the data files, in the background.
         commit_ms: writing the manifest and renaming the directory into place.
         persist_seconds: from capture to durable commit.
+        shared_bytes: of ``nbytes``, the bytes not written again because they were
+            unchanged since the previous checkpoint (``incremental``).
         chunk_spans: when each chunk was copied, queued and written (``ChunkSpan``).
         captured_in_pieces: chunks captured one at a time, each into a host buffer freed
             by the write of an earlier one, because the host pool is smaller than the
@@ -96,6 +98,7 @@ class CheckpointMetrics:
     write_seconds: float = 0.0
     commit_ms: float = 0.0
     persist_seconds: float = 0.0  # from capture to durable commit
+    shared_bytes: int = 0  # unchanged since the previous checkpoint: shared, not written
     # One per chunk this process wrote, by chunk index; empty until the chunks are written.
     chunk_spans: list[ChunkSpan] = field(default_factory=list, repr=False)
     captured_in_pieces: int = 0

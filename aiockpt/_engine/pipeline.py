@@ -31,11 +31,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._format.manifest import manifest_from_layout
+from .._format.manifest import Manifest, manifest_from_layout
 from .._format.writer import ManifestWriter
 from .._util.location import Location
 from ..config import Config
@@ -43,6 +44,7 @@ from ..distributed.group import RankGroup
 from ..errors import CheckpointError
 from ..metrics import CheckpointMetrics, ChunkSpan
 from ..storage.base import CheckpointStorage
+from .incremental import ChangeTracker, Tracking
 from .layout import Chunk, chunk_file_name
 from .memory import Admission, HostBuffer, StagingMemory
 from .merge import FAILED, OK, SKIPPED, RankPart, merge_parts
@@ -107,6 +109,8 @@ class Job:
     # Where this one goes, when not to the pipeline's store: a path-level save names its
     # own path (storage.paths.PathStorage).
     store: CheckpointStorage | None = None
+    # Incremental checkpoints: what this one shares with the previous (None: writes all).
+    tracking: Tracking | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,27 @@ class Pipeline:
         self._jobs: set[asyncio.Task[Any]] = set()
         # One process's manifests, encoded at the cost of what changed between them.
         self.manifests = ManifestWriter()
+        # Incremental checkpoints share unchanged tensors with this pipeline's previous
+        # commit; under torch.distributed each rank shares its own files (their names
+        # carry its rank), and the merged manifest lists them all.
+        # (A path-level saver has no store of its own: its saves are written whole.)
+        self.changes = (
+            ChangeTracker(store)
+            if store is not None and config.incremental and ChangeTracker.applies_to(store)
+            else None
+        )
+
+    def restored(self, checkpoint: Location, manifest: Manifest) -> None:
+        """The state was restored from ``checkpoint``: when it is one of this pipeline's
+        store, the next incremental checkpoint shares what is still the same with it."""
+        if (
+            self.changes is not None
+            and self.store is not None
+            and isinstance(checkpoint, Path)
+            and isinstance(self.store.root, Path)
+            and checkpoint.parent.resolve() == self.store.root.resolve()
+        ):
+            self.changes.restored(checkpoint, manifest)
 
     # -- admission -----------------------------------------------------------------------
     def admit_now(self, capturer: Capturer, loop: asyncio.AbstractEventLoop) -> Admitted | None:
@@ -242,6 +267,8 @@ class Pipeline:
         temporary: Location | None = None
         try:
             temporary = await self._begin(job)
+            if self.changes is not None and job.store is None:  # not a path-level save
+                job.tracking = self.changes.start(snapshot.step, snapshot.layout, job.names)
             checksums = await self._write_chunks(job, temporary)
             payload = self.manifests.encode(**self._manifest_fields(job, checksums))
             if job.previous_commit is not None:
@@ -257,6 +284,9 @@ class Pipeline:
                 # the checkpoint visible, so it completes and counts as done.
                 final = await commit
             temporary = None
+            if job.tracking is not None and self.changes is not None:
+                self.changes.committed(job.tracking, Path(final))
+                metrics.shared_bytes = job.tracking.shared_bytes
             metrics.commit_ms = (time.perf_counter() - commit_start) * 1e3
             metrics.persist_seconds = time.perf_counter() - started + metrics.capture_ms / 1e3
             await self._retain(final, self.store_of(job))
@@ -325,6 +355,8 @@ class Pipeline:
             "checksums": checksums,
             "state": snapshot.skeleton,
             "layers": job.layers,
+            "shared": None if job.tracking is None else job.tracking.shared_files(),
+            "digests": None if job.tracking is None else job.tracking.digests(),
         }
 
     async def _retain(self, final: Location, store: CheckpointStorage) -> None:
@@ -372,6 +404,8 @@ class Pipeline:
         error: BaseException | None = None
         try:
             temporary = await self._begin(job)
+            if self.changes is not None:
+                job.tracking = self.changes.start(snapshot.step, snapshot.layout, job.names)
             manifest = manifest_from_layout(
                 **self._manifest_fields(job, await self._write_chunks(job, temporary))
             )
@@ -387,6 +421,9 @@ class Pipeline:
             await self._finish(job)
         if error is not None:
             raise error
+        if final is not None and job.tracking is not None and self.changes is not None:
+            self.changes.committed(job.tracking, Path(final))
+            metrics.shared_bytes = job.tracking.shared_bytes
         if final is not None:
             metrics.persist_seconds = time.perf_counter() - started + metrics.capture_ms / 1e3
             if ranks.is_zero:
@@ -538,13 +575,24 @@ class Pipeline:
                 # is the loop's wake-up after it.
                 nonlocal write_start, write_end
                 write_start = time.perf_counter()
-                sums = self.store_of(job).write_chunk(
-                    directory,
-                    chunk_file_name(chunk.index, job.rank),
-                    buffer.view(chunk.nbytes),
-                    ranges,
-                    buffer.view(buffer.data.numel()),
-                )
+                if job.tracking is not None:
+                    sums = job.tracking.write_chunk(
+                        Path(directory),  # tracked only on a backend that shares: local
+                        chunk.index,
+                        chunk_file_name(chunk.index, job.rank),
+                        buffer.view(chunk.nbytes),
+                        ranges,
+                        keys,
+                        buffer.view(buffer.data.numel()),
+                    )
+                else:
+                    sums = self.store_of(job).write_chunk(
+                        directory,
+                        chunk_file_name(chunk.index, job.rank),
+                        buffer.view(chunk.nbytes),
+                        ranges,
+                        buffer.view(buffer.data.numel()),
+                    )
                 write_end = time.perf_counter()
                 return sums
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._format.manifest import TensorRecord
+from .._format.manifest import Manifest, TensorRecord
 from .._format.skeleton import adopt_live_types
 from .._util.bridge import Bridge
 from ..config import Config
@@ -84,6 +84,8 @@ class Restorer:
         # Restore drains the pipeline first, and runs the rank group's collectives on its
         # coordinator thread, in order with the pipeline's own.
         self.pipeline = pipeline
+        # The manifest of the checkpoint read last.
+        self.loaded_manifest: Manifest | None = None
         self.stats = stats
         # The memory and remote tiers, when configured: restore looks in every tier.
         self.tiers: TierSet | None = None
@@ -214,6 +216,7 @@ class Restorer:
                 f"{sorted(loaded.manifest.state)}); pass the same keyword names that saved it"
             )
         self.stats.last_restore_bytes = loaded.bytes_read
+        self.loaded_manifest = loaded.manifest
         present = [name for name in request.names if name not in missing]
         state = loaded.state(None, keys=present, rank=rank, dtensor=lambda saved: saved)
         # DTensors come back sharded as the live objects shard them now.
@@ -402,6 +405,8 @@ async def restore(
         if error is not None:
             raise error
         restorer.apply(state, request)
+        if restorer.loaded_manifest is not None:  # incremental: compare with what was loaded
+            restorer.pipeline.restored(info.path, restorer.loaded_manifest)
         # The run goes on from here: its next commit supersedes the steps above this one.
         if restorer.tiers is not None:
             restorer.tiers.resumed_from(info.step)

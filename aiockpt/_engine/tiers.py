@@ -48,6 +48,7 @@ from ..metrics import CheckpointerStats, CheckpointMetrics, TierStats
 from ..storage import CheckpointStorage, open_storage
 from ..storage.base import CheckpointInfo
 from .failures import AnyFuture
+from .incremental import files_held_by_newest, share_into
 from .reader import check_step, open_data_file, read_manifest
 from .saver import Saver, checkpoint
 
@@ -398,6 +399,15 @@ class TierSet:
             for tensor in manifest.tensors:
                 for piece in tensor.pieces:
                     pieces[piece.file].append((piece.offset, piece.length, piece.checksum))
+            # Incremental: files the target's newest checkpoint holds already are shared
+            # with it there, not copied again (never with another tier).
+            held = (
+                await loop.run_in_executor(
+                    self._copiers, files_held_by_newest, target.store, manifest, step
+                )
+                if self.config.incremental
+                else {}
+            )
             await asyncio.gather(
                 *(
                     loop.run_in_executor(
@@ -409,6 +419,7 @@ class TierSet:
                         target,
                         temporary,
                         pieces[record.name],
+                        held.get(record.name),
                     )
                     for record in manifest.files
                 )
@@ -428,10 +439,15 @@ class TierSet:
         target: Tier,
         temporary: Location,
         pieces: list[tuple[int, int, int]],
+        held_by: Location | None = None,
     ) -> None:
         """One data file: read whole, written whole, every piece's checksum compared with
         the manifest's on the bytes written (so a copy never commits what a reader would
-        refuse, and a corrupt source fails the copy instead of spreading)."""
+        refuse, and a corrupt source fails the copy instead of spreading). ``held_by``: a
+        checkpoint of the target whose file of that name holds the same bytes, shared
+        instead when the target can."""
+        if held_by is not None and share_into(target.store, held_by, record.name, temporary):
+            return
         file = open_data_file(checkpoint, record, source.store)
         buffer = self._buffers.take(record.nbytes)
         view = memoryview(buffer)

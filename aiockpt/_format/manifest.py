@@ -42,6 +42,7 @@ __all__ = [
     "FileRecord",
     "Manifest",
     "PieceRecord",
+    "SharedFiles",
     "SkeletonError",
     "TensorRecord",
     "check_skeleton",
@@ -51,8 +52,11 @@ FORMAT_NAME = "aiockpt"
 # Version 2 adds what runs of several ranks write ($ranks, $dtensor, world_size > 1);
 # version 3 the tags that keep standard types exact ($counter, $namedtuple, $sparse...). A
 # checkpoint is written with the lowest version covering what it uses, so one of one rank
-# without the newer tags is still version 1, readable by older releases.
-FORMAT_VERSION = 3
+# without the newer tags is still version 1, readable by older releases. Version 4 adds
+# shared data files (data-r<R>-c<C>-s<M>.bin: bytes first written by step M, kept once on
+# disk for every checkpoint that lists them), which incremental checkpoints write.
+FORMAT_VERSION = 4
+SHARED_FILES_VERSION = 4
 MANIFEST_NAME = "manifest.json"
 
 # Limits a reader enforces (docs/FORMAT.md section 8). Every MAX_* below is one, and the
@@ -79,6 +83,19 @@ MAX_STEP = 2**63 - 1
 # Data file names carry a rank in at most nine digits.
 MAX_WORLD_SIZE = 10**9
 DATA_FILE_PATTERN = re.compile(r"data-r\d{5,9}-c\d{5,9}\.bin")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# A shared data file (version 4): the same bytes as data file data-r<R>-c<C>.bin of step M
+# (or as the shared file of that name there), one copy on disk for all that list it.
+SHARED_FILE_PATTERN = re.compile(r"data-r\d{5,9}-c\d{5,9}-s(0|[1-9]\d{0,18})\.bin")
+
+
+@dataclass(frozen=True)
+class SharedFiles:
+    """Where an incremental checkpoint's pieces are: its files (name, nbytes), in order,
+    and the file of each (tensor index, piece number) not in its chunk's own file."""
+
+    files: tuple[tuple[str, int], ...]
+    piece_files: dict[tuple[int, int], str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +110,8 @@ class PieceRecord:
     offset: int
     length: int
     checksum: int
+    # SHA-256 of the piece's bytes (hex), optional: what incremental checkpoints compare.
+    digest: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +141,8 @@ class Manifest:
 
     def _serialize(self) -> bytes:
         least = 2 if self.world_size > 1 else 1
+        if any(SHARED_FILE_PATTERN.fullmatch(f.name) for f in self.files):
+            least = SHARED_FILES_VERSION
         document = {
             "format": FORMAT_NAME,
             "format_version": least,
@@ -182,16 +203,25 @@ def _canonical(document: dict[str, Any]) -> bytes:
     return json.dumps(document, allow_nan=False, separators=(",", ":")).encode()
 
 
+def _piece_json(p: PieceRecord) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "file": p.file,
+        "offset": p.offset,
+        "length": p.length,
+        "crc32c": p.checksum,
+    }
+    if p.digest is not None:
+        record["sha256"] = p.digest
+    return record
+
+
 def _tensor_json(t: TensorRecord) -> dict[str, Any]:
     record: dict[str, Any] = {
         "name": t.name,
         "dtype": dtype_name(t.dtype),
         "shape": list(t.shape),
         "nbytes": t.nbytes,
-        "pieces": [
-            {"file": p.file, "offset": p.offset, "length": p.length, "crc32c": p.checksum}
-            for p in t.pieces
-        ],
+        "pieces": [_piece_json(p) for p in t.pieces],
     }
     if t.layer is not None:
         record["layer"] = t.layer
@@ -235,7 +265,7 @@ class _Parser:
             )
         step = self.integer(doc.get("step"), "step", 0, MAX_STEP)
         world_size = self.integer(doc.get("world_size", 1), "world_size", 1, MAX_WORLD_SIZE)
-        files = self.files(doc.get("files"))
+        files = self.files(doc.get("files"), version)
         sizes = {f.name: f.nbytes for f in files}
         tensors = self.tensors(doc.get("tensors"), sizes)
         state = self.mapping(doc.get("state"), "state")
@@ -300,13 +330,16 @@ class _Parser:
             raise self.fail(f"{what} must be a string, not {type(value).__name__}")
         return value
 
-    def files(self, value: Any) -> tuple[FileRecord, ...]:
+    def files(self, value: Any, version: int = FORMAT_VERSION) -> tuple[FileRecord, ...]:
         records = []
         seen: set[str] = set()
+        shared_allowed = version >= SHARED_FILES_VERSION
         for i, entry in enumerate(self.sequence(value, "files", MAX_FILES)):
             entry = self.mapping(entry, f"files[{i}]")
             name = self.string(entry.get("name"), f"files[{i}].name")
-            if not DATA_FILE_PATTERN.fullmatch(name) or name in seen:
+            if shared_allowed and SHARED_FILE_PATTERN.fullmatch(name) and name not in seen:
+                pass
+            elif not DATA_FILE_PATTERN.fullmatch(name) or name in seen:
                 raise self.fail(
                     f"files[{i}].name = {_shown(name)} is not a unique data file name "
                     "(data-rNNNNN-cNNNNN.bin); names may not contain paths"
@@ -420,7 +453,13 @@ class _Parser:
                 f"tensor {_shown(name)} piece {j} claims bytes {offset}..{offset + length} of "
                 f"{file}, which holds {held} bytes"
             )
-        return PieceRecord(file, offset, length, crc)
+        digest = entry.get("sha256")
+        if digest is not None and (type(digest) is not str or not _SHA256_HEX.fullmatch(digest)):
+            raise self.fail(
+                f"tensor {_shown(name)} piece {j} sha256 = {_shown(digest)} is not 64 lowercase "
+                "hex digits"
+            )
+        return PieceRecord(file, offset, length, crc, digest)
 
 
 def container_allowance(nbytes: int) -> int:
@@ -945,19 +984,26 @@ def manifest_from_layout(
     checksums: Mapping[tuple[int, int], int],
     state: dict[str, Any],
     layers: Sequence[str | None] | None = None,
+    shared: SharedFiles | None = None,
+    digests: Mapping[tuple[int, int], str] | None = None,
 ) -> Manifest:
     """Build the manifest of a written checkpoint from its layout and chunk checksums.
 
-    ``checksums`` maps (tensor index, piece number) to the crc32c of that piece.
+    ``checksums`` maps (tensor index, piece number) to the crc32c of that piece, and
+    ``digests`` (optional) to its SHA-256 in hex, for the pieces that have one.
+    ``shared`` (an incremental checkpoint): the files it lists instead of one per chunk,
+    and the file of each piece that is not in its chunk's own file.
     """
+    piece_files = shared.piece_files if shared is not None else {}
     tensors = []
     for placement in layout_tensors:
         pieces = tuple(
             PieceRecord(
-                file=file_names[p.chunk],
+                file=piece_files.get((placement.index, j)) or file_names[p.chunk],
                 offset=p.offset,
                 length=p.length,
                 checksum=checksums[(placement.index, j)],
+                digest=None if digests is None else digests.get((placement.index, j)),
             )
             for j, p in enumerate(placement.pieces)
         )
@@ -977,7 +1023,11 @@ def manifest_from_layout(
         world_size=1,
         versions=versions,
         checksum_algorithm="crc32c",
-        files=tuple(FileRecord(n, s) for n, s in zip(file_names, chunk_sizes, strict=True)),
+        files=(
+            tuple(FileRecord(n, s) for n, s in zip(file_names, chunk_sizes, strict=True))
+            if shared is None
+            else tuple(FileRecord(n, s) for n, s in shared.files)
+        ),
         tensors=tuple(tensors),
         state=state,
     )

@@ -27,10 +27,14 @@ import crc32c
 
 from ..errors import CorruptCheckpointError, UnsupportedStateError
 from .manifest import (
+    _SHA256_HEX,
     FORMAT_NAME,
     MAX_MANIFEST_BYTES,
     MAX_STEP,
+    SHARED_FILE_PATTERN,
+    SHARED_FILES_VERSION,
     Manifest,
+    SharedFiles,
     SkeletonError,
     TensorRecord,
     _Parser,
@@ -60,7 +64,8 @@ class _Template:
         self, manifest: Manifest, key: tuple[object, ...], layout_tensors: Sequence[Any]
     ) -> None:
         self.key = key
-        # Where each checksum goes, in the order the text has its holes.
+        # Where each checksum goes, in the order the text has its holes; a piece with a
+        # digest has two holes: its checksum, then its digest.
         self.pieces = [
             (placement.index, j)
             for placement in layout_tensors
@@ -69,7 +74,17 @@ class _Template:
         self.versions = manifest.versions
         self.files = [{"name": f.name, "nbytes": f.nbytes} for f in manifest.files]
         holed = [
-            replace(t, pieces=tuple(replace(p, checksum=_HOLE) for p in t.pieces))  # type: ignore[arg-type]
+            replace(
+                t,
+                pieces=tuple(
+                    replace(
+                        p,
+                        checksum=_HOLE,  # type: ignore[arg-type]
+                        digest=None if p.digest is None else _HOLE,
+                    )
+                    for p in t.pieces
+                ),
+            )
             for t in manifest.tensors
         ]
         self.fragments = _dumps([_tensor_json(t) for t in holed]).split(_HOLE_JSON)
@@ -79,12 +94,23 @@ class _Template:
         # (numbers cannot hold a tag, and the parts meet at fixed keys).
         fixed = _dumps(self.files) + _dumps(self.versions) + "".join(self.fragments)
         self.version = format_version_for(fixed.encode(), 1)
+        if any(SHARED_FILE_PATTERN.fullmatch(f.name) for f in manifest.files):
+            self.version = max(self.version, SHARED_FILES_VERSION)
 
-    def tensors_text(self, checksums: Sequence[int]) -> str:
+    def tensors_text(self, checksums: Sequence[int], digests: Sequence[str | None] | None) -> str:
         parts = [self.fragments[0]]
-        for checksum, fragment in zip(checksums, self.fragments[1:], strict=True):
+        if digests is None:
+            for checksum, fragment in zip(checksums, self.fragments[1:], strict=True):
+                parts.append(str(checksum))
+                parts.append(fragment)
+            return "".join(parts)
+        fragments = iter(self.fragments[1:])
+        for checksum, digest in zip(checksums, digests, strict=True):
             parts.append(str(checksum))
-            parts.append(fragment)
+            parts.append(next(fragments))
+            if digest is not None:  # the same pieces as the template's have one
+                parts.append(f'"{digest}"')  # hex digits: a JSON string as they are
+                parts.append(next(fragments))
         return "".join(parts)
 
 
@@ -107,6 +133,8 @@ class ManifestWriter:
         checksums: Mapping[tuple[int, int], int],
         state: dict[str, Any],
         layers: Sequence[str | None] | None = None,
+        shared: SharedFiles | None = None,
+        digests: Mapping[tuple[int, int], str] | None = None,
     ) -> bytes:
         """The manifest file's bytes, as ``manifest_from_layout(...).to_json()`` gives them.
 
@@ -115,7 +143,16 @@ class ManifestWriter:
         """
         # The layout, names and layers are kept objects, replaced when the state's
         # structure changes: the same objects mean the same tensor table.
-        key = (layout_tensors, names, layers, tuple(file_names), tuple(chunk_sizes))
+        # An incremental checkpoint's files and pieces' files are part of the kept text:
+        # with a frozen part of the state they are the same from one checkpoint to the next.
+        files = shared.files if shared is not None else None
+        piece_files = shared.piece_files if shared is not None else None
+        # Which pieces have a digest changes the text's holes.
+        with_digests = None if digests is None else frozenset(digests)
+        key = (
+            layout_tensors, names, layers, tuple(file_names), tuple(chunk_sizes), files,
+            piece_files, with_digests,
+        )  # fmt: skip
         template = self._template
         if template is None or not _same(template.key, key) or template.versions != versions:
             manifest = manifest_from_layout(
@@ -129,12 +166,17 @@ class ManifestWriter:
                 checksums=checksums,
                 state=state,
                 layers=layers,
+                shared=shared,
+                digests=digests,
             )
             payload = manifest.to_json()  # validated in full, as a reader would
             self._template = _Template(manifest, key, layout_tensors)
             return payload
         order = [checksums[piece] for piece in template.pieces]
-        return _encode(template, step, created, order, state)
+        digest_order = (
+            None if digests is None else [digests.get(piece) for piece in template.pieces]
+        )
+        return _encode(template, step, created, order, state, digest_order)
 
 
 def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
@@ -151,7 +193,12 @@ def _refused(step: int, problem: str) -> UnsupportedStateError:
 
 
 def _encode(
-    template: _Template, step: int, created: float, checksums: list[int], state: dict[str, Any]
+    template: _Template,
+    step: int,
+    created: float,
+    checksums: list[int],
+    state: dict[str, Any],
+    digests: list[str | None] | None = None,
 ) -> bytes:
     if not 0 <= step <= MAX_STEP or not math.isfinite(created):
         raise _refused(step, f"step {step} or time {created} out of range")
@@ -159,7 +206,9 @@ def _encode(
         state_text = _dumps(state)
     except ValueError as exc:
         raise _refused(step, str(exc)) from exc
-    tensors_text = template.tensors_text(checksums)
+    if digests is not None and not all(d is None or _SHA256_HEX.fullmatch(d) for d in digests):
+        raise _refused(step, "a piece's sha256 is not 64 lowercase hex digits")
+    tensors_text = template.tensors_text(checksums, digests)
 
     def document(version: int) -> str:
         head = _dumps(

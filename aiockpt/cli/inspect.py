@@ -11,6 +11,7 @@ import difflib
 import json
 import math
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from .._util.console import (
 from .._util.location import Location, storage_location
 from ..errors import UsageError
 from ..storage.fileio import checksum
+from ..storage.sharing import disk_usage
 from .scan import resolve_checkpoint
 
 __all__ = ["describe", "run", "tensor_stats"]
@@ -131,6 +133,10 @@ def describe(path: Location) -> dict[str, Any]:
         )
     values: dict[str, Any] = {}
     _value_leaves(manifest.state, "", values)
+    # Files are shared by hard link on local disks only.
+    ((on_disk, shared, _),) = (
+        disk_usage([path]) if isinstance(path, Path) else [(manifest.nbytes, 0, manifest.nbytes)]
+    )
     return {
         "path": str(path),
         "step": manifest.step,
@@ -141,6 +147,11 @@ def describe(path: Location) -> dict[str, Any]:
         "files": [{"name": f.name, "nbytes": f.nbytes} for f in manifest.files],
         "nbytes": manifest.nbytes,
         "tensor_bytes": sum(t.nbytes for t in manifest.tensors),
+        # Logical: the tensors' bytes. Physical: what its data files take on disk, and of
+        # that what it shares with other checkpoints (unchanged tensors, incremental).
+        "logical_bytes": sum(t.nbytes for t in manifest.tensors),
+        "physical_bytes": on_disk,
+        "shared_bytes": shared,
         "groups": {k: {**g, "dtypes": dict(g["dtypes"])} for k, g in groups.items()},
         "layers": layers,
         "tensors": tensors,
@@ -172,7 +183,9 @@ def render(report: dict[str, Any], *, summary: bool) -> None:
         f"[bold]{escape(report['path'])}[/bold]: step {report['step']}, "
         f"{human_time(report['created'])}, world size {report['world_size']}, "
         f"{len(report['files'])} files, {human_bytes(report['nbytes'])}"
-        + (f" ({escape(versions)})" if versions else "")
+        f" (logical {human_bytes(report['logical_bytes'])}, on disk "
+        f"{human_bytes(report['physical_bytes'])} of which shared "
+        f"{human_bytes(report['shared_bytes'])})" + (f" ({escape(versions)})" if versions else "")
     )
     by_group: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for tensor in report["tensors"]:

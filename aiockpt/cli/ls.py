@@ -25,6 +25,7 @@ from .._util.shm import derived_memory_directory
 from ..errors import AiockptError
 from ..storage import open_storage
 from ..storage.local import CheckpointInfo
+from ..storage.sharing import disk_usage
 from .scan import (
     WriterState,
     checkpoint_exists,
@@ -60,7 +61,13 @@ def list_directory(
     # A hint: anything odd about it reads as none. Looking takes no lock.
     latest = open_storage(root, durable=False).latest_name()
     rows = []
-    for info in committed:
+    # Incremental checkpoints share files: what each adds on disk beyond older ones.
+    usage = (
+        disk_usage([Path(info.path) for info in committed])
+        if isinstance(root, Path)
+        else [(info.nbytes, 0, info.nbytes) for info in committed]
+    )
+    for info, (_, _, added) in zip(committed, usage, strict=True):
         manifest, problems = _quick_check(info)
         # Renamed away by a live writer's retention while we looked: gone, not corrupt.
         vanished = bool(problems) and not checkpoint_exists(info.path)
@@ -71,6 +78,8 @@ def list_directory(
                 "created": manifest.created if manifest else info.mtime,
                 "created_iso": iso_time(manifest.created if manifest else info.mtime),
                 "nbytes": info.nbytes,
+                "logical_bytes": sum(t.nbytes for t in manifest.tensors) if manifest else None,
+                "physical_bytes": added,
                 "world_size": manifest.world_size if manifest else None,
                 "tensors": len(manifest.tensors) if manifest else None,
                 "files": len(manifest.files) if manifest else None,
@@ -115,6 +124,7 @@ def list_directory(
         "latest": latest,
         "verified": verify,
         "checkpoints": rows,
+        "physical_bytes": sum(added for _, _, added in usage),
         "leftovers": leftovers,
     }
 
@@ -187,6 +197,7 @@ def render(report: dict[str, Any]) -> None:
             ("step", "right"),
             ("created", "left"),
             ("size", "right"),
+            ("on disk", "right"),
             ("world", "right"),
             ("tensors", "right"),
             ("status", "left"),
@@ -201,12 +212,17 @@ def render(report: dict[str, Any]) -> None:
                 str(row["step"]),
                 human_time(row["created"]),
                 human_bytes(row["nbytes"]),
+                human_bytes(row["physical_bytes"]),
                 str(row["world_size"] or "?"),
                 str(row["tensors"] if row["tensors"] is not None else "?"),
                 f"[{style}]{status}[/{style}]" if style else status,
                 "latest" if row["latest"] else "",
             )
         console.print(table)
+        console.print(
+            f"on disk: {human_bytes(report['physical_bytes'])} in all ('on disk': what each "
+            "checkpoint adds beyond older ones; incremental checkpoints share unchanged bytes)"
+        )
         for row in rows:
             for problem in row["problems"]:
                 console.print(f"  [red]step {row['step']}[/red]: {escape(problem)}")

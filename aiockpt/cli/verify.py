@@ -10,6 +10,7 @@ tensor, not just the first.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from .._format.manifest import MANIFEST_NAME, FileRecord
 from .._util.location import Location, storage_location
 from ..errors import AiockptError
 from ..storage.base import DataFile
+from ..storage.sharing import sharing_checkpoints
 
 __all__ = ["CheckpointVerdict", "Problem", "verify_checkpoints"]
 
@@ -41,6 +43,9 @@ class Problem:
     start: int | None = None
     end: int | None = None
     tensor: str | None = None
+    # The other checkpoints that hold this very file (incremental checkpoints share the
+    # bytes of unchanged tensors): a damaged shared file damages every one of them.
+    shared_with: tuple[str, ...] = ()
 
     def describe(self) -> str:
         where = self.file or "checkpoint"
@@ -48,7 +53,10 @@ class Problem:
             where += f" bytes {self.start}..{self.end}"
         if self.tensor is not None:
             where += f" (tensor {self.tensor!r})"
-        return f"{where}: {self.message}"
+        shared = ""
+        if self.shared_with:
+            shared = f" (shared file: the same bytes are in {', '.join(self.shared_with)})"
+        return f"{where}: {self.message}{shared}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -57,6 +65,7 @@ class Problem:
             "end": self.end,
             "tensor": self.tensor,
             "message": self.message,
+            "shared_with": list(self.shared_with),
         }
 
 
@@ -226,9 +235,18 @@ def _check_file(job: _FileJob, count: Callable[[int], None]) -> tuple[list[Probl
                         piece.tensor,
                     )
                 )
+        if problems:
+            shared = sharing_checkpoints(job.path, name) if isinstance(job.path, Path) else []
+            holders = tuple(sorted(shared, key=_step_order))
+            problems = [dataclasses.replace(p, shared_with=holders) for p in problems]
         return problems, nread
     finally:
         file.close()
+
+
+def _step_order(name: str) -> tuple[int, str]:
+    step = name.removeprefix("step-")
+    return (int(step), name) if step.isdigit() else (-1, name)
 
 
 def _without_path(error: Exception, path: Location) -> str:

@@ -49,6 +49,7 @@ from .fileio import (
 )
 from .locking import try_lock, unlock
 from .publish import REPLACED_PREFIX, publish_directory
+from .sharing import link_shared, write_spans
 
 __all__ = ["CheckpointInfo", "CheckpointStore", "list_checkpoints", "read_latest"]
 
@@ -364,6 +365,16 @@ class CheckpointStore:
         # The hot path, on a writer thread: crc32c, then O_DIRECT pwrite from the pinned
         # buffer (buffered pwrite where the filesystem has no O_DIRECT); fsync'd if durable.
         return write_pieces(str(temporary / name), data, ranges, durable=self.durable, room=room)
+
+    def share_file(self, checkpoint: Path, name: str, temporary: Path, as_name: str) -> bool:
+        # A hard link: the filesystem then keeps the bytes while any checkpoint lists them,
+        # whatever retention, prune or a crash deletes (storage/sharing.py).
+        return link_shared(checkpoint / name, temporary / as_name)
+
+    def write_spans(
+        self, temporary: Path, name: str, data: memoryview, spans: Sequence[tuple[int, int]]
+    ) -> list[int]:
+        return write_spans(str(temporary / name), data, spans, durable=self.durable)
 
     def make_durable(self, temporary: PurePath) -> None:
         # Data files are fsync'd as they are written; what is left is their names.

@@ -38,6 +38,8 @@ __all__ = [
     "PRESETS",
     "Preset",
     "Workload",
+    "add_lora",
+    "build_model",
     "build_preset",
     "load_workload",
     "make_step",
@@ -78,13 +80,68 @@ def preset_parameters(name: str) -> int:
 def build_preset(
     name: str, device: torch.device
 ) -> tuple[nn.Module, torch.optim.Optimizer, Preset]:
-    preset = PRESETS[name]
+    return build_model(PRESETS[name], device)
+
+
+def build_model(
+    preset: Preset, device: torch.device
+) -> tuple[nn.Module, torch.optim.Optimizer, Preset]:
+    """The model of ``preset`` on ``device`` and AdamW on what it trains."""
     # Initialised on the device itself: building 1.3B parameters on the CPU first and
     # copying them over takes longer than the rest of the setup.
     with device:
         model = TinyGPT(preset)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        trained = (
+            list(model.parameters())
+            if preset.lora_rank is None
+            else add_lora(model, preset.lora_rank)
+        )
+    optimizer = torch.optim.AdamW(trained, lr=1e-4)
     return model, optimizer, preset
+
+
+class LowRankDelta(nn.Module):
+    """``weight + up @ down``: a low-rank adapter on a frozen weight (a parametrization,
+    so the fused attention projection of nn.MultiheadAttention is adapted as it is)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int) -> None:
+        super().__init__()
+        out_features, in_features = weight.shape
+        self.down = nn.Parameter(torch.randn(rank, in_features, dtype=weight.dtype) / rank)
+        # Zero at first: the adapted model starts as the frozen one.
+        self.up = nn.Parameter(torch.zeros(out_features, rank, dtype=weight.dtype))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.up @ self.down
+
+
+# The projections of nn.TransformerEncoderLayer: attention's fused query/key/value and its
+# output, and the two of the MLP.
+_ADAPTED = (
+    "self_attn.in_proj_weight",
+    "self_attn.out_proj.weight",
+    "linear1.weight",
+    "linear2.weight",
+)
+
+
+def add_lora(model: nn.Module, rank: int) -> list[nn.Parameter]:
+    """Freeze ``model`` and adapt every attention and MLP projection of its blocks with
+    rank-``rank`` adapters; the adapters' parameters (what to train)."""
+    from torch.nn.utils import parametrize
+
+    model.requires_grad_(False)
+    trained: list[nn.Parameter] = []
+    for block in model.modules():
+        if not isinstance(block, nn.TransformerEncoderLayer):
+            continue
+        for path in _ADAPTED:
+            owner_path, _, name = path.rpartition(".")
+            owner = block.get_submodule(owner_path)
+            delta = LowRankDelta(getattr(owner, name), rank)
+            parametrize.register_parametrization(owner, name, delta)
+            trained.extend(delta.parameters())
+    return trained
 
 
 def make_step(

@@ -7,6 +7,7 @@ same final weights. The Trainer writes no checkpoint of its own.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -210,9 +211,16 @@ def test_a_corrupt_newest_checkpoint_is_passed_over(
     config = checkpoint_config(tmp_path, keep_last=3)
     stop_at(tmp_path, config, 12)
     newest = tmp_path / "ckpt" / "step-12"
-    data = max((p for p in newest.iterdir() if p.is_file()), key=lambda p: p.stat().st_size)
-    with data.open("r+b") as f:  # one flipped byte, in the middle of the biggest file
-        f.seek(data.stat().st_size // 2)
+    # One flipped byte, in the middle of the biggest tensor this checkpoint wrote itself (a
+    # file it shares with older ones, unchanged tensors, would damage those too).
+    manifest = json.loads((newest / "manifest.json").read_bytes())
+    piece = max(
+        (p for t in manifest["tensors"] for p in t["pieces"] if "-s" not in p["file"]),
+        key=lambda p: p["length"],
+    )
+    data = newest / piece["file"]
+    with data.open("r+b") as f:
+        f.seek(piece["offset"] + piece["length"] // 2)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))

@@ -576,7 +576,7 @@ CORPUS: dict[str, Mutation] = {
     ),
     "ranks-not-a-list": _edit(_set_state("w", {"$ranks": {"0": 1}}), r"must be a JSON array"),
     "format-version-from-the-future": _edit(
-        lambda d: d.update(format_version=4), r"format_version 4 is newer.*upgrade"
+        lambda d: d.update(format_version=5), r"format_version 5 is newer.*upgrade"
     ),
     "format-not-aiockpt": _edit(lambda d: d.update(format="pickle"), r"not an aiockpt manifest"),
     "checksum-algorithm-unknown": _edit(

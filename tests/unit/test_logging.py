@@ -66,7 +66,9 @@ def test_every_module_logs_to_a_logger_named_after_it() -> None:
 
 
 def test_a_warning_names_its_module(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    config = make_config(tmp_path, keep_last=None)
+    # Written whole: two incremental checkpoints of one unchanged state share every byte,
+    # and this needs the newest damaged alone.
+    config = make_config(tmp_path, keep_last=None, incremental=False)
     with aiockpt.SyncCheckpointer(config, model=MixedModel()) as ckpt:
         ckpt.checkpoint(1).wait()
         ckpt.checkpoint(2).wait()
@@ -200,6 +202,8 @@ config = aiockpt.Config(directory={directory!r}, keep_last=None)
 model = torch.nn.Linear(2, 2)
 with aiockpt.SyncCheckpointer(config, model=model) as ckpt:
     ckpt.checkpoint(1).wait()
+    with torch.no_grad():  # every tensor changes: step 2 shares no file with step 1
+        for p in model.parameters(): p.add_(1)
     ckpt.checkpoint(2).wait()
 data = sorted(pathlib.Path({directory!r}, "step-2").glob("data-*.bin"))[0]
 raw = bytearray(data.read_bytes()); raw[0] ^= 0xFF; data.write_bytes(bytes(raw))

@@ -77,6 +77,7 @@ WRONG = {
     "on_backpressure": [True, "wait"],
     "on_error": [None, "ignore"],
     "durable": ["true", 1.0],
+    "incremental": ["yes", 0],
     "verbose": ["no", None],
     "rank_timeout_s": ["30", -1, float("inf"), 10**400],
     # A tier's sub-keys are named as memory.<key>: tests/unit/test_tiers.py.
@@ -320,7 +321,16 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) ->
 
 
 def sigint_config(directory: Path) -> Config:
-    return Config(directory=directory, use_monitor=False, keep_last=2, chunk_count=4, num_threads=2)
+    # Every checkpoint writes its bytes (the state does not change between them, which an
+    # incremental checkpoint would share instead): Ctrl-C must land mid-write.
+    return Config(
+        directory=directory,
+        use_monitor=False,
+        keep_last=2,
+        chunk_count=4,
+        num_threads=2,
+        incremental=False,
+    )
 
 
 async def async_child(directory: Path) -> None:

@@ -170,7 +170,7 @@ SAMPLES: dict[str, tuple[str, object]] = {
     "preemption_signals": ("SIGTERM, usr1", ("SIGTERM", "SIGUSR1")),
     "preemption_grace_s": ("12.5", 12.5),
 }
-BOOLS = ("use_monitor", "durable", "verbose")
+BOOLS = ("use_monitor", "durable", "incremental", "verbose")
 # Tiers are tables of their own keys: TOML sub-tables or dicts, never one flag's value.
 TABLES = ("memory", "remote")
 FLAG_KEYS = [key for key in _KEYS if key not in TABLES]

@@ -47,7 +47,9 @@ def train_one(model: torch.nn.Module) -> None:
 
 
 def flip_byte(checkpoint: Path) -> None:
-    data = sorted(checkpoint.glob("data-*.bin"))[0]
+    # A file of this checkpoint's own: one it shares with another checkpoint (incremental,
+    # data-...-s<M>.bin) would damage that one too.
+    data = sorted(p for p in checkpoint.glob("data-*.bin") if "-s" not in p.name)[0]
     raw = bytearray(data.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     data.write_bytes(bytes(raw))
