@@ -46,7 +46,7 @@ from ..config import Config
 from ..errors import ConfigError, CorruptCheckpointError, NoCheckpointError
 from ..metrics import CheckpointerStats, CheckpointMetrics, TierStats
 from ..storage import CheckpointStorage, open_storage
-from ..storage.base import CheckpointInfo
+from ..storage.base import CheckpointInfo, retention_split
 from .failures import AnyFuture
 from .incremental import files_held_by_newest, share_into
 from .reader import check_step, open_data_file, read_manifest
@@ -487,17 +487,18 @@ class TierSet:
 
     def _retain_sync(self, tier: Tier) -> None:
         assert tier.keep_last is not None
-        keep = tier.keep_last
+        # By name, not by count: a checkpoint that commits to this tier while this runs is
+        # not in the listing, so it is never deleted; with a count, it would push out the
+        # oldest kept step, which a copy may still have to read.
+        committed = tier.store.list_committed()
+        # Read after the listing: a step is protected when its plan is made, before it
+        # commits, so every listed step that a copy reads is protected by now.
         with self._lock:
-            protected = [step for step, n in tier.protected.items() if n > 0]
-        if protected:
-            # Keep everything from the oldest step a copy still reads: retention keeps the
-            # newest, so a count that reaches down to it keeps it (and a few beside it).
-            oldest, last = min(protected), tier.last_committed
-            committed = tier.store.list_committed()
-            reach = [i for i in committed if oldest <= i.step and (last is None or i.step <= last)]
-            keep = max(keep, len(reach))
-        tier.store.retain(keep)
+            protected = {step for step, n in tier.protected.items() if n > 0}
+        doomed, _ = retention_split(committed, tier.keep_last, tier.last_committed)
+        doomed = [info for info in doomed if info.step not in protected]
+        survivors = [info for info in committed if info not in doomed]
+        tier.store.remove_all([info.path for info in doomed], survivors)
 
     async def drain(self) -> None:
         """Wait until every planned checkpoint's copies are over."""

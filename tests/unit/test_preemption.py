@@ -281,7 +281,10 @@ def test_a_save_that_fails_is_not_reported_as_saved(
     caplog: pytest.LogCaptureFixture,
     on_error: str,
 ) -> None:
-    config = make_config(tmp_path, preemption_signals=["SIGUSR1"], on_error=on_error)
+    # Not incremental: an unchanged state would be shared with step 1, never written.
+    config = make_config(
+        tmp_path, preemption_signals=["SIGUSR1"], on_error=on_error, incremental=False
+    )
     with aiockpt.SyncCheckpointer(config, model=_model()) as ckpt:
         ckpt.checkpoint(1).wait()
 
