@@ -240,8 +240,11 @@ def test_soak_1000_checkpoints_keep_last_3(tmp_path: Path, staging: str) -> None
     # committed but not yet retained); at rest, exactly keep_last, nothing temporary.
     assert figures["disk_in_flight_max_bytes"] <= (keep_last + max_async + 1) * one + 4096
     assert figures["committed_at_rest"] == [keep_last]
-    rest = figures["disk_at_rest_bytes"]  # manifests differ by a digit or two of `created`
-    assert rest[-1] - rest[0] < 64 and rest[-1] <= keep_last * one + 64, rest
+    # Manifests differ by a digit or two of `created`, and (incremental checkpoints) by the
+    # SHA-256 digests of the pieces hashed at that checkpoint: a few hundred bytes.
+    rest = figures["disk_at_rest_bytes"]
+    slack = max(64, keep_last * one // 100)
+    assert rest[-1] - rest[0] < slack and rest[-1] <= keep_last * one + slack, rest
     assert [i.step for i in aiockpt.list_checkpoints(directory)] == [998, 999, 1000][-keep_last:]
     assert leftovers(directory) == []
     for info in aiockpt.list_checkpoints(directory):
