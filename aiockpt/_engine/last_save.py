@@ -94,9 +94,10 @@ async def checkpoint_and_exit(core: Core, step: int, bridge: Bridge) -> None:
         raise SystemExit(status)
     if not saved:
         # block: waiting for an in-flight place is part of the save, never a skip.
-        # Through the tiers when there are any: the step goes where their intervals send
-        # it (the memory tier first), and their retention and copies stay consistent.
-        await checkpoint_tiers(core.tiers, core.saver, step, True, bridge)
+        # Through the tiers when there are any, so that their retention and copies stay
+        # consistent, and to the primary whatever its interval: a preemption may take the
+        # machine, and the memory tier with it.
+        await checkpoint_tiers(core.tiers, core.saver, step, True, bridge, to_primary=True)
         await bridge(core.pipeline.drain())
         if core.tiers is not None:
             await bridge(core.tiers.drain())

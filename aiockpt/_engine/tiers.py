@@ -221,8 +221,10 @@ class TierSet:
         return self.tiers[0]
 
     # -- which tiers, at which step (the caller's thread) -----------------------------------
-    def due(self, step: int) -> list[Tier]:
-        """The tiers a checkpoint of ``step`` goes to, fastest first.
+    def due(self, step: int, *, to_primary: bool = False) -> list[Tier]:
+        """The tiers a checkpoint of ``step`` goes to, fastest first (``to_primary``: the
+        primary too, whatever its interval: a last save before a preemption, which may
+        take the machine and its memory tier with it).
 
         A tier is due when its interval divides the step (no interval: every checkpoint).
         The remote tier is fed from the primary, so a step due there goes to the primary
@@ -232,7 +234,7 @@ class TierSet:
         """
         memory, primary, remote = self.get(MEMORY), self.get(PRIMARY), self.get(REMOTE)
         assert primary is not None
-        to_primary = self._divides_primary(step)
+        to_primary = to_primary or self._divides_primary(step)
         to_remote = remote is not None and remote.interval_steps is not None
         to_remote = to_remote and remote.divides(step)  # type: ignore[union-attr]
         to_primary = to_primary or to_remote
@@ -249,15 +251,16 @@ class TierSet:
         interval = self.config.interval_steps
         return interval is None or step % interval == 0
 
-    async def plan(self, step: int, bridge: Bridge) -> Plan:
+    async def plan(self, step: int, bridge: Bridge, *, to_primary: bool = False) -> Plan:
         """Take a place in the queue of every tier a copy goes to (waiting, or leaving a
-        full tier out, by its backpressure), and protect each source step."""
-        chain = self.due(step)
+        full tier out, by its backpressure), and protect each source step. ``to_primary``:
+        the primary too, waiting for its place whatever its backpressure."""
+        chain = self.due(step, to_primary=to_primary)
         kept = chain[:1]
         turns: dict[str, int] = {}
         for tier in chain[1:]:
             turn = self._reserve(tier)
-            if turn is None and tier.block:
+            if turn is None and (tier.block or (to_primary and tier.name == PRIMARY)):
                 turn = await bridge(self._wait_for_room(tier))
             if turn is None:
                 tier.stats.skipped += 1
@@ -597,13 +600,20 @@ def open_tiers(
 
 
 async def checkpoint_tiers(
-    tiers: TierSet | None, saver: Saver, step: int, block: bool | None, bridge: Bridge
+    tiers: TierSet | None,
+    saver: Saver,
+    step: int,
+    block: bool | None,
+    bridge: Bridge,
+    *,
+    to_primary: bool = False,
 ) -> tuple[CheckpointMetrics, AnyFuture | None]:
-    """``checkpoint()`` through the tiers: planned, captured, then followed."""
+    """``checkpoint()`` through the tiers: planned, captured, then followed
+    (``to_primary``: the primary too, whatever its interval)."""
     if tiers is None:
         return await checkpoint(saver, step, block, bridge)
     saver.check_can_checkpoint(step)  # before a place in any queue is taken
-    plan = await tiers.plan(step, bridge)
+    plan = await tiers.plan(step, bridge, to_primary=to_primary)
 
     def persist(
         entry: Coroutine[Any, Any, Location | None],
