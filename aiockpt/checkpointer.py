@@ -340,6 +340,8 @@ class Checkpointer(_FrontEnd):
             WorldSizeError: per-rank state saved by fewer ranks than restore it.
             MissingStateError: the checkpoint holds no state under a name asked for
                 (with ``strict`` True).
+            StateMismatchError: with ``strict`` True, saved keys differ from the objects'
+                (nothing is loaded).
             ValueError: ``only`` names an unknown object, or ``layers`` is given
                 without a module to apply it to.
             EventLoopError: called from a second thread while a call from another is under
@@ -526,6 +528,8 @@ class SyncCheckpointer(_FrontEnd):
             WorldSizeError: per-rank state saved by fewer ranks than restore it.
             MissingStateError: the checkpoint holds no state under a name asked for
                 (with ``strict`` True).
+            StateMismatchError: with ``strict`` True, saved keys differ from the objects'
+                (nothing is loaded).
             ValueError: ``only`` names an unknown object, or ``layers`` is given
                 without a module to apply it to.
         """

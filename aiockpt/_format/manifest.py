@@ -179,10 +179,7 @@ class Manifest:
         return payload
 
     def _refused(self, problem: str) -> UnsupportedStateError:
-        return UnsupportedStateError(
-            f"checkpoint of step {self.step} is not committed: every reader would refuse it "
-            f"({problem}); change or leave out that part of the state in state_dict()"
-        )
+        return refused_manifest(self.step, problem)
 
     @classmethod
     def parse(cls, raw: bytes, where: str) -> Manifest:
@@ -195,6 +192,15 @@ class Manifest:
             raise CorruptCheckpointError(
                 f"{where}: manifest cannot be validated ({type(exc).__name__}: {exc})"
             ) from exc
+
+
+def refused_manifest(step: int, problem: str) -> UnsupportedStateError:
+    """The error of a checkpoint not committed because every reader would refuse its
+    manifest (``problem`` says why)."""
+    return UnsupportedStateError(
+        f"checkpoint of step {step} is not committed: every reader would refuse it "
+        f"({problem}); change or leave out that part of the state in state_dict()"
+    )
 
 
 def _canonical(document: dict[str, Any]) -> bytes:

@@ -25,7 +25,7 @@ from typing import Any
 
 import crc32c
 
-from ..errors import CorruptCheckpointError, UnsupportedStateError
+from ..errors import CorruptCheckpointError
 from .manifest import (
     _SHA256_HEX,
     FORMAT_NAME,
@@ -42,6 +42,7 @@ from .manifest import (
     _unique_keys,
     check_skeleton,
     manifest_from_layout,
+    refused_manifest,
 )
 from .tags import format_version_for
 
@@ -185,13 +186,6 @@ def _same(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
     return all(x is y or x == y for x, y in zip(a, b, strict=True))
 
 
-def _refused(step: int, problem: str) -> UnsupportedStateError:
-    return UnsupportedStateError(
-        f"checkpoint of step {step} is not committed: every reader would refuse it "
-        f"({problem}); change or leave out that part of the state in state_dict()"
-    )
-
-
 def _encode(
     template: _Template,
     step: int,
@@ -201,13 +195,13 @@ def _encode(
     digests: list[str | None] | None = None,
 ) -> bytes:
     if not 0 <= step <= MAX_STEP or not math.isfinite(created):
-        raise _refused(step, f"step {step} or time {created} out of range")
+        raise refused_manifest(step, f"step {step} or time {created} out of range")
     try:
         state_text = _dumps(state)
     except ValueError as exc:
-        raise _refused(step, str(exc)) from exc
+        raise refused_manifest(step, str(exc)) from exc
     if digests is not None and not all(d is None or _SHA256_HEX.fullmatch(d) for d in digests):
-        raise _refused(step, "a piece's sha256 is not 64 lowercase hex digits")
+        raise refused_manifest(step, "a piece's sha256 is not 64 lowercase hex digits")
     tensors_text = template.tensors_text(checksums, digests)
 
     def document(version: int) -> str:
@@ -256,4 +250,4 @@ def _check_changing_parts(template: _Template, payload: bytes, state_text: str, 
         except SkeletonError as exc:
             raise parser.fail(str(exc)) from None
     except CorruptCheckpointError as exc:
-        raise _refused(step, str(exc).removeprefix("manifest: ")) from exc
+        raise refused_manifest(step, str(exc).removeprefix("manifest: ")) from exc

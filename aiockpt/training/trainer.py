@@ -664,6 +664,8 @@ class Trainer(_TrainerBase):
                 checkpoint does.
             MissingStateError: the checkpoint holds no state under a name asked for
                 (with ``strict`` True).
+            StateMismatchError: with ``strict`` True, saved keys differ from the objects'
+                (nothing is loaded).
             ValueError: ``only`` names an object the Trainer does not save.
         """
         return await self._resume(step, only, strict)
@@ -775,6 +777,8 @@ class SyncTrainer(_TrainerBase):
                 checkpoint does.
             MissingStateError: the checkpoint holds no state under a name asked for
                 (with ``strict`` True).
+            StateMismatchError: with ``strict`` True, saved keys differ from the objects'
+                (nothing is loaded).
             ValueError: ``only`` names an object the Trainer does not save.
         """
         return drive(self._resume(step, only, strict))
